@@ -1,0 +1,52 @@
+"""The shared main() of every stage script: parse, validate, run, and map errors to exit codes.
+
+Exit codes (DESIGN §2): 0 success, 2 bad input or config (one line on stderr), 1 anything
+unexpected (with a traceback), 143 when stopped by SIGTERM (re-running resumes).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from memcirc.config import StageConfig, build_config, resolved_yaml
+from memcirc.errors import InputError
+from memcirc.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+class Terminated(BaseException):
+    """SIGTERM (SLURM preemption, scancel) turned into an exception so `finally` blocks run."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def main(config_cls: type[StageConfig], run: Callable[[StageConfig], Any], argv: list[str] | None = None,
+         doc: str | None = None) -> int:
+    description, _, epilog = (doc or "").strip().partition("\n\n")
+    try:
+        cfg = build_config(config_cls, argv, description=description, epilog=epilog)
+        setup_logging(cfg.log_level)
+        if cfg.dry_run:
+            print(resolved_yaml(cfg), end="")
+            print(f"# would write: {cfg.stage_dir}/")
+            return 0
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        run(cfg)
+        return 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("stopped by SIGTERM; finished chunks are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted; finished chunks are kept, re-run the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,308 @@
+"""Stage configuration: one dataclass per stage holds the only copy of the defaults.
+
+Precedence is dataclass defaults < YAML (`--config`) < flags actually passed on the command line.
+The CLI is generated from the fields, so flags, YAML keys and help text cannot drift apart:
+field `prefix_len` is `--prefix-len` on the CLI (also `--prefix_len`), `prefix_len:` in YAML.
+The predecessor's spellings (`--model_name`, `--prompt_tokens`, ...) are declared as aliases.
+
+A YAML file is shared by all stages: top-level keys are read by every stage that has such a
+field, and a section named after a stage folder (`memorization:`, `contrastive:`, ...) overrides
+them for that stage only. A key no stage knows is an error that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from memcirc.errors import InputError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[Any, ...] | None = None,
+    hashed: bool = True,
+    minimum: float | None = None,
+) -> Any:
+    """A config field. `hashed=False` marks run control that cannot change the results."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, "hashed": hashed, "minimum": minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StageConfig:
+    """Flags every stage accepts (DESIGN §2)."""
+
+    stage: ClassVar[str] = ""        # stage folder under the run root, e.g. "memorization"
+    upstream: ClassVar[str | None] = None  # stage folder --input-dir defaults to
+
+    config: str | None = option(None, "YAML config file (shared by all stages)", hashed=False)
+    output_dir: str = option("runs/testbed", "run root; this stage writes <output-dir>/<stage>/",
+                             hashed=False)
+    input_dir: str | None = option(None, "upstream stage folder (default: <output-dir>/<upstream>)",
+                                   hashed=False)
+    model: str = option("testbed", "Hub id, local model folder, or 'testbed'", aliases=("--model_name",))
+    revision: str | None = option(None, "model revision, e.g. a Pythia checkpoint 'step3000'")
+    gguf_file: str | None = option(None, "GGUF file inside the model folder / repo")
+    attn_implementation: str | None = option(None, "HF attention implementation (eager, sdpa, ...)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", hashed=False)
+    dtype: str = option("auto", "model dtype (auto = float32 on CPU, bfloat16 on GPU)", choices=DTYPES)
+    seed: int = option(0, "random seed, applied once at stage start")
+    limit: int | None = option(None, "process at most N items (smoke runs; results not reportable)",
+                               minimum=1)
+    force: bool = option(False, "recompute even if a complete run with another config exists",
+                         hashed=False)
+    dry_run: bool = option(False, "print the resolved config and planned outputs, then exit",
+                           hashed=False)
+    log_level: str = option("INFO", "logging level", choices=LOG_LEVELS, hashed=False)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.output_dir) / self.stage
+
+    @property
+    def upstream_dir(self) -> Path | None:
+        if self.input_dir:
+            return Path(self.input_dir)
+        return Path(self.output_dir) / self.upstream if self.upstream else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict[str, Any]:
+        """The fields that can change a stage's results (what the config hash covers)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["hashed"]}
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.hashed_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def model_spec(self):  # -> memcirc.models.ModelSpec (imported lazily: torch is slow to import)
+        from memcirc.models import ModelSpec
+
+        return ModelSpec(name_or_path=self.model, revision=self.revision, gguf_file=self.gguf_file,
+                         dtype=self.dtype, device=self.device,
+                         attn_implementation=self.attn_implementation)
+
+
+# -- value checking -------------------------------------------------------------------------
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for annotations like `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _field_type(f: dataclasses.Field) -> tuple[Any, bool]:
+    # Annotations are strings under `from __future__ import annotations`; resolve them once.
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing), {})  # noqa: S307
+    return _base_type(tp)
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    tp, optional = _field_type(f)
+    key = f.name
+    if value is None:
+        if not optional:
+            raise InputError(f"config key '{key}' must not be empty")
+        return
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"config key '{key}' must be a list of strings, got {value!r}")
+        items = value
+    else:
+        ok = {int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool),
+              bool: isinstance(value, bool), str: isinstance(value, str)}.get(tp, True)
+        if not ok:
+            raise InputError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+        items = [value]
+    choices = f.metadata.get("choices")
+    for item in items:
+        if choices and item not in choices:
+            raise InputError(f"config key '{key}' has bad value {item!r}; choose from {', '.join(map(str, choices))}")
+    minimum = f.metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        raise InputError(f"config key '{key}' must be >= {minimum}, got {value!r}")
+
+
+# -- YAML ------------------------------------------------------------------------------------
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dict[str, Any]:
+    """Top-level keys this stage has, then its own section; unknown keys are errors."""
+    stages = {c.stage: c for c in STAGE_CONFIGS}
+    known_anywhere = {f.name for c in STAGE_CONFIGS for f in dataclasses.fields(c)}
+    values: dict[str, Any] = {}
+    own = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key in stages:
+            if not isinstance(value, dict):
+                raise InputError(f"config section '{key}' in {path} must be a mapping")
+            stage_fields = {f.name for f in dataclasses.fields(stages[key])}
+            for sub in value:
+                if sub not in stage_fields:
+                    raise InputError(f"unknown config key '{key}.{sub}' in {path}; "
+                                     f"known keys of {key}: {', '.join(sorted(stage_fields))}")
+            continue
+        if key not in known_anywhere:
+            raise InputError(f"unknown config key '{key}' in {path}; known keys: "
+                             f"{', '.join(sorted(known_anywhere))}, or a stage section "
+                             f"({', '.join(sorted(stages))})")
+        if key in own:
+            values[key] = value
+    values.update(data.get(cls.stage) or {})
+    values.pop("config", None)
+    return values
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # argparse exits 2 already; route through InputError for one uniform line on stderr.
+        raise InputError(f"{message} (see --help)")
+
+
+def _flags(f: dataclasses.Field) -> list[str]:
+    names = [f"--{f.name.replace('_', '-')}"]
+    if "_" in f.name:
+        names.append(f"--{f.name}")
+    return names + [a for a in f.metadata["aliases"] if a not in names]
+
+
+def build_parser(cls: type[StageConfig], description: str = "", epilog: str = "") -> argparse.ArgumentParser:
+    parser = _Parser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        tp, _ = _field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if tp is bool:
+            action = "store_true" if f.name in ("force", "dry_run") else argparse.BooleanOptionalAction
+            parser.add_argument(*_flags(f), dest=f.name, action=action, help=help_text)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(*_flags(f), dest=f.name, nargs="+", help=help_text)
+        else:
+            parser.add_argument(*_flags(f), dest=f.name, type=_cli_type(tp), help=help_text)
+    return parser
+
+
+def _cli_type(tp: Any):
+    def convert(text: str) -> Any:
+        if text.lower() in ("none", "null"):
+            return None
+        return tp(text)
+    convert.__name__ = tp.__name__
+    return convert
+
+
+def build_config(cls: type[StageConfig], argv: list[str] | None = None, description: str = "",
+                 epilog: str = "") -> StageConfig:
+    """defaults < YAML < explicit flags; raises InputError naming any bad key or value."""
+    passed = vars(build_parser(cls, description, epilog).parse_args(argv))
+    values: dict[str, Any] = {}
+    if passed.get("config"):
+        values.update(_yaml_values(cls, load_yaml(passed["config"]), passed["config"]))
+    values.update(passed)
+    return cls(**values)
+
+
+def resolved_yaml(cfg: StageConfig) -> str:
+    return yaml.safe_dump({cfg.stage: cfg.to_dict()}, sort_keys=False)
+
+
+# Stage configs register themselves here so one YAML file can be validated against all of them.
+STAGE_CONFIGS: list[type[StageConfig]] = []
+
+
+def register(cls: type[StageConfig]) -> type[StageConfig]:
+    STAGE_CONFIGS.append(cls)
+    return cls
+
+
+@register
+@dataclass
+class ScoreConfig(StageConfig):
+    """memorization_score: score every window of a corpus."""
+
+    stage: ClassVar[str] = "memorization"
+    upstream: ClassVar[str | None] = None
+
+    dataset: str = option("testbed", "Hub dataset id, local JSONL/Parquet/text/NPY file or folder, "
+                          "or 'testbed'")
+    dataset_config: str | None = option(None, "Hub dataset configuration name")
+    split: str = option("train", "dataset split")
+    streaming: bool = option(False, "stream a Hub dataset instead of downloading it whole")
+    text_column: str = option("text", "column holding raw text")
+    token_column: str | None = option(None, "column holding token ids (default: 'tokens' if present)")
+    group_column: str = option("group", "optional column copied into each window's provenance")
+    prefix_len: int = option(50, "prefix (prompt) tokens", aliases=("--prompt_tokens",), minimum=1)
+    suffix_len: int = option(50, "suffix (continuation) tokens", aliases=("--generation_tokens",),
+                             minimum=1)
+    windowing: str = option("start", "'start': one window from each document start (Pythia "
+                            "protocol); 'sliding': every stride tokens", choices=("start", "sliding"))
+    stride: int | None = option(None, "sliding-window stride (default: prefix_len + suffix_len)",
+                                minimum=1)
+    metrics: list[str] = option(["exact", "lcp", "tf_accuracy", "suffix_nll", "suffix_entropy"],
+                                "metrics to compute (token_match, bleu4, levenshtein need generation)",
+                                choices=("exact", "lcp", "tf_accuracy", "suffix_nll", "suffix_entropy",
+                                         "token_match", "bleu4", "levenshtein"))
+    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold")
+    batch_size: int = option(32, "windows per forward pass", aliases=("--batch_size",), minimum=1,
+                             hashed=False)
+    padding_side: str = option("right", "padding side of the teacher-forced pass (generation "
+                               "always left-pads)", choices=("left", "right"), hashed=False)
+    chunk_size: int = option(256, "windows per resumable chunk file", minimum=1, hashed=False)
+    num_shards: int | None = option(None, "split the windows into N shards (default: "
+                                    "SLURM_ARRAY_TASK_COUNT, else 1)", minimum=1, hashed=False)
+    shard_index: int | None = option(None, "which shard this job scores (default: "
+                                     "SLURM_ARRAY_TASK_ID, else 0)", minimum=0, hashed=False)
+    merge: bool = option(False, "merge finished shards into the stage outputs", aliases=("--merge_only",),
+                         hashed=False)
+
+    GENERATION_METRICS: ClassVar[tuple[str, ...]] = ("token_match", "bleu4", "levenshtein")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.metrics:
+            raise InputError("config key 'metrics' must name at least one metric")

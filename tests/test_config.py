@@ -1,0 +1,82 @@
+import pytest
+
+from memcirc.config import ScoreConfig, build_config, load_yaml
+from memcirc.errors import InputError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_yaml_cli_precedence(tmp_path):
+    cfg_file = write(tmp_path, "prefix_len: 32\nsuffix_len: 16\nmemorization:\n  batch_size: 7\n")
+    cfg = build_config(ScoreConfig, ["--config", cfg_file, "--suffix-len", "20"])
+    assert (cfg.prefix_len, cfg.suffix_len, cfg.batch_size) == (32, 20, 7)
+    assert cfg.windowing == "start"  # dataclass default
+
+
+def test_stage_section_overrides_top_level(tmp_path):
+    cfg_file = write(tmp_path, "batch_size: 3\nmemorization:\n  batch_size: 5\n")
+    assert build_config(ScoreConfig, ["--config", cfg_file]).batch_size == 5
+
+
+def test_predecessor_aliases_and_snake_case():
+    cfg = build_config(ScoreConfig, ["--model_name", "m", "--prompt_tokens", "10",
+                                     "--generation_tokens", "11", "--batch_size", "4", "--output_dir", "o"])
+    assert (cfg.model, cfg.prefix_len, cfg.suffix_len, cfg.batch_size, cfg.output_dir) == ("m", 10, 11, 4, "o")
+
+
+def test_cli_false_overrides_yaml_true(tmp_path):
+    cfg_file = write(tmp_path, "streaming: true\n")
+    assert build_config(ScoreConfig, ["--config", cfg_file]).streaming is True
+    assert build_config(ScoreConfig, ["--config", cfg_file, "--no-streaming"]).streaming is False
+
+
+@pytest.mark.parametrize("text, key", [("prefix_lenn: 3\n", "prefix_lenn"),
+                                       ("memorization:\n  bogus: 1\n", "memorization.bogus")])
+def test_unknown_key_is_named(tmp_path, text, key):
+    with pytest.raises(InputError, match=f"unknown config key '{key}'"):
+        build_config(ScoreConfig, ["--config", write(tmp_path, text)])
+
+
+@pytest.mark.parametrize("argv, key", [(["--dtype", "float64"], "dtype"),
+                                       (["--prefix-len", "0"], "prefix_len"),
+                                       (["--metrics", "exact", "perplexity"], "metrics")])
+def test_bad_values_name_the_key(argv, key):
+    with pytest.raises(InputError, match=f"'{key}'"):
+        build_config(ScoreConfig, argv)
+
+
+def test_yaml_type_error_names_key(tmp_path):
+    with pytest.raises(InputError, match="'prefix_len' must be int"):
+        build_config(ScoreConfig, ["--config", write(tmp_path, "prefix_len: ten\n")])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_yaml(str(tmp_path / "nope.yaml"))
+    with pytest.raises(InputError, match="mapping"):
+        load_yaml(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_yaml(write(tmp_path, "a: [1,\n"))
+
+
+def test_unknown_flag_is_input_error():
+    with pytest.raises(InputError, match="unrecognized arguments"):
+        build_config(ScoreConfig, ["--no-such-flag", "1"])
+
+
+def test_hash_ignores_run_control():
+    a = build_config(ScoreConfig, ["--batch-size", "4", "--output-dir", "x"])
+    b = build_config(ScoreConfig, ["--batch-size", "9", "--output-dir", "y", "--force"])
+    c = build_config(ScoreConfig, ["--prefix-len", "9"])
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def test_testbed_yaml_is_valid():
+    from conftest import REPO
+
+    cfg = build_config(ScoreConfig, ["--config", str(REPO / "configs" / "testbed.yaml")])
+    assert cfg.model == "testbed" and cfg.prefix_len + cfg.suffix_len <= 128
