@@ -1,0 +1,238 @@
+"""Corpus readers and fixed-length token windows with provenance.
+
+Sources (`load_documents`): 'testbed'; a local JSONL / Parquet / text / NPY file (a text file is
+one document); a Hub dataset id or a local folder of data files, both through
+`datasets.load_dataset` (streaming allowed). Rows carry either raw text
+(tokenized once here) or token ids (a `tokens` column, as in EleutherAI/pythia-memorized-evals;
+a 2-D NPY array is the llm-memorization format, one row per document).
+
+A window is `prefix_len + suffix_len` tokens taken from a document's start (Pythia protocol) or
+sliding with a stride. Documents shorter than one window are skipped and counted: padding never
+becomes a scored target.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memcirc.artifacts import read_jsonl
+from memcirc.errors import InputError
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".npy")
+TOKEN_COLUMNS = ("tokens", "input_ids", "token_ids")  # tried in order when none is named
+DOC_COLUMNS = ("doc", "index", "id")                  # stable document ids, when a source has them
+
+
+@dataclass(frozen=True)
+class Document:
+    doc: str                        # stable id inside its source
+    tokens: list[int] | None = None
+    text: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Window:
+    """One scored sequence: `tokens[:prefix_len]` is the prompt, the rest the true suffix."""
+
+    id: str
+    tokens: np.ndarray              # int64, (prefix_len + suffix_len,)
+    prefix_len: int
+    source: str
+    doc: str
+    offset: int                     # token offset of the window inside its document
+    group: str | None = None
+
+    @property
+    def suffix_len(self) -> int:
+        return len(self.tokens) - self.prefix_len
+
+    def provenance(self) -> dict[str, Any]:
+        row = {"source": self.source, "doc": self.doc, "offset": self.offset}
+        if self.group is not None:
+            row["group"] = self.group
+        return row
+
+
+@dataclass
+class WindowSet:
+    windows: list[Window]
+    source: str
+    n_documents: int = 0
+    n_short_skipped: int = 0        # documents shorter than one window
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "n_documents": self.n_documents,
+                "n_short_skipped": self.n_short_skipped, "n_windows": len(self.windows)}
+
+
+# -- reading documents -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Columns:
+    text: str = "text"
+    tokens: str | None = None       # None: auto-detect one of TOKEN_COLUMNS
+    group: str = "group"
+
+
+def load_documents(source: str, columns: Columns = Columns(), *, split: str = "train",
+                   dataset_config: str | None = None, streaming: bool = False) -> Iterator[Document]:
+    """Documents of any supported source, in a stable order."""
+    from memcirc.testbed import EVAL_DOCUMENTS, TESTBED_NAME
+
+    if source == TESTBED_NAME:
+        if not EVAL_DOCUMENTS.is_file():
+            raise InputError(f"the testbed has no {EVAL_DOCUMENTS.name}: run `make testbed`")
+        return _rows_to_documents(read_jsonl(EVAL_DOCUMENTS), columns, str(EVAL_DOCUMENTS))
+    path = Path(source)
+    if path.is_file():
+        return _local_documents(path, columns)
+    if path.suffix in LOCAL_SUFFIXES or (source.startswith((".", "/")) and not path.exists()):
+        raise InputError(f"data file not found: {source}")
+    # A Hub id, or a local folder: 🤗 datasets reads both the same way (one row per JSONL line,
+    # Parquet row or text line), so a folder exercises the real Hub code path offline.
+    return _hub_documents(source, columns, split, dataset_config, streaming)
+
+
+def _local_documents(path: Path, columns: Columns) -> Iterator[Document]:
+    if path.suffix == ".npy":
+        return _npy_documents(path)
+    if path.suffix == ".txt":
+        return iter([Document(doc=path.name, text=path.read_text())])
+    if path.suffix == ".parquet":
+        return _rows_to_documents(_parquet_rows(path), columns, str(path))
+    return _rows_to_documents(read_jsonl(path), columns, str(path))
+
+
+def _npy_documents(path: Path) -> Iterator[Document]:
+    # allow_pickle=False: an object array would need unpickling, which we never do.
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise InputError(f"{path} is not a plain NumPy token array ({e})") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{path} must hold a 2-D integer token array, got shape {array.shape} "
+                         f"dtype {array.dtype}")
+    for i, row in enumerate(array):
+        yield Document(doc=str(i), tokens=row.astype(np.int64).tolist())
+
+
+def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise InputError(f"{path} is not a readable Parquet file ({e})") from None
+    for batch in table.iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+def _hub_documents(source: str, columns: Columns, split: str, dataset_config: str | None,
+                   streaming: bool) -> Iterator[Document]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source, dataset_config, split=split, streaming=streaming)
+    except FileNotFoundError:
+        raise InputError(f"dataset {source!r} is neither a local file or folder nor a dataset "
+                         "found on the Hub or in the local cache") from None
+    except (ConnectionError, OSError, ValueError) as e:
+        raise InputError(f"could not load dataset {source!r} (split {split!r}): "
+                         f"{str(e).splitlines()[0]}") from None
+    return _rows_to_documents(iter(dataset), columns, source)
+
+
+def _rows_to_documents(rows: Iterator[dict[str, Any]], columns: Columns, where: str) -> Iterator[Document]:
+    first = next(rows, None)
+    if first is None:
+        return
+    token_col = _pick_token_column(first, columns, where)
+    doc_col = next((c for c in DOC_COLUMNS if c in first), None)
+    for i, row in enumerate(_chain(first, rows)):
+        doc = str(row[doc_col]) if doc_col else str(i)
+        group = row.get(columns.group)
+        group = None if group is None else str(group)
+        if token_col:
+            tokens = row.get(token_col)
+            if not isinstance(tokens, (list, tuple, np.ndarray)):
+                raise InputError(f"{where}: row {i} has no token list in column '{token_col}'")
+            yield Document(doc=doc, tokens=[int(t) for t in tokens], group=group)
+        else:
+            text = row.get(columns.text)
+            if not isinstance(text, str):
+                raise InputError(f"{where}: row {i} has no text in column '{columns.text}'")
+            yield Document(doc=doc, text=text, group=group)
+
+
+def _pick_token_column(row: dict[str, Any], columns: Columns, where: str) -> str | None:
+    if columns.tokens:
+        if columns.tokens not in row:
+            raise InputError(f"{where}: no token column '{columns.tokens}'; columns found: "
+                             f"{', '.join(row)}")
+        return columns.tokens
+    if columns.text in row:
+        return None
+    found = next((c for c in TOKEN_COLUMNS if c in row), None)
+    if found is None:
+        raise InputError(f"{where}: no text column '{columns.text}' and no token column "
+                         f"({', '.join(TOKEN_COLUMNS)}); columns found: {', '.join(row)}. "
+                         "Name one with --text-column or --token-column")
+    return found
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+# -- windows ---------------------------------------------------------------------------------
+
+def make_windows(documents: Iterator[Document], tokenizer: Any, source: str, prefix_len: int,
+                 suffix_len: int, windowing: str = "start", stride: int | None = None,
+                 limit: int | None = None) -> WindowSet:
+    """Cut documents into windows; text is tokenized with the tokenizer's own special-token
+    convention (BOS for Llama-style tokenizers, none for GPT-2/NeoX), as the model was trained."""
+    length = prefix_len + suffix_len
+    step = stride or length
+    result = WindowSet(windows=[], source=source)
+    for document in documents:
+        result.n_documents += 1
+        tokens = document.tokens if document.tokens is not None else tokenizer(document.text)["input_ids"]
+        if len(tokens) < length:
+            result.n_short_skipped += 1
+            continue
+        offsets = [0] if windowing == "start" else range(0, len(tokens) - length + 1, step)
+        for offset in offsets:
+            result.windows.append(Window(
+                id=f"{document.doc}@{offset}", tokens=np.asarray(tokens[offset:offset + length], np.int64),
+                prefix_len=prefix_len, source=source, doc=document.doc, offset=offset,
+                group=document.group))
+            if limit is not None and len(result.windows) >= limit:
+                return result
+    return result
+
+
+def validate_windows(windows: WindowSet, vocab_size: int, n_ctx: int | None) -> None:
+    """Fail before any work on token ids the model cannot embed or windows it cannot attend over."""
+    if not windows.windows:
+        raise InputError(f"no windows left from {windows.source}: {windows.n_documents} documents read, "
+                         f"{windows.n_short_skipped} shorter than one window (prefix_len + suffix_len)")
+    longest = max(len(w.tokens) for w in windows.windows)
+    if n_ctx is not None and longest > n_ctx:
+        raise InputError(f"window length {longest} (prefix_len + suffix_len) exceeds the model context "
+                         f"{n_ctx}; lower --prefix-len/--suffix-len")
+    for w in windows.windows:
+        bad = w.tokens[(w.tokens >= vocab_size) | (w.tokens < 0)]
+        if bad.size:
+            raise InputError(f"window {w.id} has token id {int(bad[0])} outside the model vocabulary "
+                             f"(size {vocab_size}): data and model tokenizers differ?")
