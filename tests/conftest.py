@@ -56,14 +56,14 @@ _LLAMA_COMMON = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_h
 # Per family: (transformers config class name, kwargs). Sizes follow the brief: 2 layers, d_model
 # 32, 4 heads; GQA where the family has it; non-default values wherever TL might ignore them.
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
-    "gpt2": ("GPT2Config", dict(n_layer=2, n_head=4, n_embd=32, n_positions=1024)),
+    "gpt2": ("GPT2Config", dict(n_layer=2, n_head=4, n_embd=32, n_inner=48, n_positions=1024)),
     "gpt_neo": ("GPTNeoConfig", dict(num_layers=2, num_heads=4, hidden_size=32,
-                                     max_position_embeddings=64, window_size=4,
+                                     intermediate_size=48, max_position_embeddings=64, window_size=4,
                                      attention_types=[[["global", "local"], 1]])),
-    "gpt_neox": ("GPTNeoXConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+    "gpt_neox": ("GPTNeoXConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
                                        intermediate_size=48, max_position_embeddings=64,
                                        rotary_pct=0.25, use_parallel_residual=True,
-                                       rope_theta=5000.0)),
+                                       rotary_emb_base=5000)),
     "llama": ("LlamaConfig", dict(_LLAMA_COMMON, rope_theta=5000.0)),
     "qwen2": ("Qwen2Config", dict(_LLAMA_COMMON, rope_theta=5000.0)),
     "olmo2": ("Olmo2Config", dict(_LLAMA_COMMON)),
@@ -94,12 +94,12 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eot, eos_token=eot, unk_token=eot)
 
 
-def build_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def build_tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random model of `family`, with norm parameters and biases moved off their init values."""
     import transformers
 
     cls_name, kwargs = TINY_CONFIGS[family]
-    config = getattr(transformers, cls_name)(**_TINY_COMMON, **kwargs)
+    config = getattr(transformers, cls_name)(**{**_TINY_COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
