@@ -1,0 +1,43 @@
+# memcirc: `make pipeline` runs the main job on the embedded testbed, `make test` the test suite.
+# Both set up .venv themselves on a bare machine (pinned stack, see requirements.txt).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= runs/testbed
+# pip on this kind of machine prints a warning per package for absent local index folders.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install pipeline test test-all bench testbed clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch (or auto-circuit's deps) pulls a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps auto-circuit==1.0.1 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import torch, transformers, transformer_lens, auto_circuit.data, memcirc"
+	touch $(STAMP)
+
+pipeline: install
+	PYTHON=$(BIN)/python ./run_pipeline.sh --config configs/testbed.yaml --output-dir $(OUT)
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+test-all: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_scoring.py
+
+testbed: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m memcirc.testbed.build
+
+clean:
+	rm -rf $(OUT) .pytest_cache

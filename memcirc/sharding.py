@@ -1,0 +1,53 @@
+"""Job-array sharding and resumable chunked execution, shared by the heavy stages.
+
+A job scores its items chunk by chunk; each finished chunk is one atomic JSONL file, so a job
+killed by SIGTERM (SLURM preemption) resumes at the first missing chunk and produces the same
+bytes as an uninterrupted run. With N shards, shard i takes the i-th contiguous slice and a
+cheap `--merge` step concatenates the shard outputs in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from memcirc.artifacts import ChunkStore
+from memcirc.errors import InputError
+from memcirc.logs import progress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """(num_shards, shard_index), defaulting from a SLURM job array, else (1, 0)."""
+    env = os.environ
+    if num_shards is None:
+        num_shards = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if shard_index is None:
+        # Array ids may start anywhere (--array=1-4); shard ids always start at 0.
+        shard_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if not 0 <= shard_index < num_shards:
+        raise InputError(f"shard index {shard_index} is outside 0..{num_shards - 1} (--shard-index/--num-shards)")
+    return num_shards, shard_index
+
+
+def shard_bounds(n_items: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """Contiguous, near-equal slices (as numpy.array_split), so merging is concatenation."""
+    base, extra = divmod(n_items, num_shards)
+    start = shard_index * base + min(shard_index, extra)
+    return start, start + base + (shard_index < extra)
+
+
+def run_chunked(items: Sequence[T], work: Callable[[Sequence[T]], list[dict[str, Any]]],
+                store: ChunkStore, chunk_size: int, desc: str) -> bytes:
+    """Apply `work` chunk by chunk, skipping chunks already on disk; returns all rows as JSONL."""
+    n_chunks = max(1, -(-len(items) // chunk_size))
+    todo = [i for i in range(n_chunks) if not store.done(i)]
+    if len(todo) < n_chunks:
+        log.info("resuming: %d of %d chunks already done in %s", n_chunks - len(todo), n_chunks, store.directory)
+    for index in progress(todo, desc=desc, total=len(todo)):
+        store.write(index, work(items[index * chunk_size:(index + 1) * chunk_size]))
+    return store.concatenate(n_chunks)

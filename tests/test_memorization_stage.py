@@ -1,0 +1,170 @@
+"""The memorization_score stage end to end: artifacts, idempotency, shards, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from memcirc.cli import main
+from memcirc.config import ScoreConfig
+from memcirc.scoring import run
+
+FAST = ["--limit", "120", "--prefix-len", "32", "--suffix-len", "32", "--device", "cpu"]
+
+
+def score(argv):
+    return main(ScoreConfig, run, argv)
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_outputs_and_manifest(tmp_path, capsys):
+    assert score(["--output-dir", str(tmp_path), *FAST, "--metrics", "exact", "token_match"]) == 0
+    stage = tmp_path / "memorization"
+    names = {p.name for p in stage.iterdir()}
+    assert {"scores.jsonl", "summary.json", "histogram.png", "manifest.json", "log.txt"} <= names
+    assert "chunks" not in names
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["outputs"][0]["rows"] == 120
+    assert manifest["model"]["family"] == "gpt_neox" and "token_match" in manifest["metric"]["definitions"]
+    # The manifest is the last file written.
+    assert all(os.path.getmtime(stage / "manifest.json") >= os.path.getmtime(stage / n)
+               for n in ("scores.jsonl", "summary.json", "histogram.png"))
+    rows = read_rows(stage / "scores.jsonl")
+    assert {"id", "source", "doc", "offset", "group", "tokens", "exact", "lcp", "token_match"} <= set(rows[0])
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["n_windows"] == 120 and set(summary["groups"]) and "exact" in summary["metrics"]
+    assert "exact" in capsys.readouterr().out  # the per-group table
+
+
+def test_rerun_is_a_noop_and_config_change_needs_force(tmp_path, capsys):
+    argv = ["--output-dir", str(tmp_path), *FAST]
+    assert score(argv) == 0
+    manifest = tmp_path / "memorization" / "manifest.json"
+    before = (manifest.stat().st_mtime_ns, manifest.read_bytes())
+    assert score(argv + ["--batch-size", "5"]) == 0  # batch size cannot change results: no-op
+    assert (manifest.stat().st_mtime_ns, manifest.read_bytes()) == before
+    capsys.readouterr()
+    assert score(argv + ["--suffix-len", "30"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert score(argv + ["--suffix-len", "30", "--force"]) == 0
+    assert read_rows(tmp_path / "memorization" / "scores.jsonl")[0]["suffix_len"] == 30
+
+
+def test_shards_then_merge_equal_one_job(tmp_path):
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert score(["--output-dir", str(one), *FAST]) == 0
+    for i in range(3):
+        assert score(["--output-dir", str(many), *FAST, "--num-shards", "3", "--shard-index", str(i)]) == 0
+    assert not (many / "memorization" / "manifest.json").exists()
+    assert score(["--output-dir", str(many), *FAST, "--num-shards", "3", "--merge"]) == 0
+    a, b = read_rows(one / "memorization" / "scores.jsonl"), read_rows(many / "memorization" / "scores.jsonl")
+    assert [(r["id"], r["exact"], r["lcp"], r["tf_accuracy"]) for r in a] == \
+           [(r["id"], r["exact"], r["lcp"], r["tf_accuracy"]) for r in b]
+    assert np.allclose([r["suffix_nll"] for r in a], [r["suffix_nll"] for r in b], atol=1e-4)
+
+
+def test_shards_default_from_slurm_array(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert score(["--output-dir", str(tmp_path), *FAST]) == 0
+    assert (tmp_path / "memorization" / "shards" / "00001" / "done.json").is_file()
+    assert score(["--output-dir", str(tmp_path), *FAST, "--merge"]) == 2  # shard 0 has not run
+
+
+def _cli(out, *extra):
+    return [sys.executable, str(REPO / "memorization_score.py"), "--output-dir", str(out), "--device", "cpu",
+            "--prefix-len", "32", "--suffix-len", "32", "--chunk-size", "16", "--batch-size", "16",
+            "--metrics", "exact", "token_match", "bleu4", *extra]
+
+
+def test_sigterm_then_resume_is_byte_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(whole), check=True, env=env, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cli(cut), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks = cut / "memorization" / "chunks"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(chunks.glob("*.jsonl"))) < 3:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()
+    done = len(list(chunks.glob("*.jsonl")))
+    assert 3 <= done and not (cut / "memorization" / "manifest.json").exists()
+    resumed = subprocess.run(_cli(cut), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} of" in resumed.stderr
+    assert (cut / "memorization" / "scores.jsonl").read_bytes() == \
+           (whole / "memorization" / "scores.jsonl").read_bytes()
+
+
+# -- bad input: exit 2, one clear line on stderr, nothing written ---------------------------
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("prefix_len: 32\nbatchsize: 4\n")
+    return {
+        "missing file": (["--dataset", str(tmp_path / "none.jsonl")], "data file not found"),
+        "malformed jsonl": (["--dataset", str(_malformed(tmp_path))], "m.jsonl:2: malformed JSON"),
+        "missing column": (["--dataset", _jsonl(tmp_path / "c.jsonl", [{"body": "x"}])],
+                           "columns found: body"),
+        "token id >= vocab": (["--dataset", _jsonl(tmp_path / "v.jsonl", [{"tokens": [1] * 63 + [10 ** 6]}])],
+                              "outside the model vocabulary"),
+        "window > context": (["--dataset", _jsonl(tmp_path / "l.jsonl", [{"tokens": [1] * 300}]),
+                              "--prefix-len", "100", "--suffix-len", "100"], "exceeds the model context"),
+        "nothing left": (["--dataset", _jsonl(tmp_path / "s.jsonl", [{"tokens": [1, 2, 3]}])],
+                         "no windows left"),
+        "unknown config key": (["--config", str(yaml_file)], "unknown config key 'batchsize'"),
+        "bad dtype": (["--dtype", "float64"], "'dtype'"),
+        "bad device": (["--device", "tpu"], "tpu"),
+        "not writable": (["--output-dir", str(blocker / "sub")], "not writable"),
+        "input dir without manifest": (["--input-dir", str(tmp_path)], "no manifest.json"),
+    }
+
+
+def _malformed(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"tokens": [1, 2]}\n{"tokens": [1, \n')
+    return path
+
+
+CASES = ["missing file", "malformed jsonl", "missing column", "token id >= vocab", "window > context",
+         "nothing left", "unknown config key", "bad dtype", "bad device", "not writable",
+         "input dir without manifest"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_with_one_line(case, bad_inputs, tmp_path, capsys):
+    argv, message = bad_inputs[case]
+    out = tmp_path / "run"
+    code = score(["--output-dir", str(out), "--device", "cpu", "--prefix-len", "32", "--suffix-len", "32",
+                  *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    assert score(["--output-dir", str(tmp_path / "run"), "--dry-run", "--prefix-len", "7"]) == 0
+    assert "prefix_len: 7" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()

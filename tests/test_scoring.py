@@ -1,0 +1,123 @@
+"""Metrics: independent computations must agree (teacher-forced vs generated, ours vs nltk)."""
+
+import random
+
+import numpy as np
+import pytest
+from nltk.translate.bleu_score import sentence_bleu
+
+from memcirc.data import Columns, Window, load_documents, make_windows
+from memcirc.scoring import bleu4, full_generation_scores, levenshtein, score_windows, summarize
+
+GEN_METRICS = ["exact", "lcp", "tf_accuracy", "token_match", "bleu4", "levenshtein"]
+
+
+def _dp_levenshtein(a, b):
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def _add_one(p_n, *args, **kwargs):
+    # Lin & Och add-one on every order, applied to nltk's raw n-gram counts.
+    return [(p.numerator + 1) / (p.denominator + 1) for p in p_n]
+
+
+def test_bleu4_agrees_with_nltk():
+    rng = random.Random(0)
+    for _ in range(200):
+        ref = [rng.randrange(6) for _ in range(rng.randint(8, 40))]
+        hyp = [t if rng.random() < 0.7 else rng.randrange(6) for t in ref][: rng.randint(6, len(ref))]
+        ours = bleu4(hyp, ref, smooth=False)
+        assert ours == pytest.approx(sentence_bleu([ref], hyp), abs=1e-12)
+        if set(hyp) & set(ref):  # nltk returns 0 early when no unigram matches, before smoothing
+            assert bleu4(hyp, ref) == pytest.approx(sentence_bleu([ref], hyp, smoothing_function=_add_one))
+    assert bleu4([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == 1.0
+    # No overlap at all: add-one gives (1/5 * 1/4 * 1/3 * 1/2) ** (1/4), never exactly 0.
+    assert bleu4([9, 9, 9, 9], [1, 2, 3, 4]) == pytest.approx((1 / 120) ** 0.25)
+
+
+def test_levenshtein_agrees_with_dynamic_programming():
+    rng = random.Random(1)
+    for _ in range(200):
+        a = [rng.randrange(5) for _ in range(rng.randint(0, 15))]
+        b = [rng.randrange(5) for _ in range(rng.randint(0, 15))]
+        assert levenshtein(a, b) == _dp_levenshtein(a, b)
+
+
+@pytest.fixture(scope="module")
+def testbed_windows(testbed):
+    docs = load_documents("testbed", Columns())
+    return make_windows(docs, testbed.tokenizer, "testbed", 32, 32).windows
+
+
+@pytest.fixture(scope="module")
+def ours(testbed, testbed_windows):
+    return score_windows(testbed.model, testbed_windows, pad_id=testbed.tokenizer.pad_token_id,
+                         batch_size=64, metrics=GEN_METRICS)
+
+
+def test_teacher_forced_equals_full_generation(testbed, testbed_windows, ours):
+    """exact and lcp from one forward pass == those of greedy generation of the whole suffix;
+    token_match generated only from the divergence == full generation's, on every window."""
+    reference = full_generation_scores(testbed.model, testbed_windows, testbed.tokenizer.pad_token_id, 64)
+    assert len(ours) == len(reference) == len(testbed_windows)
+    for mine, ref in zip(ours, reference):
+        assert (mine["exact"], mine["lcp"]) == (ref["exact"], ref["lcp"]), mine["id"]
+        assert mine["token_match"] == pytest.approx(ref["token_match"], abs=1e-6), mine["id"]
+        if not mine["exact"]:
+            assert mine["generated"] == ref["generated"], mine["id"]
+    # The testbed has both memorized and non-memorized windows, so this compared both paths.
+    assert 0 < sum(r["exact"] for r in ours) < len(ours)
+    assert len({r["lcp"] for r in ours}) > 5
+
+
+def test_generation_metrics_of_exact_windows(ours):
+    exact = [r for r in ours if r["exact"]]
+    assert all(r["token_match"] == 1.0 and r["bleu4"] == 1.0 and r["levenshtein"] == 0.0 for r in exact)
+    assert all("generated" not in r for r in exact)
+    inexact = [r for r in ours if not r["exact"]]
+    assert all(len(r["generated"]) == r["suffix_len"] for r in inexact)
+    assert all(r["generated"][: r["lcp"]] == r["tokens"][r["prefix_len"]: r["prefix_len"] + r["lcp"]]
+               for r in inexact)
+
+
+def _mixed_lengths(windows, n=60):
+    """Windows of different prefix and suffix lengths, so batches need padding."""
+    rng = np.random.default_rng(0)
+    picked = [windows[i] for i in rng.choice(len(windows), n, replace=False)]
+    out = []
+    for w in picked:
+        cut = int(rng.integers(0, 12))
+        p = int(rng.integers(20, 33))
+        out.append(Window(id=w.id, tokens=w.tokens[cut:], prefix_len=p - cut,
+                          source=w.source, doc=w.doc, offset=w.offset + cut, group=w.group))
+    return out
+
+
+def test_scores_do_not_depend_on_batch_size_or_padding_side(testbed, testbed_windows):
+    windows = _mixed_lengths(testbed_windows)
+    pad = testbed.tokenizer.pad_token_id
+    runs = [score_windows(testbed.model, windows, pad_id=pad, batch_size=b, metrics=GEN_METRICS,
+                          padding_side=side) for b, side in [(1, "right"), (7, "right"), (64, "left"),
+                                                             (5, "left")]]
+    base = runs[0]
+    assert len({len(w.tokens) for w in windows}) > 5 and 0 < sum(r["exact"] for r in base) < len(base)
+    for other in runs[1:]:
+        for a, b in zip(base, other):
+            for key in ("exact", "lcp", "tf_accuracy", "token_match", "generated"):
+                assert a.get(key) == b.get(key), (a["id"], key)
+            for key in ("suffix_nll", "suffix_entropy", "bleu4", "levenshtein"):
+                assert a[key] == pytest.approx(b[key], abs=1e-4), (a["id"], key)
+
+
+def test_summary_groups(ours):
+    summary = summarize(ours)
+    assert summary["n_windows"] == len(ours)
+    groups = summary["groups"]
+    assert list(groups)[:7] == ["k=0", "k=1", "k=2", "k=4", "k=8", "k=16", "k=32"]
+    assert sum(g["n"] for g in groups.values()) == len(ours)
+    assert summary["metrics"]["exact"] == pytest.approx(np.mean([r["exact"] for r in ours]), abs=1e-6)
