@@ -1,0 +1,371 @@
+"""memcirc.models: device/dtype, load(spec) (local, Hub cache + revision, GGUF), TL conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import build_tiny_model
+from memcirc.errors import InputError
+from memcirc.models import ModelSpec, load, loading, resolve_device, resolve_dtype
+from memcirc.models.arch import SPECS, TL_HOOK_NAMES, dims, tl_hook_name
+from memcirc.models.tl import check_circuit_flags, to_hooked_transformer, weight_processing_of
+
+REPO = Path(__file__).resolve().parent.parent
+TL_FAMILIES = [f for f, spec in SPECS.items() if spec.tl_supported]
+NO_TL_FAMILIES = [f for f, spec in SPECS.items() if not spec.tl_supported]
+ATOL = 1e-4
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert message and "\n" not in message
+    return message
+
+
+def input_ids(loaded, n: int = 12) -> torch.Tensor:
+    """A fixed batch of real token ids (2 x n)."""
+    text = "To be, or not to be, that is the question: the quick brown fox."
+    ids = loaded.tokenizer(text)["input_ids"][:n]
+    return torch.tensor([ids, ids[::-1]])
+
+
+# --- device and dtype ----------------------------------------------------------------------------
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    accelerated = torch.cuda.is_available() or torch.backends.mps.is_available()
+    assert (resolve_device("auto").type != "cpu") == accelerated
+
+
+@pytest.mark.parametrize("name", ["tpu", "gpu:0", "cuda:x", "cuda:-1", ""])
+def test_bad_device_names_the_value_and_choices(name: str) -> None:
+    with pytest.raises(InputError, match=r"device .* accepted: auto, cpu, cuda, cuda:N, mps") as err:
+        resolve_device(name)
+    assert repr(name) in one_line_error(err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU is present")
+def test_unavailable_accelerator_is_an_input_error() -> None:
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(InputError, match="is not available"):
+            resolve_device(name)
+
+
+def test_resolve_dtype() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) is torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16  # no GPU needed
+    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert resolve_dtype("float16", "cpu") is torch.float16
+    for bad in ("fp32", "int8", "float64"):
+        with pytest.raises(InputError, match=r"dtype .* accepted: auto, float32, bfloat16, float16") as err:
+            resolve_dtype(bad, cpu)
+        one_line_error(err)
+
+
+# --- load: errors ----------------------------------------------------------------------------------
+
+def test_model_spec_checks_spelling_at_construction() -> None:
+    with pytest.raises(InputError, match="dtype 'fp16'"):
+        ModelSpec("x", dtype="fp16")
+    with pytest.raises(InputError, match="device 'gpu'"):
+        ModelSpec("x", device="gpu")
+    with pytest.raises(InputError, match="empty"):
+        ModelSpec(" ")
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist") as err:
+        load(ModelSpec(str(tmp_path / "nope"), device="cpu"))
+    assert str(tmp_path / "nope") in one_line_error(err)
+
+
+def test_folder_without_config_or_a_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="has no config.json") as err:
+        load(ModelSpec(str(tmp_path), device="cpu"))
+    one_line_error(err)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(InputError, match="is a file"):
+        load(ModelSpec(str(tmp_path / "weights.bin"), device="cpu"))
+
+
+def test_unknown_family(tmp_path: Path) -> None:
+    transformers.OPTConfig(num_hidden_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match=r"unsupported model_type 'opt'; supported families: .*gpt_neox") as err:
+        load(ModelSpec(str(tmp_path), device="cpu"))
+    one_line_error(err)
+
+
+def test_bad_dtype_and_device_at_load(tiny_model_dirs: dict) -> None:
+    spec = ModelSpec(str(tiny_model_dirs["gpt2"]), device="cpu")
+    spec.dtype = "fp8"  # bypasses the construction check, as a mutated config would
+    with pytest.raises(InputError, match="dtype 'fp8'"):
+        load(spec)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="device 'cuda:3' is not available"):
+            load(ModelSpec(str(tiny_model_dirs["gpt2"]), device="cuda:3"))
+
+
+def test_hub_id_not_in_cache_is_one_clear_line() -> None:
+    with pytest.raises(InputError, match="neither a local folder nor in the Hugging Face cache") as err:
+        load(ModelSpec("nobody-here/no-such-model", device="cpu"))
+    assert "Hub is unreachable" in one_line_error(err)
+
+
+def test_revision_and_gguf_file_need_the_right_source(tiny_model_dirs: dict) -> None:
+    folder = str(tiny_model_dirs["gpt2"])
+    with pytest.raises(InputError, match="only applies to Hub ids"):
+        load(ModelSpec(folder, revision="step3000", device="cpu"))
+    with pytest.raises(InputError, match="GGUF file 'x.gguf' not found"):
+        load(ModelSpec(folder, gguf_file="x.gguf", device="cpu"))
+
+
+def test_testbed_name_resolves_to_the_testbed_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(loading, "MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(InputError, match=r"testbed model is not built yet .*absent.*make testbed"):
+        load(ModelSpec("testbed", device="cpu"))
+
+
+# --- load: success ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_loaded_model_is_ready_for_inference(tiny_loaded: dict, tiny_model_dirs: dict, family: str) -> None:
+    loaded = tiny_loaded[family]
+    assert loaded.arch is SPECS[family]
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert {p.device for p in loaded.model.parameters()} == {torch.device("cpu")}
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}  # auto on CPU
+    assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token and loaded.pad_from_eos
+    assert loaded.tokenizer.padding_side == "right"  # recorded, not changed
+    ident = loaded.identity()
+    json.dumps(ident)
+    assert ident["local_path"] == str(tiny_model_dirs[family].resolve())
+    assert (ident["family"], ident["dtype"], ident["device"]) == (family, "float32", "cpu")
+    assert ident["n_params"] == sum(p.numel() for p in loaded.model.parameters())
+    assert ident["revision"] is None and ident["commit_hash"] is None
+
+
+def test_dtype_and_attn_implementation_are_passed_through(tiny_model_dirs: dict) -> None:
+    loaded = load(ModelSpec(str(tiny_model_dirs["llama"]), dtype="bfloat16", device="cpu",
+                            attn_implementation="eager"))
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    ident = loaded.identity()
+    assert (ident["dtype"], ident["attn_implementation"]) == ("bfloat16", "eager")
+
+
+def test_bare_string_and_tilde_paths(tiny_model_dirs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_model_dirs["gpt_neo"]
+    monkeypatch.setenv("HOME", str(folder.parent))
+    loaded = load(f"~/{folder.name}")
+    assert loaded.local_path == folder.resolve()
+
+
+# --- Hub cache and revisions (offline) ---------------------------------------------------------------
+
+_HUB_SCRIPT = """
+import json, sys, torch
+from memcirc.errors import InputError
+from memcirc.models import ModelSpec, load
+out = {}
+for rev in ("step1000", "step3000"):
+    loaded = load(ModelSpec("org/tiny-neox", revision=rev, device="cpu"))
+    with torch.no_grad():
+        logits = loaded.model(torch.arange(1, 11)[None]).logits[0, -1]
+    out[rev] = {"identity": loaded.identity(), "logits": logits.tolist()}
+try:
+    load(ModelSpec("org/tiny-neox", revision="step9999", device="cpu"))
+except InputError as err:
+    out["missing_revision"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_revisions_load_from_the_hf_cache_offline(tmp_path: Path, tiny_tokenizer) -> None:
+    """A fake HF hub cache with two revisions; a fresh process reads HF_HUB_CACHE at import."""
+    repo = tmp_path / "hub" / "models--org--tiny-neox"
+    sources = {}
+    for i, rev in enumerate(("step1000", "step3000")):
+        commit = f"{i + 1:040x}"
+        sources[rev] = (commit, build_tiny_model("gpt_neox", seed=i))
+        snapshot = repo / "snapshots" / commit
+        sources[rev][1].save_pretrained(snapshot)
+        tiny_tokenizer.save_pretrained(snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / rev).write_text(commit)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", _HUB_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for rev, (commit, model) in sources.items():
+        with torch.no_grad():
+            expected = model(torch.arange(1, 11)[None]).logits[0, -1]
+        assert torch.allclose(torch.tensor(out[rev]["logits"]), expected, atol=1e-6), rev
+        ident = out[rev]["identity"]
+        assert (ident["revision"], ident["commit_hash"]) == (rev, commit)
+        assert ident["local_path"] == str(repo / "snapshots" / commit)
+    assert out["step1000"]["logits"] != out["step3000"]["logits"]
+    assert "neither a local folder nor in the Hugging Face cache" in out["missing_revision"]
+    assert "revision step9999" in out["missing_revision"]
+
+
+# --- GGUF --------------------------------------------------------------------------------------------
+
+_CONV1D_GGUF = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")  # llama.cpp stores these [out, in]
+
+
+def write_gpt2_gguf(model: transformers.GPT2LMHeadModel, tokenizer, path: Path) -> None:
+    """Write `model` (fp32 tensors) and its byte-level BPE tokenizer as a llama.cpp-style GGUF."""
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_name("tiny-gpt2")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in tokenizer.all_special_tokens
+                            else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue  # tied to token_embd; an absent output.weight tells transformers so
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(base)
+        array = tensor.detach().float().numpy()
+        if suffix == "weight" and gguf_name.rsplit(".", 1)[-1] in _CONV1D_GGUF:
+            array = array.T
+        writer.add_tensor(f"{gguf_name}.{suffix}", np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_source(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple:
+    # GGUF gpt2 metadata has no n_inner and takes vocab_size from the token list.
+    model = build_tiny_model("gpt2", n_inner=None, vocab_size=len(tiny_tokenizer))
+    folder = tmp_path_factory.mktemp("gguf")
+    write_gpt2_gguf(model, tiny_tokenizer, folder / "tiny-f32.gguf")
+    return model, folder
+
+
+def test_gguf_file_loads_with_identical_logits(gguf_source: tuple, tiny_tokenizer) -> None:
+    source, folder = gguf_source
+    loaded = load(ModelSpec(str(folder), gguf_file="tiny-f32.gguf", device="cpu"))
+    assert loaded.arch.family == "gpt2" and not (folder / "config.json").exists()
+    text = "The quick brown fox jumps over the lazy dog."
+    assert loaded.tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+    ids = input_ids(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, source(ids).logits)
+    assert loaded.identity()["gguf_file"] == "tiny-f32.gguf"
+    tl = to_hooked_transformer(loaded)  # config from GGUF has no `architectures`: staged anyway
+    with torch.no_grad():
+        assert (tl(ids) - source(ids).logits).abs().max() <= ATOL
+
+
+# --- TransformerLens ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tl_models(tiny_loaded: dict) -> dict:
+    """(family, weight_processing) -> HookedTransformer."""
+    return {(f, wp): to_hooked_transformer(tiny_loaded[f], wp)
+            for f in TL_FAMILIES for wp in ("none", "tl_default")}
+
+
+@pytest.mark.parametrize("family", TL_FAMILIES)
+def test_tl_logits_equal_hf_logits(tiny_loaded: dict, tl_models: dict, family: str) -> None:
+    loaded, tl = tiny_loaded[family], tl_models[(family, "none")]
+    ids = input_ids(loaded)
+    with torch.no_grad():
+        hf_logits = loaded.model(ids).logits
+        assert (tl(ids) - hf_logits).abs().max() <= ATOL  # with the auto-circuit flags on
+        flags = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
+        assert all(getattr(tl.cfg, flag) for flag in flags)
+        check_circuit_flags(tl)
+        for flag in flags:
+            getattr(tl, f"set_{flag}")(False)
+        try:
+            assert (tl(ids) - hf_logits).abs().max() <= ATOL  # and with them off
+            with pytest.raises(InputError, match="lacks use_attn_result"):
+                check_circuit_flags(tl)
+        finally:
+            for flag in flags:
+                getattr(tl, f"set_{flag}")(True)
+
+
+@pytest.mark.parametrize("family", TL_FAMILIES)
+def test_tl_default_processing_keeps_log_probs(tiny_loaded: dict, tl_models: dict, family: str) -> None:
+    loaded, tl = tiny_loaded[family], tl_models[(family, "tl_default")]
+    ids = input_ids(loaded)
+    with torch.no_grad():
+        expected = loaded.model(ids).logits.log_softmax(-1)
+        assert (tl(ids).log_softmax(-1) - expected).abs().max() <= ATOL
+    assert weight_processing_of(tl) == "tl_default"
+    assert weight_processing_of(tl_models[(family, "none")]) == "none"
+
+
+@pytest.mark.parametrize("family", TL_FAMILIES)
+def test_tl_model_is_frozen_and_shaped_like_hf(tiny_loaded: dict, tl_models: dict, family: str) -> None:
+    loaded, tl = tiny_loaded[family], tl_models[(family, "none")]
+    d = dims(loaded.model)
+    assert not tl.training and not any(p.requires_grad for p in tl.parameters())
+    assert (tl.cfg.n_layers, tl.cfg.d_model, tl.cfg.n_heads, tl.cfg.d_mlp, tl.cfg.d_vocab) == (
+        d.n_layers, d.d_model, d.n_heads, d.d_mlp, d.d_vocab)
+    assert tl.cfg.default_prepend_bos == loaded.arch.prepend_bos
+    assert tl.cfg.parallel_attn_mlp == loaded.arch.parallel_attn_mlp
+    if d.n_kv_heads < d.n_heads:
+        assert tl.cfg.ungroup_grouped_query_attention
+    for role in TL_HOOK_NAMES:
+        if role == "resid_mid" and loaded.arch.parallel_attn_mlp:
+            continue
+        for layer in range(d.n_layers):
+            assert tl_hook_name(role, layer) in tl.hook_dict, role
+
+
+def test_tl_sequential_neox(tmp_path: Path, tiny_tokenizer) -> None:
+    """TL hard-codes parallel_attn_mlp for NeoX; the ArchSpec override follows the config."""
+    build_tiny_model("gpt_neox", use_parallel_residual=False).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    loaded = load(ModelSpec(str(tmp_path), device="cpu"))
+    tl = to_hooked_transformer(loaded)
+    ids = input_ids(loaded)
+    with torch.no_grad():
+        assert (tl(ids) - loaded.model(ids).logits).abs().max() <= ATOL
+    assert not tl.cfg.parallel_attn_mlp
+
+
+@pytest.mark.parametrize("family", NO_TL_FAMILIES)
+def test_tl_unsupported_family(tiny_loaded: dict, family: str) -> None:
+    with pytest.raises(InputError, match=rf"cannot convert family {family} .*supported: gpt2, gpt_neo") as err:
+        to_hooked_transformer(tiny_loaded[family])
+    one_line_error(err)
+
+
+def test_tl_bad_weight_processing(tiny_loaded: dict) -> None:
+    with pytest.raises(InputError, match="weight_processing 'fold'"):
+        to_hooked_transformer(tiny_loaded["gpt2"], "fold")
