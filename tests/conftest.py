@@ -49,6 +49,13 @@ def testbed():
 # Session-scoped and read-only: tests that change a model must work on a copy.
 # ---------------------------------------------------------------------------------------------
 
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    import transformers
+
+    from memcirc.models import LoadedModel
+
 TINY_VOCAB = 320  # model embedding rows; the tokenizer has fewer tokens (like Pythia)
 _TINY_COMMON = dict(vocab_size=TINY_VOCAB, initializer_range=0.1)
 _LLAMA_COMMON = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -79,7 +86,7 @@ _CORPUS = [
 ] * 4
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE (about 300 tokens) trained here, wrapped as an HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -94,7 +101,7 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eot, eos_token=eot, unk_token=eot)
 
 
-def build_tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+def build_tiny_model(family: str, seed: int = 0, **overrides: object) -> transformers.PreTrainedModel:
     """A random model of `family`, with norm parameters and biases moved off their init values."""
     import transformers
 
@@ -112,12 +119,13 @@ def build_tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer():
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, Path]:
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory,
+                    tiny_tokenizer: transformers.PreTrainedTokenizerFast) -> dict[str, Path]:
     """family -> a folder holding save_pretrained model + tokenizer files."""
     root = tmp_path_factory.mktemp("tiny_models")
     dirs = {}
@@ -130,7 +138,7 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) ->
 
 
 @pytest.fixture(scope="session")
-def tiny_loaded(tiny_model_dirs: dict[str, Path]) -> dict:
+def tiny_loaded(tiny_model_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
     """family -> LoadedModel, loaded through memcirc.models.load (the real from_pretrained path)."""
     from memcirc.models import ModelSpec, load
 

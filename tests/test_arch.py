@@ -86,6 +86,7 @@ def test_quirk_flags_match_the_model(tiny_loaded: dict, family: str) -> None:
     loaded = tiny_loaded[family]
     config, spec, d = loaded.model.config, loaded.arch, A.dims(loaded.model)
     assert spec.parallel_attn_mlp == bool(getattr(config, "use_parallel_residual", False))
+    assert A.parallel_attn_mlp(loaded.model) == spec.parallel_attn_mlp
     if spec.gqa:  # the fixtures build every GQA-capable family with fewer K/V heads
         assert d.n_kv_heads < d.n_heads
     assert spec.mlp_in_roles == (("mlp_gate", "mlp_in") if spec.gated_mlp else ("mlp_in",))

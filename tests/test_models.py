@@ -17,7 +17,7 @@ import transformers
 from conftest import build_tiny_model
 from memcirc.errors import InputError
 from memcirc.models import ModelSpec, load, loading, resolve_device, resolve_dtype
-from memcirc.models.arch import SPECS, TL_HOOK_NAMES, dims, tl_hook_name
+from memcirc.models.arch import SPECS, TL_HOOK_NAMES, dims, parallel_attn_mlp, tl_hook_name
 from memcirc.models.tl import check_circuit_flags, to_hooked_transformer, weight_processing_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +98,18 @@ def test_folder_without_config_or_a_file(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(InputError, match="is a file"):
         load(ModelSpec(str(tmp_path / "weights.bin"), device="cpu"))
+
+
+def test_folder_without_weights_or_tokenizer(tmp_path: Path) -> None:
+    model = build_tiny_model("gpt2")
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="cannot load the weights of") as err:
+        load(ModelSpec(str(tmp_path), device="cpu"))
+    one_line_error(err)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="no usable tokenizer for") as err:
+        load(ModelSpec(str(tmp_path), device="cpu"))
+    one_line_error(err)
 
 
 def test_unknown_family(tmp_path: Path) -> None:
@@ -337,7 +349,7 @@ def test_tl_model_is_frozen_and_shaped_like_hf(tiny_loaded: dict, tl_models: dic
     assert (tl.cfg.n_layers, tl.cfg.d_model, tl.cfg.n_heads, tl.cfg.d_mlp, tl.cfg.d_vocab) == (
         d.n_layers, d.d_model, d.n_heads, d.d_mlp, d.d_vocab)
     assert tl.cfg.default_prepend_bos == loaded.arch.prepend_bos
-    assert tl.cfg.parallel_attn_mlp == loaded.arch.parallel_attn_mlp
+    assert tl.cfg.parallel_attn_mlp == parallel_attn_mlp(loaded.model)
     if d.n_kv_heads < d.n_heads:
         assert tl.cfg.ungroup_grouped_query_attention
     for role in TL_HOOK_NAMES:
@@ -356,7 +368,7 @@ def test_tl_sequential_neox(tmp_path: Path, tiny_tokenizer) -> None:
     ids = input_ids(loaded)
     with torch.no_grad():
         assert (tl(ids) - loaded.model(ids).logits).abs().max() <= ATOL
-    assert not tl.cfg.parallel_attn_mlp
+    assert not tl.cfg.parallel_attn_mlp and not parallel_attn_mlp(loaded.model)
 
 
 @pytest.mark.parametrize("family", NO_TL_FAMILIES)

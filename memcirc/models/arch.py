@@ -60,6 +60,7 @@ class ArchSpec:
     cfg_n_ctx: str = "max_position_embeddings"
     cfg_d_head: str | None = None         # None (or a None value) means d_model // n_heads
     cfg_n_kv_heads: str | None = None     # None (or a None value) means n_heads (no GQA)
+    cfg_parallel_attn_mlp: str | None = None  # per-model override of the parallel_attn_mlp flag
     # --- quirks (each one is something a stage has to get right) ---------------------------------
     norm: str = "layernorm"               # "layernorm" | "rmsnorm"
     norm_placement: str = "pre"           # "pre" | "post" (norm on sub-layer outputs) | "sandwich"
@@ -168,6 +169,7 @@ SPECS: Mapping[str, ArchSpec] = MappingProxyType({
         mlp_in="gpt_neox.layers.{layer}.mlp.dense_h_to_4h",
         mlp_out="gpt_neox.layers.{layer}.mlp.dense_4h_to_h",
         parallel_attn_mlp=True,  # x + attn(ln1(x)) + mlp(ln2(x)): removing attention leaves MLP input
+        cfg_parallel_attn_mlp="use_parallel_residual",  # Pythia: True; other NeoX models may differ
         qkv_interleaved=True,    # query_key_value rows are [q,k,v] per head, not [all q, all k, all v]
         prepend_bos=False,       # Pythia was trained without BOS; TL default_prepend_bos=False
         tl_supported=True,
@@ -346,6 +348,14 @@ def d_mlp(model_or_config: Any) -> int:
 def n_ctx(model_or_config: Any) -> int:
     """Maximum context length the model was built for."""
     return dims(model_or_config).n_ctx
+
+
+def parallel_attn_mlp(model_or_config: Any) -> bool:
+    """Whether attention and MLP read the same residual (the family flag, unless the config says)."""
+    config = _config_of(model_or_config)
+    arch = arch_for(config)
+    value = _attr(config, arch.cfg_parallel_attn_mlp)
+    return arch.parallel_attn_mlp if value is None else bool(value)
 
 
 def quirks(arch: ArchSpec) -> dict[str, Any]:

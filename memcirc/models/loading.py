@@ -36,7 +36,7 @@ class ModelSpec:
         revision: Hub branch, tag or commit (e.g. "step3000"); Hub ids only.
         gguf_file: a GGUF file name inside `name_or_path`; it is dequantized to `dtype`.
         dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16" or "float16".
-        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        device: "auto" (best accelerator, else CPU) or a device name; see `device.DEVICE_CHOICES`.
         attn_implementation: passed to `from_pretrained` ("eager", "sdpa", ...); None = its default.
     """
 
@@ -175,6 +175,13 @@ def _cache_location(src: _Source, spec: ModelSpec, config: PretrainedConfig) -> 
     return folder, getattr(config, "_commit_hash", None) or (folder.name if folder else None)
 
 
+def _load_weights(src: _Source, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(src.ref, dtype=dtype, **kwargs)
+    except OSError as err:  # config present but no (readable) weight files
+        raise InputError(f"cannot load the weights of {src.ref}: {_first_line(err)}") from err
+
+
 def load(spec: ModelSpec | str) -> LoadedModel:
     """Load an HF causal LM, its tokenizer and its ArchSpec, ready for inference.
 
@@ -197,7 +204,7 @@ def load(spec: ModelSpec | str) -> LoadedModel:
     kwargs = _hub_kwargs(spec)
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(src.ref, dtype=dtype, **kwargs)
+    model = _load_weights(src, dtype, kwargs)
     model.to(device).eval().requires_grad_(False)
     tokenizer, pad_from_eos = _load_tokenizer(src, spec)
     local_path, commit = _cache_location(src, spec, model.config)
