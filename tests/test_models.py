@@ -381,3 +381,21 @@ def test_tl_unsupported_family(tiny_loaded: dict, family: str) -> None:
 def test_tl_bad_weight_processing(tiny_loaded: dict) -> None:
     with pytest.raises(InputError, match="weight_processing 'fold'"):
         to_hooked_transformer(tiny_loaded["gpt2"], "fold")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", TL_FAMILIES)
+def test_load_and_tl_on_the_gpu(tiny_model_dirs: dict, family: str) -> None:
+    """dtype auto is bf16 on a GPU; TL conversion keeps every tensor there (GPT-Neo's converter
+    made CPU biases that broke fold_ln on CUDA)."""
+    auto = load(ModelSpec(str(tiny_model_dirs[family])))
+    assert auto.device.type != "cpu"
+    assert {p.dtype for p in auto.model.parameters()} == {torch.bfloat16}
+    loaded = load(ModelSpec(str(tiny_model_dirs[family]), dtype="float32"))
+    ids = input_ids(loaded).to(loaded.device)
+    with torch.no_grad():
+        expected = loaded.model(ids).logits.log_softmax(-1)
+        for processing in ("none", "tl_default"):
+            tl = to_hooked_transformer(loaded, processing)
+            assert {p.device for p in tl.parameters()} == {ids.device}
+            assert (tl(ids).log_softmax(-1) - expected).abs().max() <= ATOL

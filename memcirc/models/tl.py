@@ -60,6 +60,9 @@ def to_hooked_transformer(loaded: LoadedModel, weight_processing: str = "none") 
         cfg = _tl_config(loaded, folder, process)
         state = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model=loaded.model,
                                                      dtype=loaded.dtype)
+        # Some TL converters create tensors on the CPU (e.g. GPT-Neo's zero Q/K/V biases), which
+        # breaks fold_ln on a GPU: put the whole state dict where the model lives.
+        state = {name: tensor.to(loaded.device) for name, tensor in state.items()}
         # TL re-reads the tokenizer by its name_or_path, so it must come from a folder on disk.
         model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder))
     model.load_and_process_state_dict(
