@@ -117,7 +117,7 @@ def test_forward_with_a_hook_on_every_role(tiny_loaded: dict, family: str) -> No
         for h in handles:
             h.remove()
     assert logits.shape == (1, 8, d.d_vocab)
-    expected = {(r, l) for r in roles for l in (range(d.n_layers) if r in A.LAYER_ROLES else [None])}
+    expected = {(r, i) for r in roles for i in (range(d.n_layers) if r in A.LAYER_ROLES else [None])}
     assert set(seen) == expected
     for layer in range(d.n_layers):
         attn_out = seen[("attn", layer)]
@@ -158,7 +158,8 @@ def test_dims_use_family_config_names() -> None:
                           d_vocab=50, n_ctx=32)  # n_inner=None means 4 * n_embd
     neo = transformers.GPTNeoConfig(num_layers=2, num_heads=4, hidden_size=32, intermediate_size=40,
                                     attention_types=[[["global"], 2]])
-    assert (A.n_layers(neo), A.n_heads(neo), A.d_model(neo), A.d_mlp(neo), A.n_ctx(neo)) == (2, 4, 32, 40, 2048)
+    sizes = (A.n_layers(neo), A.n_heads(neo), A.d_model(neo), A.d_mlp(neo), A.n_ctx(neo))
+    assert sizes == (2, 4, 32, 40, 2048)
     llama = A.dims(transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                                             head_dim=32, num_hidden_layers=1))
     assert (llama.d_head, llama.n_kv_heads) == (32, 1)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from conftest import build_tiny_model
+
 from memcirc.errors import InputError
 from memcirc.models import ModelSpec, load, loading, resolve_device, resolve_dtype
 from memcirc.models.arch import SPECS, TL_HOOK_NAMES, dims, parallel_attn_mlp, tl_hook_name
@@ -100,21 +100,26 @@ def test_folder_without_config_or_a_file(tmp_path: Path) -> None:
         load(ModelSpec(str(tmp_path / "weights.bin"), device="cpu"))
 
 
-def test_folder_without_weights_or_tokenizer(tmp_path: Path) -> None:
+def test_folder_without_tokenizer_or_weights(tmp_path: Path, tiny_tokenizer) -> None:
     model = build_tiny_model("gpt2")
     model.config.save_pretrained(tmp_path)
-    with pytest.raises(InputError, match="cannot load the weights of") as err:
-        load(ModelSpec(str(tmp_path), device="cpu"))
-    one_line_error(err)
-    model.save_pretrained(tmp_path)
     with pytest.raises(InputError, match="no usable tokenizer for") as err:
         load(ModelSpec(str(tmp_path), device="cpu"))
     one_line_error(err)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="cannot load the model weights from") as err:
+        load(ModelSpec(str(tmp_path), device="cpu"))
+    one_line_error(err)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="cannot load the model weights from .*nope"):
+        load(ModelSpec(str(tmp_path), device="cpu", attn_implementation="nope"))
+    assert load(ModelSpec(str(tmp_path), device="cpu")).arch.family == "gpt2"
 
 
 def test_unknown_family(tmp_path: Path) -> None:
     transformers.OPTConfig(num_hidden_layers=1).save_pretrained(tmp_path)
-    with pytest.raises(InputError, match=r"unsupported model_type 'opt'; supported families: .*gpt_neox") as err:
+    message = r"unsupported model_type 'opt'; supported families: .*gpt_neox"
+    with pytest.raises(InputError, match=message) as err:
         load(ModelSpec(str(tmp_path), device="cpu"))
     one_line_error(err)
 
@@ -373,7 +378,8 @@ def test_tl_sequential_neox(tmp_path: Path, tiny_tokenizer) -> None:
 
 @pytest.mark.parametrize("family", NO_TL_FAMILIES)
 def test_tl_unsupported_family(tiny_loaded: dict, family: str) -> None:
-    with pytest.raises(InputError, match=rf"cannot convert family {family} .*supported: gpt2, gpt_neo") as err:
+    message = rf"cannot convert family {family} .*supported: gpt2, gpt_neo"
+    with pytest.raises(InputError, match=message) as err:
         to_hooked_transformer(tiny_loaded[family])
     one_line_error(err)
 

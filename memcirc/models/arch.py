@@ -8,9 +8,10 @@ spell a module path or a hook name themselves. Every entry is plain data, select
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -253,7 +254,9 @@ def arch_for(model_or_config: Any) -> ArchSpec:
     return spec
 
 
-def get_module(model: torch.nn.Module, arch: ArchSpec, role: str, layer: int | None = None) -> torch.nn.Module:
+def get_module(
+    model: torch.nn.Module, arch: ArchSpec, role: str, layer: int | None = None
+) -> torch.nn.Module:
     """Return the submodule of `model` that plays `role` (in block `layer` for per-layer roles).
 
     Args:

@@ -15,13 +15,24 @@ from typing import Any
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from memcirc.errors import InputError
 from memcirc.models.arch import ArchSpec, arch_for
-from memcirc.models.device import check_device_name, check_dtype_name, dtype_name
-from memcirc.models.device import resolve_device, resolve_dtype
+from memcirc.models.device import (
+    check_device_name,
+    check_dtype_name,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
 from memcirc.testbed import MODEL_DIR, TESTBED_NAME
 
 log = logging.getLogger(__name__)
@@ -166,7 +177,9 @@ def _load_tokenizer(src: _Source, spec: ModelSpec) -> tuple[PreTrainedTokenizerB
     return tok, pad_from_eos
 
 
-def _cache_location(src: _Source, spec: ModelSpec, config: PretrainedConfig) -> tuple[Path | None, str | None]:
+def _cache_location(
+    src: _Source, spec: ModelSpec, config: PretrainedConfig
+) -> tuple[Path | None, str | None]:
     """The HF cache snapshot folder and commit hash a Hub model was loaded from."""
     if not src.is_hub:
         return src.local_path, None
@@ -178,8 +191,8 @@ def _cache_location(src: _Source, spec: ModelSpec, config: PretrainedConfig) -> 
 def _load_weights(src: _Source, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(src.ref, dtype=dtype, **kwargs)
-    except OSError as err:  # config present but no (readable) weight files
-        raise InputError(f"cannot load the weights of {src.ref}: {_first_line(err)}") from err
+    except (OSError, ValueError) as err:  # no (readable) weight files; a bad attn_implementation
+        raise InputError(f"cannot load the model weights from {src.ref}: {_first_line(err)}") from err
 
 
 def load(spec: ModelSpec | str) -> LoadedModel:
@@ -204,9 +217,9 @@ def load(spec: ModelSpec | str) -> LoadedModel:
     kwargs = _hub_kwargs(spec)
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
+    tokenizer, pad_from_eos = _load_tokenizer(src, spec)  # cheap: fail before reading weights
     model = _load_weights(src, dtype, kwargs)
     model.to(device).eval().requires_grad_(False)
-    tokenizer, pad_from_eos = _load_tokenizer(src, spec)
     local_path, commit = _cache_location(src, spec, model.config)
     loaded = LoadedModel(model, tokenizer, arch, device, dtype, spec, local_path, commit, pad_from_eos)
     log.info("loaded %s (%s, %s params) on %s as %s", spec.name_or_path, arch.family,

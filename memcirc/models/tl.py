@@ -49,7 +49,8 @@ def to_hooked_transformer(loaded: LoadedModel, weight_processing: str = "none") 
     """
     arch = loaded.arch
     if weight_processing not in WEIGHT_PROCESSING:
-        raise InputError(f"weight_processing {weight_processing!r} is not one of {', '.join(WEIGHT_PROCESSING)}")
+        choices = ", ".join(WEIGHT_PROCESSING)
+        raise InputError(f"weight_processing {weight_processing!r} is not one of {choices}")
     if not arch.tl_supported:
         supported = ", ".join(s.family for s in SPECS.values() if s.tl_supported)
         raise InputError(f"TransformerLens cannot convert family {arch.family} ({arch.tl_note}); "
