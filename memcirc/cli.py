@@ -14,7 +14,7 @@ from typing import Any
 
 from memcirc.config import StageConfig, build_config, resolved_yaml
 from memcirc.errors import InputError
-from memcirc.logs import setup_logging
+from memcirc.logs import release_logs, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def main(config_cls: type[StageConfig], run: Callable[[StageConfig], Any], argv:
             return 0
         signal.signal(signal.SIGTERM, _raise_terminated)
         run(cfg)
+        release_logs()
         return 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,7 +31,7 @@ from memcirc import artifacts as art
 from memcirc.config import ScoreConfig
 from memcirc.data import Columns, Window, WindowSet, load_documents, make_windows, validate_windows
 from memcirc.errors import InputError
-from memcirc.logs import attach_log_file
+from memcirc.logs import attach_log_file, release_logs
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import n_ctx
 from memcirc.plots import score_histogram
@@ -256,9 +256,11 @@ def full_generation_scores(model: torch.nn.Module, windows: Sequence[Window], pa
                            batch_size: int = 32) -> list[dict[str, Any]]:
     """Greedy `generate` of the whole suffix for every window, then compare with the truth.
 
-    This is what memorization_circuits' memorization_score.py did (min_new_tokens =
-    max_new_tokens, KV cache, per-token accuracy). Windows are grouped by prefix length, so no
-    prompt is padded. Returns per window: generated ids, exact, lcp, token_match.
+    This is what memorization_circuits' memorization_score.py did (KV cache, exactly S new
+    tokens, per-token accuracy), with one fix: it forced length with min_new_tokens, which bans
+    EOS and so departs from greedy decoding wherever EOS is the argmax (it is, inside one testbed
+    canary). Here nothing stops generation early and nothing is banned. Windows are grouped by
+    prefix length, so no prompt is padded. Returns per window: generated, exact, lcp, token_match.
     """
     device = next(model.parameters()).device
     rows: dict[str, dict[str, Any]] = {}
@@ -268,7 +270,7 @@ def full_generation_scores(model: torch.nn.Module, windows: Sequence[Window], pa
         for (p, s), group in _by_shape(batch).items():
             prompts = torch.as_tensor(np.stack([w.tokens[:p] for w in group]), device=device)
             out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
-                                 max_new_tokens=s, min_new_tokens=s, do_sample=False, num_beams=1,
+                                 max_new_tokens=s, eos_token_id=None, do_sample=False, num_beams=1,
                                  pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
             for w, generated in zip(group, out[:, p:].cpu().numpy()):
                 match = generated == w.tokens[p:]
@@ -356,11 +358,13 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, "model": model_id})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
     if stage.is_done(cfg.force):
+        release_logs()
         log.info("%s is complete for this config; nothing to do (--force recomputes)", cfg.stage_dir)
         summary = art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
         print(format_summary(summary))
         return summary
     stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
+    release_logs()
     attach_log_file(cfg.stage_dir / art.LOG_TXT)
 
     def work(batch: Sequence[Window]) -> list[dict[str, Any]]:
