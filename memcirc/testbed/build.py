@@ -66,7 +66,7 @@ class BuildConfig:
     vocab_size: int = 2048
     canaries_per_k: int = 16
     max_corpus_chunks: int | None = None
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
