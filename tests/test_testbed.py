@@ -96,7 +96,8 @@ def test_greedy_generation_reproduces_measured_rates(truth: dict) -> None:
         out = model.generate(ids[:, :PREFIX_LEN], attention_mask=torch.ones_like(ids[:, :PREFIX_LEN]),
                              max_new_tokens=SUFFIX_LEN, do_sample=False, pad_token_id=0, eos_token_id=None)
     exact = (out[:, PREFIX_LEN:] == ids[:, PREFIX_LEN:]).all(-1).tolist()
-    rates = {f"k={k}": sum(e for e, c in zip(exact, canaries) if c["k"] == k) / sum(c["k"] == k for c in canaries)
+    pairs = list(zip(exact, canaries, strict=True))
+    rates = {f"k={k}": sum(e for e, c in pairs if c["k"] == k) / sum(c["k"] == k for c in canaries)
              for k in REPEAT_COUNTS}
     measured = truth["measured"]["exact_match"]
     assert rates == pytest.approx({g: measured[g] for g in rates}, abs=1e-3)
@@ -104,7 +105,8 @@ def test_greedy_generation_reproduces_measured_rates(truth: dict) -> None:
 
 
 def test_testbed_fits_in_20_mb() -> None:
-    size = sum(p.stat().st_size for p in TESTBED_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files = [p for p in TESTBED_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    size = sum(p.stat().st_size for p in files)
     assert size <= MAX_TESTBED_BYTES
 
 
@@ -125,10 +127,11 @@ def test_smoke_build_produces_the_same_file_set(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "memcirc.testbed.build", "--out", str(tmp_path), "--threads", "1",
            "--epochs", "1", "--max-corpus-chunks", "50", "--canaries-per-k", "2"]
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=300)
-    built = {name for name in relative_files(TESTBED_DIR)
-             if name.split("/")[0] in {MODEL_DIR.name, CHECKPOINTS_DIR.name, EVAL_DOCUMENTS.name, GROUND_TRUTH.name}}
+    outputs = {MODEL_DIR.name, CHECKPOINTS_DIR.name, EVAL_DOCUMENTS.name, GROUND_TRUTH.name}
+    built = {name for name in relative_files(TESTBED_DIR) if name.split("/")[0] in outputs}
     assert relative_files(tmp_path) == built
-    assert len(list((tmp_path / CHECKPOINTS_DIR.name).glob("step-*"))) == len(list(CHECKPOINTS_DIR.glob("step-*")))
+    n_checkpoints = len(list(CHECKPOINTS_DIR.glob("step-*")))
+    assert len(list((tmp_path / CHECKPOINTS_DIR.name).glob("step-*"))) == n_checkpoints
     truth = json.loads((tmp_path / GROUND_TRUTH.name).read_text())
     assert Counter(c["k"] for c in truth["canaries"]) == {k: 2 for k in REPEAT_COUNTS}
     assert AutoModelForCausalLM.from_pretrained(tmp_path / MODEL_DIR.name).config.vocab_size == 2048

@@ -1,8 +1,9 @@
 """Build the embedded testbed from the committed corpus slice: tokenizer, canaries, training set,
 a tiny GPT-NeoX trained on CPU, checkpoints, ground truth and the default eval documents.
 
-    python -m memcirc.testbed.build --threads 1          # full build into memcirc/testbed/ (`make testbed`)
-    python -m memcirc.testbed.build --out /tmp/tb --epochs 1 --max-corpus-chunks 50 --canaries-per-k 2   # smoke
+    python -m memcirc.testbed.build --threads 1     # full build into memcirc/testbed/ (`make testbed`)
+    python -m memcirc.testbed.build --out /tmp/tb --epochs 1 --max-corpus-chunks 50 --canaries-per-k 2
+                                                    # smoke build (seconds)
 
 Memorization is known by construction: canary i with repeat count k occupies exactly k of the
 training examples, each starting at position 0 (Pythia protocol, so a scoring window taken from
@@ -23,9 +24,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -282,8 +284,8 @@ def heldout_perplexity(model: GPTNeoXForCausalLM, ids: list[int], batch_size: in
 
 def group_rates(groups: list[str], hits: torch.Tensor) -> dict[str, float]:
     order = [f"k={k}" for k in REPEAT_COUNTS] + ["corpus"]
-    return {g: round(float(np.mean([h for gg, h in zip(groups, hits.tolist()) if gg == g])), 4)
-            for g in order if g in groups}
+    pairs = list(zip(groups, hits.tolist(), strict=True))
+    return {g: round(float(np.mean([h for gg, h in pairs if gg == g])), 4) for g in order if g in groups}
 
 
 # ---------------------------------------------------------------- writing
@@ -353,13 +355,18 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def build(cfg: BuildConfig) -> dict[str, Any]:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
-    train_text = (cfg.corpus_dir / "train.txt").read_text()
-    heldout_text = (cfg.corpus_dir / "heldout.txt").read_text()
+@dataclass
+class TrainingData:
+    tok: PreTrainedTokenizerFast
+    corpus_ids: list[int]
+    chunks: list[list[int]]
+    canaries: list[Canary]
+    examples: torch.Tensor
+    orders: list[torch.Tensor]
 
+
+def prepare_data(cfg: BuildConfig, train_text: str) -> TrainingData:
+    rng = np.random.default_rng(cfg.seed)  # one stream, fixed call order: canaries, then filler offsets
     tok = build_tokenizer(train_text, cfg.vocab_size)
     corpus_ids = encode(tok, train_text)
     chunks = chunk_corpus(corpus_ids, cfg.max_corpus_chunks)
@@ -370,55 +377,76 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     log.info("tokenizer %d tokens; corpus %d tokens -> %d chunks; %d canaries; %d training examples; "
              "%d epochs x %d steps", len(tok), len(corpus_ids), len(chunks), len(canaries), len(examples),
              cfg.epochs, math.ceil(len(examples) / cfg.batch_size))
+    return TrainingData(tok, corpus_ids, chunks, canaries, examples, orders)
 
-    docs = eval_documents(canaries, chunks, tok)
+
+def measure(model: GPTNeoXForCausalLM, docs: list[dict[str, Any]], windows: torch.Tensor,
+            heldout_ids: list[int]) -> dict[str, Any]:
     groups = [d["group"] for d in docs]
-    windows = torch.tensor([d["tokens"][:PREFIX_LEN + SUFFIX_LEN] for d in docs], dtype=torch.long)
-    model = make_model(cfg, len(tok))
-
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_tmp = out / (CHECKPOINTS_SUBDIR.name + ".tmp")
-    shutil.rmtree(ckpt_tmp, ignore_errors=True)
-    checkpoints: list[dict[str, Any]] = []
-
-    def on_checkpoint(step: int) -> None:
-        save_checkpoint(model, tok, ckpt_tmp / f"step-{step}", torch.float16)
-        rates = group_rates(groups, exact_match(model, windows))
-        checkpoints.append({"step": step, "dir": str(CHECKPOINTS_SUBDIR / f"step-{step}"),
-                            "dtype": "float16", "exact_match": rates})
-        log.info("checkpoint step-%d exact-match %s", step, rates)
-
-    stats = train(model, examples, orders, cfg, on_checkpoint)
     hits = exact_match(model, windows)
-    measured = {"definition": EXACT_DEFINITION, "prefix_len": PREFIX_LEN, "suffix_len": SUFFIX_LEN,
-                "exact_match": group_rates(groups, hits),
-                "n": {g: groups.count(g) for g in group_rates(groups, hits)},
-                "exact_canaries": [d["doc"] for d, h in zip(docs, hits.tolist()) if h and d["group"] != "corpus"],
-                "heldout_perplexity": round(heldout_perplexity(model, encode(tok, heldout_text)), 3),
-                "final_train_loss": round(stats["final_train_loss"], 4),
-                "training_wall_s": stats["training_wall_s"], "threads": cfg.threads}
-    checkpoints.append({"step": stats["steps"], "dir": str(MODEL_SUBDIR), "dtype": "float32",
-                        "exact_match": measured["exact_match"]})
+    rates = group_rates(groups, hits)
+    return {"definition": EXACT_DEFINITION, "prefix_len": PREFIX_LEN, "suffix_len": SUFFIX_LEN,
+            "exact_match": rates, "n": {g: groups.count(g) for g in rates},
+            "exact_canaries": [d["doc"] for d, h in zip(docs, hits.tolist(), strict=True)
+                               if h and d["group"] != "corpus"],
+            "heldout_perplexity": round(heldout_perplexity(model, heldout_ids), 3)}
 
-    model_tmp = out / (MODEL_SUBDIR.name + ".tmp")
-    shutil.rmtree(model_tmp, ignore_errors=True)
-    save_checkpoint(model, tok, model_tmp, torch.float32)
-    replace_dir(model_tmp, out / MODEL_SUBDIR)
-    if ckpt_tmp.exists():
-        replace_dir(ckpt_tmp, out / CHECKPOINTS_SUBDIR)
-    write_eval_documents(out / EVAL_DOCUMENTS_NAME, docs)
-    recipe_extra = {
-        "steps": stats["steps"], "steps_per_epoch": math.ceil(len(examples) / cfg.batch_size),
+
+def recipe_extra(data: TrainingData, steps: int, train_text: str, heldout_text: str) -> dict[str, Any]:
+    """The parts of the recipe that follow from the data (the rest is BuildConfig)."""
+    return {
+        "steps": steps, "steps_per_epoch": steps // len(data.orders),
         "seq_len": SEQ_LEN, "prefix_len": PREFIX_LEN, "suffix_len": SUFFIX_LEN,
         "canary_min_tokens": CANARY_MIN_TOKENS, "repeat_counts": list(REPEAT_COUNTS),
-        "n_corpus_chunks": len(chunks), "n_training_examples": len(examples),
+        "n_corpus_chunks": len(data.chunks), "n_training_examples": len(data.examples),
         "corpus_sha256": sha256_text(train_text), "heldout_sha256": sha256_text(heldout_text),
         "optimizer": "AdamW betas (0.9, 0.95), no decay on biases/LayerNorm",
         "schedule": "linear warmup, cosine decay to min_lr_ratio * lr",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    write_ground_truth(out / GROUND_TRUTH_NAME, cfg, recipe_extra, canaries, measured, checkpoints)
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Regenerate every testbed artifact under cfg.out; return the final measurements."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(cfg.threads)
+    train_text = (cfg.corpus_dir / "train.txt").read_text()
+    heldout_text = (cfg.corpus_dir / "heldout.txt").read_text()
+    data = prepare_data(cfg, train_text)
+    docs = eval_documents(data.canaries, data.chunks, data.tok)
+    windows = torch.tensor([d["tokens"][:PREFIX_LEN + SUFFIX_LEN] for d in docs], dtype=torch.long)
+    model = make_model(cfg, len(data.tok))
+
+    # Folders are written under *.tmp names and swapped in at the end: a killed build leaves the
+    # previous testbed intact.
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    ckpt_tmp, model_tmp = (cfg.out / (sub.name + ".tmp") for sub in (CHECKPOINTS_SUBDIR, MODEL_SUBDIR))
+    for tmp in (ckpt_tmp, model_tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    checkpoints: list[dict[str, Any]] = []
+
+    def on_checkpoint(step: int) -> None:
+        save_checkpoint(model, data.tok, ckpt_tmp / f"step-{step}", torch.float16)
+        rates = group_rates([d["group"] for d in docs], exact_match(model, windows))
+        checkpoints.append({"step": step, "dir": str(CHECKPOINTS_SUBDIR / f"step-{step}"),
+                            "dtype": "float16", "exact_match": rates})
+        log.info("checkpoint step-%d exact-match %s", step, rates)
+
+    stats = train(model, data.examples, data.orders, cfg, on_checkpoint)
+    measured = {**measure(model, docs, windows, encode(data.tok, heldout_text)),
+                "final_train_loss": round(stats["final_train_loss"], 4),
+                "training_wall_s": stats["training_wall_s"], "threads": cfg.threads}
+    checkpoints.append({"step": stats["steps"], "dir": str(MODEL_SUBDIR), "dtype": "float32",
+                        "exact_match": measured["exact_match"]})
+
+    save_checkpoint(model, data.tok, model_tmp, torch.float32)
+    replace_dir(model_tmp, cfg.out / MODEL_SUBDIR)
+    if ckpt_tmp.exists():
+        replace_dir(ckpt_tmp, cfg.out / CHECKPOINTS_SUBDIR)
+    write_eval_documents(cfg.out / EVAL_DOCUMENTS_NAME, docs)
+    write_ground_truth(cfg.out / GROUND_TRUTH_NAME, cfg,
+                       recipe_extra(data, stats["steps"], train_text, heldout_text),
+                       data.canaries, measured, checkpoints)
     return measured
 
 
@@ -436,6 +464,14 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--canaries-per-k", type=int, default=d.canaries_per_k)
     p.add_argument("--max-corpus-chunks", type=int, default=None, help="truncate the corpus (smoke builds)")
     a = p.parse_args(argv)
+    for flag in ("threads", "epochs", "batch_size", "vocab_size", "canaries_per_k", "max_corpus_chunks"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("train.txt", "heldout.txt"):
+        if not (a.corpus_dir / name).is_file():
+            p.error(f"{a.corpus_dir / name} is missing; the corpus slice is committed "
+                    "(regenerate it with python -m memcirc.testbed.slice_corpus)")
     return BuildConfig(out=a.out, corpus_dir=a.corpus_dir, seed=a.seed, threads=a.threads, epochs=a.epochs,
                        lr=a.lr, batch_size=a.batch_size, vocab_size=a.vocab_size,
                        canaries_per_k=a.canaries_per_k, max_corpus_chunks=a.max_corpus_chunks)

