@@ -139,26 +139,57 @@ def teacher_forced(model: torch.nn.Module, windows: Sequence[Window], pad_id: in
         keep_from = min(starts)
         kwargs["logits_to_keep"] = width - keep_from
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   position_ids=positions.to(device), **kwargs).logits.float()
-    return [_score_row(w, logits[i, start - keep_from: start - keep_from + w.suffix_len])
-            for i, (w, start) in enumerate(zip(windows, starts))]
+                   position_ids=positions.to(device), use_cache=False, **kwargs).logits
+    lengths = torch.tensor([w.suffix_len for w in windows])
+    longest = int(lengths.max())
+    truth = torch.zeros((len(windows), longest), dtype=torch.long)
+    for i, w in enumerate(windows):
+        truth[i, :w.suffix_len] = torch.as_tensor(w.tokens[w.prefix_len:])
+    offsets = torch.arange(longest)
+    valid = offsets[None, :] < lengths[:, None]
+    if len(set(starts)) == 1:  # the usual case, fixed-size windows: a view, no copy
+        suffix_logits = logits[:, starts[0] - keep_from: starts[0] - keep_from + longest]
+    else:  # gather every row's suffix predictions into one (batch, max suffix, vocab) block
+        rows = torch.arange(len(windows))[:, None].expand(-1, longest)
+        cols = (torch.tensor(starts)[:, None] - keep_from + offsets[None, :]).clamp(max=logits.shape[1] - 1)
+        suffix_logits = logits[rows.to(device), cols.to(device)]
+    return _scores(windows, suffix_logits.float(), truth.to(device), valid.to(device))
 
 
-def _score_row(window: Window, logits: torch.Tensor) -> WindowScore:
-    truth = torch.as_tensor(window.tokens[window.prefix_len:], device=logits.device)
-    logprobs = torch.log_softmax(logits, dim=-1)
+def _scores(windows: Sequence[Window], logits: torch.Tensor, truth: torch.Tensor,
+            valid: torch.Tensor) -> list[WindowScore]:
+    """Metrics of a batch from its suffix logits (batch, S, vocab); `valid` masks short suffixes."""
     predicted = logits.argmax(dim=-1)
-    match = (predicted == truth).cpu().numpy()
-    lcp = int(match.argmin()) if not match.all() else len(match)
-    nll = -logprobs.gather(-1, truth[:, None]).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return WindowScore(
-        window=window, exact=bool(match.all()), lcp=lcp, tf_accuracy=float(match.mean()),
-        suffix_nll=float(nll.mean()), suffix_entropy=float(entropy.mean()),
-        first_divergent_token=None if lcp == len(match) else int(predicted[lcp]))
+    match = (predicted == truth) | ~valid
+    # lcp = index of the first mismatch (S if none): the length of the leading run of matches.
+    lcp = match.long().cumprod(dim=-1).sum(-1)
+    n = valid.sum(-1)
+    hits = ((predicted == truth) & valid).sum(-1) / n
+    # One logsumexp serves both: nll = lse - logit[truth], entropy = lse - E_p[logit].
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = ((lse - logits.gather(-1, truth[..., None]).squeeze(-1)) * valid).sum(-1) / n
+    expected_logit = (torch.exp(logits - lse[..., None]) * logits).sum(-1)
+    entropy = ((lse - expected_logit) * valid).sum(-1) / n
+    first = predicted.gather(-1, lcp.clamp(max=truth.shape[1] - 1)[:, None]).squeeze(-1)
+    lcp, n, hits, nll, entropy, first = (t.cpu().tolist() for t in (lcp, n, hits, nll, entropy, first))
+    return [WindowScore(window=w, exact=lcp[i] >= n[i], lcp=min(lcp[i], n[i]), tf_accuracy=hits[i],
+                        suffix_nll=nll[i], suffix_entropy=entropy[i],
+                        first_divergent_token=None if lcp[i] >= n[i] else first[i])
+            for i, w in enumerate(windows)]
 
 
 # -- greedy continuation from the divergence -------------------------------------------------
+
+class _LeftPaddedPrompts(logging.Filter):
+    """generate() warns about right padding when any prompt ends in the pad id. Our prompts are
+    left-padded; one legitimately ends in EOS (= pad for GPT-NeoX) when EOS is the greedy token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "right-padding was detected" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_LeftPaddedPrompts())
+
 
 @torch.inference_mode()
 def greedy_generate(model: torch.nn.Module, prompts: Sequence[np.ndarray], n_new: int, pad_id: int) -> np.ndarray:
