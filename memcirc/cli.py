@@ -14,7 +14,7 @@ from typing import Any
 
 from memcirc.config import StageConfig, build_config, resolved_yaml
 from memcirc.errors import InputError
-from memcirc.logs import release_logs, setup_logging
+from memcirc.logs import discard_held_logs, release_logs, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def main(config_cls: type[StageConfig], run: Callable[[StageConfig], Any], argv:
         release_logs()
         return 0
     except InputError as e:
+        discard_held_logs()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Terminated:

@@ -53,6 +53,15 @@ def setup_logging(level: str = "INFO") -> None:
     logger.addHandler(held)
 
 
+def discard_held_logs() -> None:
+    """Drop held-back records (the run stopped on bad input: the error line is all that matters)."""
+    logger = logging.getLogger("memcirc")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.handlers.MemoryHandler) and getattr(handler, "_memcirc", False):
+            handler.buffer.clear()
+            logger.removeHandler(handler)
+
+
 def release_logs() -> None:
     """Print the held-back records and log straight to stderr from now on."""
     logger = logging.getLogger("memcirc")

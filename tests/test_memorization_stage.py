@@ -82,8 +82,8 @@ def test_shards_default_from_slurm_array(tmp_path, monkeypatch):
 
 def _cli(out, *extra):
     return [sys.executable, str(REPO / "memorization_score.py"), "--output-dir", str(out), "--device", "cpu",
-            "--prefix-len", "32", "--suffix-len", "32", "--chunk-size", "16", "--batch-size", "16",
-            "--metrics", "exact", "token_match", "bleu4", *extra]
+            "--prefix-len", "32", "--suffix-len", "32", "--chunk-size", "8", "--batch-size", "8",
+            "--limit", "240", "--metrics", "exact", "token_match", "bleu4", *extra]
 
 
 def test_sigterm_then_resume_is_byte_identical(tmp_path):
@@ -162,6 +162,16 @@ def test_bad_input_exits_2_with_one_line(case, bad_inputs, tmp_path, capsys):
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert not out.exists()
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    """The same contract through the real script: exit 2, exactly one line on stderr."""
+    done = subprocess.run([sys.executable, str(REPO / "memorization_score.py"), "--output-dir", str(tmp_path),
+                           "--device", "cpu", "--dataset", _jsonl(tmp_path / "s.jsonl", [{"tokens": [1, 2]}])],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "no windows left" in done.stderr
+    assert not (tmp_path / "memorization").exists()
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
