@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/testbed
 # pip on this kind of machine prints a warning per package for absent local index folders.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# (grep's own status is dropped; pipefail still reports a failing pip.)
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install pipeline test test-all bench testbed clean
 

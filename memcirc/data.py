@@ -227,6 +227,12 @@ def validate_windows(windows: WindowSet, vocab_size: int, n_ctx: int | None) -> 
     if not windows.windows:
         raise InputError(f"no windows left from {windows.source}: {windows.n_documents} documents read, "
                          f"{windows.n_short_skipped} shorter than one window (prefix_len + suffix_len)")
+    seen: set[str] = set()
+    for w in windows.windows:
+        if w.id in seen:
+            raise InputError(f"two windows share the id {w.id!r}: document ids in {windows.source} "
+                             "must be unique")
+        seen.add(w.id)
     longest = max(len(w.tokens) for w in windows.windows)
     if n_ctx is not None and longest > n_ctx:
         raise InputError(f"window length {longest} (prefix_len + suffix_len) exceeds the model context "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -20,9 +19,6 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at emit time (it may be swapped, e.g. by pytest)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
     def stream(self):  # noqa: ANN201
         return sys.stderr
@@ -30,6 +26,35 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001
         pass
+
+
+class _HeldHandler(_StderrHandler):
+    """Holds records below WARNING back until `let_through()`; `drop_held()` discards them.
+
+    (Not `release`: logging.Handler.release is its lock.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held is not None and record.levelno < logging.WARNING:
+            self.held.append(record)
+        else:
+            super().emit(record)
+
+    def let_through(self) -> None:
+        held, self.held = self.held or [], None
+        for record in held:
+            super().emit(record)
+
+    def drop_held(self) -> None:
+        self.held = None
+
+
+def _held_handler() -> _HeldHandler | None:
+    return next((h for h in logging.getLogger("memcirc").handlers if isinstance(h, _HeldHandler)), None)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -41,35 +66,26 @@ def setup_logging(level: str = "INFO") -> None:
     logger = logging.getLogger("memcirc")
     logger.setLevel(os.environ.get("MEMCIRC_LOG_LEVEL", level).upper())
     logger.propagate = False
-    for handler in [h for h in logger.handlers if getattr(h, "_memcirc", False)]:
+    for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    target = _StderrHandler()
-    target.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
-    held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.WARNING, target=target,
-                                          flushOnClose=False)
-    for handler in (target, held):
-        handler._memcirc = True  # type: ignore[attr-defined]
-    logger.addHandler(held)
-
-
-def discard_held_logs() -> None:
-    """Drop held-back records (the run stopped on bad input: the error line is all that matters)."""
-    logger = logging.getLogger("memcirc")
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.handlers.MemoryHandler) and getattr(handler, "_memcirc", False):
-            handler.buffer.clear()
-            logger.removeHandler(handler)
+    handler = _HeldHandler()
+    handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+    logger.addHandler(handler)
 
 
 def release_logs() -> None:
     """Print the held-back records and log straight to stderr from now on."""
-    logger = logging.getLogger("memcirc")
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.handlers.MemoryHandler) and getattr(handler, "_memcirc", False):
-            handler.flush()
-            logger.removeHandler(handler)
-            logger.addHandler(handler.target)
+    handler = _held_handler()
+    if handler is not None:
+        handler.let_through()
+
+
+def discard_held_logs() -> None:
+    """Drop held-back records (the run stopped on bad input: the error line is all that matters)."""
+    handler = _held_handler()
+    if handler is not None:
+        handler.drop_held()
 
 
 def attach_log_file(path: Path) -> logging.Handler:
@@ -80,7 +96,6 @@ def attach_log_file(path: Path) -> logging.Handler:
         old.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(_FORMAT))
-    handler._memcirc = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     return handler
 

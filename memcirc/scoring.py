@@ -20,12 +20,13 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rapidfuzz.distance import Levenshtein
 
 from memcirc import artifacts as art
 from memcirc.config import ScoreConfig
@@ -87,8 +88,6 @@ def bleu4(hypothesis: Sequence[int], reference: Sequence[int], smooth: bool = Tr
 
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
-    from rapidfuzz.distance import Levenshtein
-
     return Levenshtein.distance(list(a), list(b))
 
 
@@ -104,7 +103,6 @@ class WindowScore:
     suffix_entropy: float
     first_divergent_token: int | None   # greedy token at position lcp (None when exact)
     generated: list[int] | None = None  # greedy continuation (S tokens), where computed
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _pad_batch(sequences: Sequence[np.ndarray], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +247,6 @@ def score_windows(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: 
                   metrics: Sequence[str] = TEACHER_FORCED_METRICS, padding_side: str = "right",
                   levenshtein_threshold: float = 0.75) -> list[dict[str, Any]]:
     """Rows of `scores.jsonl` for `windows`, in order. Deterministic for a given batch layout."""
-    scores: list[WindowScore] = []
     # Group by length so the teacher-forced batches carry as little padding as possible.
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].tokens))
     by_index: dict[int, WindowScore] = {}
@@ -294,27 +291,26 @@ def full_generation_scores(model: torch.nn.Module, windows: Sequence[Window], pa
     prefix length, so no prompt is padded. Returns per window: generated, exact, lcp, token_match.
     """
     device = next(model.parameters()).device
-    rows: dict[str, dict[str, Any]] = {}
-    order = sorted(windows, key=lambda w: (w.prefix_len, w.suffix_len))
+    rows: dict[int, dict[str, Any]] = {}
+    order = sorted(range(len(windows)), key=lambda i: (windows[i].prefix_len, windows[i].suffix_len))
     for b in range(0, len(order), batch_size):
-        batch = order[b:b + batch_size]
-        for (p, s), group in _by_shape(batch).items():
-            prompts = torch.as_tensor(np.stack([w.tokens[:p] for w in group]), device=device)
+        for (p, s), group in _by_shape([(i, windows[i]) for i in order[b:b + batch_size]]).items():
+            prompts = torch.as_tensor(np.stack([w.tokens[:p] for _, w in group]), device=device)
             out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                                  max_new_tokens=s, eos_token_id=None, do_sample=False, num_beams=1,
                                  pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-            for w, generated in zip(group, out[:, p:].cpu().numpy()):
+            for (i, w), generated in zip(group, out[:, p:].cpu().numpy()):
                 match = generated == w.tokens[p:]
-                rows[w.id] = {"generated": generated.tolist(), "exact": bool(match.all()),
-                              "lcp": int(match.argmin()) if not match.all() else s,
-                              "token_match": float(match.mean())}
-    return [rows[w.id] for w in windows]
+                rows[i] = {"generated": generated.tolist(), "exact": bool(match.all()),
+                           "lcp": int(match.argmin()) if not match.all() else s,
+                           "token_match": float(match.mean())}
+    return [rows[i] for i in range(len(windows))]
 
 
-def _by_shape(windows: Sequence[Window]) -> dict[tuple[int, int], list[Window]]:
-    groups: dict[tuple[int, int], list[Window]] = {}
-    for w in windows:
-        groups.setdefault((w.prefix_len, w.suffix_len), []).append(w)
+def _by_shape(items: Sequence[tuple[int, Window]]) -> dict[tuple[int, int], list[tuple[int, Window]]]:
+    groups: dict[tuple[int, int], list[tuple[int, Window]]] = {}
+    for i, w in items:
+        groups.setdefault((w.prefix_len, w.suffix_len), []).append((i, w))
     return groups
 
 

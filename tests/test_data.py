@@ -99,3 +99,9 @@ def test_validation(tmp_path, tiny_tokenizer):
         validate_windows(windows_of(src, tiny_tokenizer), vocab_size=1000, n_ctx=6)
     with pytest.raises(InputError, match="no windows left .* 1 shorter than one window"):
         validate_windows(windows_of(src, tiny_tokenizer, prefix=10, suffix=10), vocab_size=1000, n_ctx=64)
+
+
+def test_duplicate_document_ids_are_refused(tmp_path, tiny_tokenizer):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"index": 3, "tokens": list(range(10))}] * 2)
+    with pytest.raises(InputError, match="share the id '3@0'"):
+        validate_windows(windows_of(src, tiny_tokenizer), vocab_size=1000, n_ctx=64)
