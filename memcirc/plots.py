@@ -27,7 +27,7 @@ def score_histogram(rows: Sequence[dict[str, Any]], summary: dict[str, Any], pat
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lcp = [r["lcp"] for r in rows]
     longest = max(r["suffix_len"] for r in rows)
-    left.hist(lcp, bins=range(0, longest + 2), color="#4c72b0", edgecolor="white")
+    left.hist(lcp, bins=[b - 0.5 for b in range(longest + 2)], color="#4c72b0", edgecolor="white")
     left.set_yscale("log")
     left.set_xlabel("reproduced suffix tokens before the first divergence (lcp)")
     left.set_ylabel("windows")
