@@ -306,3 +306,86 @@ class ScoreConfig(StageConfig):
         super().__post_init__()
         if not self.metrics:
             raise InputError("config key 'metrics' must name at least one metric")
+
+
+MEMORIZED_BY = ("exact", "token_match", "tf_accuracy", "bleu4")
+
+
+@register
+@dataclass
+class ContrastiveConfig(StageConfig):
+    """contrastive_dataset: token-id pairs (clean, corrupt, answer, wrong) for circuit discovery."""
+
+    stage: ClassVar[str] = "contrastive"
+    upstream: ClassVar[str | None] = "memorization"
+
+    contrastive_mode: str = option("divergence", "'divergence': where memorization breaks (branch "
+                                   "decision); 'dataset': memorized vs non-memorized contexts "
+                                   "(memorization decision)", aliases=("--contrastive_mode",),
+                                   choices=("divergence", "dataset"))
+    memorized_by: str = option("exact", "scores.jsonl column that defines a memorized window",
+                               choices=MEMORIZED_BY)
+    threshold: float = option(1.0, "a window is memorized when memorized_by >= threshold")
+    metric: str = option("bleu", "score that drives divergence detection: 'bleu' (BLEU-4) or "
+                         "'memorization' (token accuracy), as the predecessor's --metric",
+                         choices=("bleu", "memorization"))
+    drop: float = option(0.3, "divergence: relative score drop that marks the break")
+    low_max_lcp: int = option(0, "dataset mode: a non-memorized context reproduces at most this many "
+                              "suffix tokens", minimum=0)
+    similarity: str = option("embedding", "dataset mode: rank candidates by cosine of mean-pooled last "
+                             "hidden states ('embedding') or Jaccard of token sets ('token_overlap')",
+                             choices=("embedding", "token_overlap"))
+    heldout_fraction: float = option(0.3, "fraction of documents whose pairs go to the held-out split")
+    batch_size: int = option(32, "sequences per forward pass / generation batch",
+                             aliases=("--batch_size",), minimum=1, hashed=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise InputError("config key 'heldout_fraction' must be between 0 and 1 (exclusive)")
+        if not 0.0 < self.drop < 1.0:
+            raise InputError("config key 'drop' must be between 0 and 1 (exclusive)")
+
+
+ABLATIONS = ("resample", "zero", "mean")
+
+
+@register
+@dataclass
+class CircuitsConfig(StageConfig):
+    """find_circuits: EAP-IG edge attribution (auto-circuit) and the minimal faithful circuit."""
+
+    stage: ClassVar[str] = "circuits"
+    upstream: ClassVar[str | None] = "contrastive"
+
+    ig_steps: int = option(5, "integrated-gradient samples (0 = plain EAP)", aliases=("--ig",), minimum=0)
+    grad_function: str = option("logit", "what the gradient is taken of", aliases=("--grad_function",),
+                                choices=("logit", "prob", "logprob", "logit_exp"))
+    loss: str = option("avg_diff", "attribution loss: avg_diff (answer - wrong), neg_avg_diff, avg_val "
+                       "(answer), avg_val_wrong (wrong)", aliases=("--loss_function",),
+                       choices=("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong"))
+    ablation: str = option("resample", "what an ablated edge carries: the corrupt run (resample), zero, "
+                           "or the mean over the pairs", aliases=("--ablation_type",), choices=ABLATIONS)
+    faithfulness_metric: str = option("logit_diff", "metric M in (M(circuit) - M(empty)) / (M(full) - "
+                                      "M(empty))", aliases=("--optimize_metric",),
+                                      choices=("logit_diff", "answer_logit", "wrong_logit", "answer_logprob"))
+    target: float = option(0.85, "faithfulness the minimal circuit must reach",
+                           aliases=("--target_performance",))
+    weight_processing: str = option("none", "TransformerLens weight processing: none (HF-identical "
+                                    "logits) or tl_default", choices=("none", "tl_default"))
+    curve_points: int = option(16, "log-spaced edge counts on the faithfulness curve", minimum=2)
+    batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
+
+
+@register
+@dataclass
+class VerifyConfig(StageConfig):
+    """verify_circuit: the circuit on held-out pairs, per ablation, against random circuits."""
+
+    stage: ClassVar[str] = "verify"
+    upstream: ClassVar[str | None] = "circuits"
+
+    ablations: list[str] = option(list(ABLATIONS), "ablation types to evaluate", choices=ABLATIONS)
+    random_circuits: int = option(10, "random circuits of the same size", minimum=1)
+    edge_counts: list[str] = option([], "extra edge counts to report (default: a log-spaced list)")
+    batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
