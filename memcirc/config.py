@@ -132,8 +132,10 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
             raise InputError(f"config key '{key}' must not be empty")
         return
     if typing.get_origin(tp) is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"config key '{key}' must be a list of strings, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list) or not all(isinstance(v, item_type) and not isinstance(v, bool)
+                                                  for v in value):
+            raise InputError(f"config key '{key}' must be a list of {item_type.__name__}, got {value!r}")
         items = value
     else:
         ok = {int: isinstance(value, int) and not isinstance(value, bool),
@@ -221,7 +223,7 @@ def build_parser(cls: type[StageConfig], description: str = "", epilog: str = ""
             action = "store_true" if f.name in ("force", "dry_run") else argparse.BooleanOptionalAction
             parser.add_argument(*_flags(f), dest=f.name, action=action, help=help_text)
         elif typing.get_origin(tp) is list:
-            parser.add_argument(*_flags(f), dest=f.name, nargs="+", help=help_text)
+            parser.add_argument(*_flags(f), dest=f.name, nargs="+", type=typing.get_args(tp)[0], help=help_text)
         else:
             parser.add_argument(*_flags(f), dest=f.name, type=_cli_type(tp), help=help_text)
     return parser
@@ -387,5 +389,5 @@ class VerifyConfig(StageConfig):
 
     ablations: list[str] = option(list(ABLATIONS), "ablation types to evaluate", choices=ABLATIONS)
     random_circuits: int = option(10, "random circuits of the same size", minimum=1)
-    edge_counts: list[str] = option([], "extra edge counts to report (default: a log-spaced list)")
+    edge_counts: list[int] = option([], "extra edge counts to report (default: a log-spaced list)")
     batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
