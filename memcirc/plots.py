@@ -42,3 +42,25 @@ def score_histogram(rows: Sequence[dict[str, Any]], summary: dict[str, Any], pat
     right.set_title("exact match per group")
     right.tick_params(axis="x", rotation=45)
     save_figure(fig, path)
+
+
+def divergence_figure(points: Sequence[tuple[int, int, float, float, bool, str]], path: Path) -> None:
+    """points: (position, prefix_len, score_before, score_after, resolved, group) per window.
+    Left: context length at which memorization breaks, per group. Right: the score drop there."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    resolved = [p for p in points if p[4]]
+    groups = sorted({p[5] for p in resolved})
+    longest = max((p[1] for p in points), default=1)
+    left.hist([[p[0] for p in resolved if p[5] == g] for g in groups] or [[]], bins=range(0, longest + 2),
+              stacked=True, label=groups or None)
+    if groups:
+        left.legend(fontsize=8)
+    left.set_xlabel("context length where memorization breaks (divergence position)")
+    left.set_ylabel("memorized windows")
+    left.set_title(f"{len(resolved)} of {len(points)} memorized windows break")
+    right.scatter([p[2] for p in resolved], [p[3] for p in resolved], s=12, alpha=0.7)
+    right.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    right.set_xlabel("score before the break")
+    right.set_ylabel("score at the break")
+    right.set_title("score drop at the divergence")
+    save_figure(fig, path)
