@@ -1,36 +1,56 @@
 #!/usr/bin/env bash
 # Run the memcirc stages in order on one config. Each stage reads the previous stage's folder
 # under the run root and writes its own; a finished stage with the same config is a no-op, so
-# re-running resumes where a previous run stopped.
+# re-running resumes where a previous run stopped. Only folders are passed, never file names.
 #
 #   ./run_pipeline.sh --config configs/testbed.yaml --output-dir runs/testbed
-#   ./run_pipeline.sh --config configs/pythia-160m.yaml --output-dir runs/p160 --from-stage memorization_score
+#   ./run_pipeline.sh --config configs/pythia-160m.yaml --output-dir runs/p160 --from-stage find_circuits
+#   (the predecessor's flags work too: --model_name, --prompt_tokens, --generation_tokens, --dataset,
+#    --output_dir, --threshold, --metric, --contrastive_mode, --mem_batch_size,
+#    --contrastive_batch_size, --eap_batch_size, --global_batch_size)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-STAGES=(memorization_score)
+STAGES=(memorization_score contrastive_dataset find_circuits verify_circuit)
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 CONFIG=configs/testbed.yaml
 OUTPUT_DIR=runs/testbed
 FROM_STAGE=${STAGES[0]}
 TO_STAGE=${STAGES[-1]}
-EXTRA=()
+COMMON=()        # flags every stage accepts
+MEM=() CON=() CIR=() VER=()   # stage-specific flags
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; echo "stages: ${STAGES[*]}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; echo "stages: ${STAGES[*]}"; }
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
 index_of() {
   local i; for i in "${!STAGES[@]}"; do [[ ${STAGES[$i]} == "$1" ]] && { echo "$i"; return; }; done
   die "unknown stage '$1' (stages: ${STAGES[*]})"
 }
+need() { [[ $# -ge 2 ]] || die "$1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --config) CONFIG=$2; shift 2 ;;
-    --output-dir|--output_dir) OUTPUT_DIR=$2; shift 2 ;;
-    --from-stage|--from_stage) FROM_STAGE=$2; shift 2 ;;
-    --to-stage|--to_stage) TO_STAGE=$2; shift 2 ;;
-    --force|--dry-run) EXTRA+=("$1"); shift ;;
-    --device|--dtype|--log-level|--limit) EXTRA+=("$1" "$2"); shift 2 ;;
+    --config) need "$@"; CONFIG=$2; shift 2 ;;
+    --output-dir|--output_dir) need "$@"; OUTPUT_DIR=$2; shift 2 ;;
+    --from-stage|--from_stage) need "$@"; FROM_STAGE=$2; shift 2 ;;
+    --to-stage|--to_stage) need "$@"; TO_STAGE=$2; shift 2 ;;
+    --force|--dry-run) COMMON+=("$1"); shift ;;
+    --device|--dtype|--log-level|--limit|--seed|--revision) need "$@"; COMMON+=("$1" "$2"); shift 2 ;;
+    --model|--model_name) need "$@"; COMMON+=(--model "$2"); shift 2 ;;
+    # stage-specific, in the predecessor's spelling or ours
+    --dataset) need "$@"; MEM+=(--dataset "$2"); shift 2 ;;
+    --prompt_tokens|--prefix-len) need "$@"; MEM+=(--prefix-len "$2"); shift 2 ;;
+    --generation_tokens|--suffix-len) need "$@"; MEM+=(--suffix-len "$2"); shift 2 ;;
+    --mem_batch_size) need "$@"; MEM+=(--batch-size "$2"); shift 2 ;;
+    --threshold)  # the predecessor thresholded its per-token match score
+      need "$@"; MEM+=(--metrics exact lcp tf_accuracy suffix_nll suffix_entropy token_match bleu4)
+      CON+=(--memorized-by token_match --threshold "$2"); shift 2 ;;
+    --metric) need "$@"; CON+=(--metric "$2"); shift 2 ;;
+    --contrastive_mode|--contrastive-mode) need "$@"; CON+=(--contrastive-mode "$2"); shift 2 ;;
+    --contrastive_batch_size) need "$@"; CON+=(--batch-size "$2"); shift 2 ;;
+    --eap_batch_size) need "$@"; CIR+=(--batch-size "$2"); VER+=(--batch-size "$2"); shift 2 ;;
+    --global_batch_size)
+      need "$@"; MEM+=(--batch-size "$2"); CON+=(--batch-size "$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
@@ -39,10 +59,19 @@ done
 first=$(index_of "$FROM_STAGE"); last=$(index_of "$TO_STAGE")
 (( first <= last )) || die "--from-stage $FROM_STAGE comes after --to-stage $TO_STAGE"
 
+stage_flags() {
+  case $1 in
+    memorization_score) echo MEM ;; contrastive_dataset) echo CON ;;
+    find_circuits) echo CIR ;; verify_circuit) echo VER ;;
+  esac
+}
+
 echo "memcirc pipeline: config=$CONFIG output=$OUTPUT_DIR stages=${STAGES[*]:first:last-first+1}"
 for stage in "${STAGES[@]:first:last-first+1}"; do
   echo "== $stage"
-  "$PYTHON" "$stage.py" --config "$CONFIG" --output-dir "$OUTPUT_DIR" "${EXTRA[@]}"
+  unset -n extra 2>/dev/null || true
+  declare -n extra="$(stage_flags "$stage")"
+  "$PYTHON" "$stage.py" --config "$CONFIG" --output-dir "$OUTPUT_DIR" "${COMMON[@]}" "${extra[@]}"
 done
 # The headline numbers last, so they end the log.
 "$PYTHON" -m memcirc.report "$OUTPUT_DIR"

@@ -5,16 +5,41 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from memcirc.artifacts import SUMMARY_JSON, read_json, read_manifest
+from memcirc.artifacts import MANIFEST, SUMMARY_JSON, read_json, read_manifest
 from memcirc.errors import InputError
 from memcirc.scoring import format_summary
 
 
-def report(run_dir: Path) -> str:
-    stage_dir = run_dir / "memorization"
+def _summary(stage_dir: Path) -> dict | None:
+    """The summary of a finished stage, or None when the stage has not run."""
+    if not (stage_dir / MANIFEST).is_file():
+        return None
     read_manifest(stage_dir)
-    summary = read_json(stage_dir / SUMMARY_JSON)
-    return f"memorization ({stage_dir}): exact-match rate per group\n{format_summary(summary)}"
+    return read_json(stage_dir / SUMMARY_JSON)
+
+
+def report(run_dir: Path) -> str:
+    lines = []
+    memorization = _summary(run_dir / "memorization")
+    if memorization is None:
+        raise InputError(f"{run_dir} holds no finished memorization stage")
+    lines += [f"memorization ({run_dir / 'memorization'}): exact-match rate per group",
+              format_summary(memorization)]
+    contrastive = _summary(run_dir / "contrastive")
+    if contrastive:
+        lines.append(f"contrastive ({contrastive['mode']}): {contrastive['n_pairs']} pairs "
+                     f"({contrastive['n_discovery']} discovery, {contrastive['n_heldout']} held-out) from "
+                     f"{contrastive['n_memorized']} memorized windows")
+    circuits = _summary(run_dir / "circuits")
+    if circuits:
+        lines.append(f"circuit: {circuits['minimal_edges']} of {circuits['edges_total']} edges reach "
+                     f"faithfulness {circuits['faithfulness']:.3f} on discovery pairs "
+                     f"(target {circuits['target']})")
+    verify = _summary(run_dir / "verify")
+    if verify:
+        lines.append(f"held-out: faithfulness {verify['faithfulness_heldout']:.3f}; random circuits of the "
+                     f"same size {verify['random_faithfulness_mean']:.3f} ± {verify['random_faithfulness_sd']:.3f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
