@@ -11,6 +11,7 @@ their shapes do not fit this model's graph.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from memcirc.circuits import (
     n_pairs,
     pairs_input,
     read_pairs,
+    set_threads_from_env,
     top_k,
 )
 from memcirc.config import VerifyConfig
@@ -61,11 +63,20 @@ def _sd(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _pairs_folder(circuits_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The contrastive folder find_circuits read (its manifest's input), or, when that path is gone
+    (the run folder was moved), the contrastive folder beside the circuits folder."""
+    entry = next((i for i in manifest.get("inputs", []) if str(i.get("path", "")).endswith(PAIRS_JSONL)), None)
+    if entry is None:
+        raise InputError(f"{circuits_dir}/manifest.json names no {PAIRS_JSONL} input; re-run find_circuits")
+    recorded = Path(entry["path"]).parent
+    beside = circuits_dir.parent / "contrastive"
+    return recorded if recorded.is_dir() or not beside.is_dir() else beside
+
+
 def check_provenance(metadata: dict[str, str], model_sha: str, model: dict[str, Any], pairs_sha: str,
                      pairs_path: Path, scores_path: Path) -> None:
     """InputError unless the prune scores were computed for this model and this pairs file."""
-    import json
-
     if metadata.get("model_sha256") != model_sha:
         try:
             theirs = json.loads(metadata.get("model", "{}"))
@@ -87,8 +98,6 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     Writes summary.json, faithfulness_vs_edges.png and manifest.json (last) into <output-dir>/verify/.
     """
     from memcirc.circuit_plots import faithfulness_vs_edges_figure
-    from memcirc.scoring import set_threads_from_env
-
     set_threads_from_env()
     torch.manual_seed(cfg.seed)
     circuits_dir = cfg.upstream_dir
@@ -96,11 +105,9 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     circuits_manifest = art.read_manifest(circuits_dir, "circuits")
     circuits_summary = art.read_json(circuits_dir / art.SUMMARY_JSON)
     ccfg = circuits_manifest.get("config", {})
-    pairs_entry = next((i for i in circuits_manifest.get("inputs", []) if str(i.get("path", "")).endswith(PAIRS_JSONL)),
-                       None)
-    if pairs_entry is None:
-        raise InputError(f"{circuits_dir}/manifest.json names no {PAIRS_JSONL} input; re-run find_circuits")
-    pairs_path, pairs_manifest, pairs_sha = pairs_input(Path(pairs_entry["path"]).parent)
+    if "minimal_edges" not in circuits_summary:
+        raise InputError(f"{circuits_dir}/{art.SUMMARY_JSON} has no minimal_edges; re-run find_circuits")
+    pairs_path, pairs_manifest, pairs_sha = pairs_input(_pairs_folder(circuits_dir, circuits_manifest))
     scores_path = circuits_dir / PRUNE_SCORES
     tensors, metadata = load_prune_scores(scores_path)
     loaded = load(cfg.model_spec())

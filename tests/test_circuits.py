@@ -471,3 +471,28 @@ def test_verify_bad_input(tmp_path, neo_run, tiny_model_dirs, tiny_loaded, capsy
     code = verify(["--output-dir", str(out), "--model", model, *FAST_VERIFY[:-4], "--edge-counts", "999"])
     _one_line_error(capsys, code, "outside 0..110")
     assert not (out / "verify").exists()
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_stages_on_the_gpu_match_the_cpu(testbed_run, tmp_path):
+    """float32 on CUDA gives the CPU's circuit; the GPU default (bfloat16) runs end to end."""
+    cpu_out, rows = testbed_run
+    cpu = json.loads((cpu_out / "circuits" / "summary.json").read_text())
+    for dtype in ("float32", "auto"):
+        out = tmp_path / dtype
+        shutil.copytree(cpu_out / "contrastive", out / "contrastive")
+        assert circuits(["--output-dir", str(out), "--device", "cuda", "--dtype", dtype]) == 0
+        assert verify(["--output-dir", str(out), "--device", "cuda", "--dtype", dtype, "--ablations", "resample",
+                       "mean", "--random-circuits", "4", "--edge-counts", "10", "100"]) == 0
+        gpu = json.loads((out / "circuits" / "summary.json").read_text())
+        manifest = json.loads((out / "circuits" / "manifest.json").read_text())
+        assert manifest["model"]["device"].startswith("cuda")
+        assert gpu["faithfulness"] >= gpu["target"]
+        if dtype == "float32":
+            assert abs(gpu["minimal_edges"] - cpu["minimal_edges"]) <= 2
+            assert gpu["metric_full"] == pytest.approx(cpu["metric_full"], abs=1e-3)
+            assert gpu["metric_empty"] == pytest.approx(cpu["metric_empty"], abs=1e-3)
+        else:
+            assert manifest["model"]["dtype"] == "bfloat16"
