@@ -153,7 +153,8 @@ def read_pairs(path: Path, *, vocab_size: int, max_len: int, split: str | None =
         ids = [*clean, *corrupt, answer, wrong]
         if min(ids) < 0 or max(ids) >= vocab_size:
             bad = max(ids) if max(ids) >= vocab_size else min(ids)
-            raise InputError(f"{where}: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); "
+            raise InputError(f"{where}: token id {bad} is outside the model's vocabulary "
+                             f"(0..{vocab_size - 1}); "
                              "the pairs were built with another tokenizer or model")
         if row["split"] not in SPLITS:
             raise InputError(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
@@ -367,7 +368,8 @@ def metric_per_pair(logits: torch.Tensor, batch: PromptPairBatch, metric: str) -
 
 
 def circuit_outputs(graph: EdgeGraph, batches: Sequence[PromptPairBatch], ablation: Ablation,
-                    kept: torch.Tensor, desc: str = "circuits") -> Iterator[tuple[PromptPairBatch, int, torch.Tensor]]:
+                    kept: torch.Tensor, desc: str = "circuits",
+                    ) -> Iterator[tuple[PromptPairBatch, int, torch.Tensor]]:
     """Last-position logits of the clean prompts with only the edges in each circuit kept.
 
     Args:
@@ -426,7 +428,8 @@ class FaithfulnessEvaluator:
     M(full) and M(empty) go through the same code path as any circuit (all edges kept / none kept).
     """
 
-    def __init__(self, graph: EdgeGraph, batches: Sequence[PromptPairBatch], ablation: str, metric: str) -> None:
+    def __init__(self, graph: EdgeGraph, batches: Sequence[PromptPairBatch], ablation: str,
+                 metric: str) -> None:
         self.graph, self.batches, self.metric, self.ablation_kind = graph, batches, metric, ablation
         self.ablation = Ablation(graph, batches, ablation)
         full_empty = torch.stack([torch.ones(graph.n_edges, dtype=torch.bool),
@@ -564,7 +567,8 @@ def minimal_circuit(faithfulness_at: Callable[[list[int]], Sequence[float]], n_e
     probes: list[tuple[int, float]] = []
     passing = [k for k, f in curve if f >= target]
     if not passing:  # only when target > F(all) = 1
-        raise InputError(f"no circuit reaches faithfulness {target} (the full circuit has 1.0); lower --target")
+        raise InputError(f"no circuit reaches faithfulness {target} (the full circuit has 1.0); "
+                         "lower --target")
     hi = passing[0]
     bracket = None
     if hi > 0:
@@ -581,7 +585,8 @@ def minimal_circuit(faithfulness_at: Callable[[list[int]], Sequence[float]], n_e
                 lo = mid
     evaluated = sorted(known.items())
     steps = [{"from_edges": a, "to_edges": b, "from_faithfulness": fa, "to_faithfulness": fb}
-             for (a, fa), (b, fb) in zip(evaluated, evaluated[1:]) if fb < fa - MONOTONE_TOLERANCE]
+             for (a, fa), (b, fb) in zip(evaluated, evaluated[1:], strict=False)
+             if fb < fa - MONOTONE_TOLERANCE]
     return MinimalCircuit(hi, known[hi], target, curve, probes, bracket, evaluated, steps)
 
 
@@ -600,8 +605,11 @@ def model_key_sha(loaded: LoadedModel) -> str:
     return art.sha256_json(model_key(loaded))
 
 
-def check_pairs_model(recorded: dict[str, Any] | None, loaded: LoadedModel, where: Path) -> None:
-    """InputError unless the pairs' manifest names the model this run loads."""
+def check_pairs_model(recorded: dict[str, Any] | None, loaded: LoadedModel, where: Path) -> str | None:
+    """InputError unless the pairs' manifest names the model this run loads.
+
+    Returns a warning to log once the stage has started (a dtype that differs from the pairs'), or None.
+    """
     recorded = recorded or {}
     here = loaded.identity()
     keys = [k for k in IDENTITY_KEYS if k != "commit_hash"]
@@ -613,8 +621,9 @@ def check_pairs_model(recorded: dict[str, Any] | None, loaded: LoadedModel, wher
                          f"(revision {here['revision']!r}): pass --model {recorded.get('name_or_path')} or "
                          "rebuild the pairs with this model")
     if recorded.get("dtype") and recorded["dtype"] != here["dtype"]:
-        log.warning("the pairs were built in %s, this run uses %s: memorized status can differ between "
-                    "precisions", recorded["dtype"], here["dtype"])
+        return (f"the pairs were built in {recorded['dtype']}, this run uses {here['dtype']}: memorized "
+                "status can differ between precisions")
+    return None
 
 
 def pairs_input(stage_dir: Path, what: str = "contrastive") -> tuple[Path, dict[str, Any], str]:
@@ -652,7 +661,9 @@ def load_prune_scores(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise InputError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def circuit_edges(graph: EdgeGraph, scores: torch.Tensor, ranking: torch.Tensor, k: int) -> list[dict[str, Any]]:
+def circuit_edges(graph: EdgeGraph, scores: torch.Tensor, ranking: torch.Tensor,
+                  k: int) -> list[dict[str, Any]]:
+    """The top-k edges of `ranking` as JSON rows (rank, names, score, module, index, layers)."""
     modules = np.searchsorted(np.asarray(graph.offsets), np.arange(graph.n_edges), side="right") - 1
     rows = []
     for rank, i in enumerate(ranking[:k].tolist(), 1):
@@ -664,7 +675,8 @@ def circuit_edges(graph: EdgeGraph, scores: torch.Tensor, ranking: torch.Tensor,
     return rows
 
 
-def _curve_rows(points: Sequence[tuple[int, float]], evaluator: FaithfulnessEvaluator) -> list[dict[str, float]]:
+def _curve_rows(points: Sequence[tuple[int, float]],
+                evaluator: FaithfulnessEvaluator) -> list[dict[str, float]]:
     span = evaluator.m_full - evaluator.m_empty
     return [{"edges": k, "faithfulness": f, "metric": evaluator.m_empty + f * span} for k, f in points]
 
@@ -684,7 +696,7 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     assert upstream is not None
     pairs_path, upstream_manifest, pairs_sha = pairs_input(upstream)
     loaded = load(cfg.model_spec())
-    check_pairs_model(upstream_manifest.get("model"), loaded, upstream)
+    dtype_warning = check_pairs_model(upstream_manifest.get("model"), loaded, upstream)
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="discovery",
                        limit=cfg.limit)
@@ -704,6 +716,12 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
     release_logs()
     attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    if dtype_warning:
+        log.warning(dtype_warning)
+    if loaded.dtype != torch.float32:
+        log.warning("attributing in %s: edge scores and faithfulness are much noisier than in float32 (on a "
+                    "GPT-Neo-125M-shaped model the minimal circuit came out 6x larger); --dtype float32 is "
+                    "recommended", str(loaded.dtype).replace("torch.", ""))
     stage.add_input(pairs_path.resolve(), upstream_manifest, split="discovery", n_pairs=len(pairs))
     log.info("%d discovery pairs in %d batches (grouped by length, no padding); %d edges; %s = %.4g with "
              "every edge, %.4g with none (%s ablation)", len(pairs), len(batches), graph.n_edges,
@@ -718,8 +736,8 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
         log.warning("faithfulness drops as edges are added at %d evaluated step(s) (first: %s); the minimal "
                     "circuit is the target crossing found by bisection in the bracket %s%s",
                     len(search.non_monotone_steps), search.non_monotone_steps[0], search.bracket,
-                    "" if search.monotone_in_bracket else ", which holds such a drop too: a smaller k outside the "
-                    "probed points may also reach the target")
+                    "" if search.monotone_in_bracket else ", which holds such a drop too: a smaller k "
+                    "outside the probed points may also reach the target")
     log.info("minimal circuit: %d of %d edges reach faithfulness %.4f (target %.2f)", search.minimal_edges,
              graph.n_edges, search.faithfulness, cfg.target)
 

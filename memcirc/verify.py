@@ -66,7 +66,8 @@ def _sd(values: np.ndarray) -> float:
 def _pairs_folder(circuits_dir: Path, manifest: dict[str, Any]) -> Path:
     """The contrastive folder find_circuits read (its manifest's input), or, when that path is gone
     (the run folder was moved), the contrastive folder beside the circuits folder."""
-    entry = next((i for i in manifest.get("inputs", []) if str(i.get("path", "")).endswith(PAIRS_JSONL)), None)
+    entry = next((i for i in manifest.get("inputs", []) if str(i.get("path", "")).endswith(PAIRS_JSONL)),
+                 None)
     if entry is None:
         raise InputError(f"{circuits_dir}/manifest.json names no {PAIRS_JSONL} input; re-run find_circuits")
     recorded = Path(entry["path"]).parent
@@ -83,11 +84,12 @@ def check_provenance(metadata: dict[str, str], model_sha: str, model: dict[str, 
         except json.JSONDecodeError:
             theirs = {}
         raise InputError(f"{scores_path} were computed for model {theirs.get('name_or_path')!r} (revision "
-                         f"{theirs.get('revision')!r}, identity {str(metadata.get('model_sha256'))[:12]}); this "
-                         f"run uses {model['name_or_path']!r} (revision {model['revision']!r}, identity "
+                         f"{theirs.get('revision')!r}, identity {str(metadata.get('model_sha256'))[:12]}); "
+                         f"this run uses {model['name_or_path']!r} (revision {model['revision']!r}, identity "
                          f"{model_sha[:12]}): pass the same --model or re-run find_circuits")
     if metadata.get("pairs_sha256") != pairs_sha:
-        raise InputError(f"{scores_path} were computed for pairs sha256 {str(metadata.get('pairs_sha256'))[:12]}; "
+        raise InputError(f"{scores_path} were computed for pairs sha256 "
+                         f"{str(metadata.get('pairs_sha256'))[:12]}; "
                          f"this run uses {pairs_path} with sha256 {pairs_sha[:12]}: re-run find_circuits "
                          "on these pairs")
 
@@ -114,9 +116,11 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     key = model_key(loaded)
     check_provenance(metadata, art.sha256_json(key), key, pairs_sha, pairs_path, scores_path)
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
-    pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="heldout", limit=cfg.limit)
+    pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="heldout",
+                       limit=cfg.limit)
     if not pairs:
-        raise InputError(f"{pairs_path} has no held-out pairs; rebuild the pairs with a held-out fraction > 0")
+        raise InputError(f"{pairs_path} has no held-out pairs; rebuild the pairs with a held-out "
+                         "fraction > 0")
     k_min = int(circuits_summary["minimal_edges"])
     metric = ccfg.get("faithfulness_metric", "logit_diff")
     weight_processing = ccfg.get("weight_processing", "none")
@@ -136,8 +140,10 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     n = graph.n_edges
     bad = [k for k in cfg.edge_counts if not 0 <= k <= n]
     if bad or k_min > n:
-        raise InputError(f"edge counts {bad or [k_min]} are outside 0..{n} (this model's graph has {n} edges)")
-    counts = sorted({0, n, k_min, *(cfg.edge_counts or log_spaced_counts(n, int(ccfg.get("curve_points", 16))))})
+        raise InputError(f"edge counts {bad or [k_min]} are outside 0..{n} (this model's graph has {n} "
+                         "edges)")
+    extra = cfg.edge_counts or log_spaced_counts(n, int(ccfg.get("curve_points", 16)))
+    counts = sorted({0, n, k_min, *extra})
     batches = make_batches(pairs, cfg.batch_size, loaded.device)
     evaluators = {a: FaithfulnessEvaluator(graph, batches, a, metric) for a in ablations}
     stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
@@ -180,7 +186,8 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
                                        "random_sd": rand_sd[k]} for k in counts],
         }
         curves[name] = {"edges": counts, "faithfulness": [f_circ[k] for k in counts],
-                        "random_mean": [rand_mean[k] for k in counts], "random_sd": [rand_sd[k] for k in counts]}
+                        "random_mean": [rand_mean[k] for k in counts],
+                        "random_sd": [rand_sd[k] for k in counts]}
         log.info("%s ablation: held-out faithfulness %.4f at %d edges; random circuits %.4f ± %.4f",
                  name, f_circ[k_min], k_min, rand_mean[k_min], rand_sd[k_min])
 
@@ -188,7 +195,8 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     summary = {
         "edges_total": n, "circuit_edges": k_min, "metric": metric, "split": "heldout",
         "n_pairs": n_pairs(batches), "n_batches": len(batches), "random_circuits": cfg.random_circuits,
-        "discovery_faithfulness": circuits_summary.get("faithfulness"), "target": circuits_summary.get("target"),
+        "discovery_faithfulness": circuits_summary.get("faithfulness"),
+        "target": circuits_summary.get("target"),
         "ablation": primary,
         **{k: results[primary][k] for k in ("faithfulness_heldout", "random_faithfulness_mean",
                                             "random_faithfulness_sd", "random_overlap_mean")},
@@ -197,13 +205,16 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     }
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     faithfulness_vs_edges_figure(curves, k_min, n, cfg.stage_dir / FAITHFULNESS_PNG,
-                                 title=f"{loaded.spec.name_or_path}: {metric} on {len(pairs)} held-out pairs; "
+                                 title=f"{loaded.spec.name_or_path}: {metric} on {len(pairs)} held-out "
+                                       "pairs; "
                                        f"{cfg.random_circuits} random circuits per edge count")
     stage.finish({art.SUMMARY_JSON: None, FAITHFULNESS_PNG: None}, model=loaded.identity(), seed=cfg.seed,
                  circuits={"run_id": circuits_manifest["run_id"], "minimal_edges": k_min,
                            "config": ccfg},
-                 metric={"name": metric, "definition": METRICS[metric], "faithfulness": FAITHFULNESS_DEFINITION,
-                         "random_circuits": "uniform k-edge subsets without replacement, numpy default_rng(seed)"})
+                 metric={"name": metric, "definition": METRICS[metric],
+                         "faithfulness": FAITHFULNESS_DEFINITION,
+                         "random_circuits": "uniform k-edge subsets without replacement, "
+                                            "numpy default_rng(seed)"})
     r = results[primary]
     print(f"verify ({cfg.stage_dir}): held-out faithfulness {r['faithfulness_heldout']:.3f} at {k_min} edges "
           f"({primary} ablation); random circuits {r['random_faithfulness_mean']:.3f} ± "

@@ -56,7 +56,8 @@ def write_pairs_stage(out: Path, rows: list[dict], identity: dict) -> Path:
     return stage_dir
 
 
-def random_pairs(n: int, lengths: tuple[int, ...], vocab: int, seed: int = 0, heldout_every: int = 3) -> list[dict]:
+def random_pairs(n: int, lengths: tuple[int, ...], vocab: int, seed: int = 0,
+                 heldout_every: int = 3) -> list[dict]:
     """Random clean prompts; corrupt = one token replaced; random answer and wrong token."""
     rng = random.Random(seed)
     rows = []
@@ -68,9 +69,10 @@ def random_pairs(n: int, lengths: tuple[int, ...], vocab: int, seed: int = 0, he
         corrupt[j] = (clean[j] + 1 + rng.randrange(vocab - 2)) % (vocab - 1) + 1
         answer, wrong = rng.sample(range(1, vocab), 2)
         doc = f"doc-{i // 2}"
+        split = "heldout" if (i // 2) % heldout_every == 0 else "discovery"
         rows.append({"id": f"p{i}", "window_id": doc, "source": "fixture", "doc": doc, "group": None,
-                     "mode": "divergence", "split": "heldout" if (i // 2) % heldout_every == 0 else "discovery",
-                     "clean": clean, "corrupt": corrupt, "answer": answer, "wrong": wrong, "position": length})
+                     "mode": "divergence", "split": split, "clean": clean, "corrupt": corrupt,
+                     "answer": answer, "wrong": wrong, "position": length})
     return rows
 
 
@@ -95,8 +97,8 @@ def canary_pairs(model: torch.nn.Module, lengths: tuple[int, ...] = (8, 14)) -> 
                         rows.append({"id": f"{canary['id']}@{length}", "window_id": canary["id"],
                                      "source": "testbed", "doc": canary["id"], "group": f"k={canary['k']}",
                                      "mode": "divergence", "split": "heldout" if ci % 3 == 0 else "discovery",
-                                     "clean": clean, "corrupt": corrupt, "answer": ids[length], "wrong": wrong,
-                                     "position": length})
+                                     "clean": clean, "corrupt": corrupt, "answer": ids[length],
+                                     "wrong": wrong, "position": length})
                         break
     return rows
 
@@ -107,8 +109,8 @@ def neox(tiny_loaded):
     loaded = tiny_loaded["gpt_neox"]
     graph = build_graph(loaded)
     rows = random_pairs(12, (5, 7), vocab=300, heldout_every=10 ** 6)
-    pairs = [Pair(r["id"], r["doc"], r["split"], tuple(r["clean"]), tuple(r["corrupt"]), r["answer"], r["wrong"])
-             for r in rows]
+    pairs = [Pair(r["id"], r["doc"], r["split"], tuple(r["clean"]), tuple(r["corrupt"]), r["answer"],
+                  r["wrong"]) for r in rows]
     return loaded, graph, pairs
 
 
@@ -128,8 +130,8 @@ def test_every_edge_is_the_clean_run_and_none_the_ablated_run(neox, ablation):
     batches = make_batches(pairs, 4, "cpu")
     n = graph.n_edges
     kept = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-    outs = {(b.key, j): logits for b, j, logits in circuit_outputs(graph, batches, Ablation(graph, batches, ablation),
-                                                                  kept)}
+    ablated = Ablation(graph, batches, ablation)
+    outs = {(b.key, j): logits for b, j, logits in circuit_outputs(graph, batches, ablated, kept)}
     tl = graph.pm.wrapped_model
     for batch in batches:
         with torch.no_grad():
@@ -140,7 +142,8 @@ def test_every_edge_is_the_clean_run_and_none_the_ablated_run(neox, ablation):
             else:
                 ablated = tl(batch.corrupt)[:, -1]
         torch.testing.assert_close(outs[batch.key, 0], clean, atol=1e-5, rtol=0)
-        torch.testing.assert_close(outs[batch.key, 0], _hf_last_logits(loaded, batch.clean), atol=1e-4, rtol=0)
+        hf = _hf_last_logits(loaded, batch.clean)
+        torch.testing.assert_close(outs[batch.key, 0], hf, atol=1e-4, rtol=0)
         torch.testing.assert_close(outs[batch.key, 1], ablated, atol=1e-5, rtol=0)
 
 
@@ -190,8 +193,8 @@ def test_attribution_equals_auto_circuit_mask_gradient(neox, ablation, ig_steps)
     kwargs = {"mask_val": 0.0} if ig_steps == 0 else {"integrated_grad_samples": ig_steps}
     theirs = mask_gradient_prune_scores(
         graph.pm, loader, None, grad_function="logit", answer_function="avg_diff",
-        ablation_type=AblationType[ablation.upper()], clean_corrupt="corrupt" if ablation == "resample" else None,
-        **kwargs)
+        ablation_type=AblationType[ablation.upper()],
+        clean_corrupt="corrupt" if ablation == "resample" else None, **kwargs)
     graph.pm.zero_grad(set_to_none=True)
     n_points, n_batches = ig_steps + 1, 2
     torch.testing.assert_close(ours * n_points * n_batches, graph.flatten(theirs), rtol=1e-4, atol=1e-6)
@@ -220,8 +223,9 @@ def test_evaluation_equals_auto_circuit_run_circuits(neox):
     unique = torch.empty(graph.n_edges)
     unique[ranking] = torch.arange(graph.n_edges, 0, -1, dtype=torch.float)
     counts = [0, 3, 17, 60, graph.n_edges]
-    ours = {j: logits for _, j, logits in circuit_outputs(graph, batches, Ablation(graph, batches, "resample"),
-                                                          top_k(edge_ranking(unique), counts, graph.n_edges))}
+    kept = top_k(edge_ranking(unique), counts, graph.n_edges)
+    resample = Ablation(graph, batches, "resample")
+    ours = {j: logits for _, j, logits in circuit_outputs(graph, batches, resample, kept)}
     ds = PromptDataset(torch.tensor([p.clean for p in same]), torch.tensor([p.corrupt for p in same]),
                        [torch.tensor([p.answer]) for p in same], [torch.tensor([p.wrong]) for p in same])
     loader = PromptDataLoader(ds, seq_len=None, diverge_idx=0, batch_size=len(same), shuffle=False)
@@ -282,7 +286,8 @@ def test_minimal_search_equals_a_scan_over_every_k_on_a_tiny_model(neox, ablatio
         if np.all(np.diff(scan[:brute + 1]) >= -1e-5) and result.monotone:
             assert k == brute
         # with a point at every k the search is the scan itself
-        assert minimal_circuit(lambda ks: evaluator.at_counts(ranking, ks), n, target, n).minimal_edges == brute
+        every_k = minimal_circuit(lambda ks: evaluator.at_counts(ranking, ks), n, target, n)
+        assert every_k.minimal_edges == brute
 
 
 # -- pairs input checks ------------------------------------------------------------------------
@@ -336,8 +341,8 @@ def test_find_circuits_and_verify_on_tiny_gpt_neo(neo_run):
     out, _ = neo_run
     stage = out / "circuits"
     names = {p.name for p in stage.iterdir()}
-    assert {"prune_scores.safetensors", "circuit.json", "summary.json", "faithfulness_curve.png", "circuit.png",
-            "manifest.json", "log.txt"} <= names
+    assert {"prune_scores.safetensors", "circuit.json", "summary.json", "faithfulness_curve.png",
+            "circuit.png", "manifest.json", "log.txt"} <= names
     summary = json.loads((stage / "summary.json").read_text())
     assert summary["edges_total"] == 110 and summary["n_pairs"] == 16
     assert summary["faithfulness"] >= 0.85 and 0 < summary["minimal_edges"] <= 110
@@ -356,7 +361,8 @@ def test_find_circuits_and_verify_on_tiny_gpt_neo(neo_run):
     v = json.loads((out / "verify" / "summary.json").read_text())
     assert v["n_pairs"] == 8 and v["circuit_edges"] == summary["minimal_edges"]
     assert set(v["ablations"]) == {"resample", "zero"}
-    for key in ("faithfulness_heldout", "random_faithfulness_mean", "random_faithfulness_sd", "random_overlap_mean"):
+    for key in ("faithfulness_heldout", "random_faithfulness_mean", "random_faithfulness_sd",
+                "random_overlap_mean"):
         assert np.isfinite(v[key]) and v[key] == v["ablations"]["resample"][key]
     edges = [row["edges"] for row in v["faithfulness_at_edges"]]
     assert {0, 1, 5, 20, 110, summary["minimal_edges"]} == set(edges)
@@ -381,8 +387,8 @@ def testbed_run(tmp_path_factory, testbed):
     rows = canary_pairs(testbed.model)
     write_pairs_stage(out, rows, testbed.identity())
     assert circuits(["--output-dir", str(out), "--device", "cpu", "--dtype", "float32"]) == 0
-    assert verify(["--output-dir", str(out), "--device", "cpu", "--dtype", "float32", "--ablations", "resample",
-                   "--random-circuits", "4", "--edge-counts", "10", "100"]) == 0
+    assert verify(["--output-dir", str(out), "--device", "cpu", "--dtype", "float32", "--ablations",
+                   "resample", "--random-circuits", "4", "--edge-counts", "10", "100"]) == 0
     return out, rows
 
 
@@ -412,10 +418,12 @@ def test_circuits_bad_input(tmp_path, tiny_model_dirs, tiny_loaded, capsys):
     identity = tiny_loaded["gpt_neo"].identity()
     cases = {
         "missing upstream": (None, "has no manifest.json"),
-        "token id >= vocab": ([{**random_pairs(4, (5,), 300)[0], "answer": 5000}], "outside the model's vocabulary"),
+        "token id >= vocab": ([{**random_pairs(4, (5,), 300)[0], "answer": 5000}],
+                              "outside the model's vocabulary"),
         "another model": ({"model": {**identity, "name_or_path": "EleutherAI/gpt-neo-125m"}},
                           "were built with model 'EleutherAI/gpt-neo-125m'"),
-        "no discovery pairs": ([{**r, "split": "heldout"} for r in random_pairs(4, (5,), 300)], "no discovery pairs"),
+        "no discovery pairs": ([{**r, "split": "heldout"} for r in random_pairs(4, (5,), 300)],
+                               "no discovery pairs"),
     }
     for name, (content, message) in cases.items():
         out = tmp_path / name.replace(" ", "_")
@@ -484,8 +492,8 @@ def test_stages_on_the_gpu_match_the_cpu(testbed_run, tmp_path):
         out = tmp_path / dtype
         shutil.copytree(cpu_out / "contrastive", out / "contrastive")
         assert circuits(["--output-dir", str(out), "--device", "cuda", "--dtype", dtype]) == 0
-        assert verify(["--output-dir", str(out), "--device", "cuda", "--dtype", dtype, "--ablations", "resample",
-                       "mean", "--random-circuits", "4", "--edge-counts", "10", "100"]) == 0
+        assert verify(["--output-dir", str(out), "--device", "cuda", "--dtype", dtype, "--ablations",
+                       "resample", "mean", "--random-circuits", "4", "--edge-counts", "10", "100"]) == 0
         gpu = json.loads((out / "circuits" / "summary.json").read_text())
         manifest = json.loads((out / "circuits" / "manifest.json").read_text())
         assert manifest["model"]["device"].startswith("cuda")
