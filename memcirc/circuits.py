@@ -382,7 +382,7 @@ def circuit_outputs(graph: EdgeGraph, batches: Sequence[PromptPairBatch], ablati
 
     pm = graph.pm
     kept = kept.reshape(-1, graph.n_edges)
-    ablated = (~kept).float()
+    ablated = (~kept).to(graph.device, torch.float32)  # on the device once, not once per circuit
     for batch in progress(batches, desc, total=len(batches)):
         patch = ablation(batch)
         with patch_mode(pm, patch):
