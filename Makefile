@@ -29,6 +29,7 @@ pipeline: install
 	PYTHON=$(BIN)/python ./run_pipeline.sh --config configs/testbed.yaml --output-dir $(OUT)
 
 test: install
+	$(BIN)/python -m ruff check memcirc tests bench *.py
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-all: install
@@ -36,6 +37,7 @@ test-all: install
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_scoring.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_divergence.py
 
 testbed: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m memcirc.testbed.build

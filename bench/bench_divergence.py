@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
+from memcirc.contrastive import find_divergences, find_divergences_bruteforce
 from memcirc.data import Columns, load_documents, make_windows
 from memcirc.models import ModelSpec, load
 from memcirc.scoring import score_windows
-from memcirc.contrastive import find_divergences, find_divergences_bruteforce
 
 
 def main() -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -94,12 +93,6 @@ FAITHFULNESS_DEFINITION = (
 )
 MONOTONE_TOLERANCE = 1e-5  # a drop of F smaller than this between larger circuits is float noise
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
-def set_threads_from_env() -> None:
-    """Respect OMP_NUM_THREADS: 2 torch threads on 2 shared cores run 3-40x slower."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # -- pairs -------------------------------------------------------------------------------------
@@ -688,7 +681,6 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     circuit.png and manifest.json (last) into <output-dir>/circuits/. Returns the summary.
     """
     from memcirc.circuit_plots import circuit_figure, faithfulness_curve_figure
-    set_threads_from_env()
     torch.manual_seed(cfg.seed)
     if not 0.0 < cfg.target <= 1.0:
         raise InputError(f"config key 'target' must be in (0, 1], got {cfg.target}")

@@ -15,6 +15,7 @@ from typing import Any
 from memcirc.config import StageConfig, build_config, resolved_yaml
 from memcirc.errors import InputError
 from memcirc.logs import discard_held_logs, release_logs, setup_logging
+from memcirc.models.device import set_threads_from_env
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def main(config_cls: type[StageConfig], run: Callable[[StageConfig], Any], argv:
             print(f"# would write: {cfg.stage_dir}/")
             return 0
         signal.signal(signal.SIGTERM, _raise_terminated)
+        set_threads_from_env()
         run(cfg)
         release_logs()
         return 0

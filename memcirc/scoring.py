@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -359,12 +358,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def set_threads_from_env() -> None:
-    """Respect OMP_NUM_THREADS: 2 torch threads on 2 shared cores run 3-40x slower."""
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
 # -- the stage -------------------------------------------------------------------------------
 
 def run(cfg: ScoreConfig) -> dict[str, Any] | None:
@@ -372,7 +365,6 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
 
     Returns the summary (None for a shard job, whose outputs wait for `--merge`).
     """
-    set_threads_from_env()
     torch.manual_seed(cfg.seed)
     if cfg.merge:
         return _merge_shards(cfg)

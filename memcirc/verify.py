@@ -35,7 +35,6 @@ from memcirc.circuits import (
     n_pairs,
     pairs_input,
     read_pairs,
-    set_threads_from_env,
     top_k,
 )
 from memcirc.config import VerifyConfig
@@ -100,7 +99,6 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     Writes summary.json, faithfulness_vs_edges.png and manifest.json (last) into <output-dir>/verify/.
     """
     from memcirc.circuit_plots import faithfulness_vs_edges_figure
-    set_threads_from_env()
     torch.manual_seed(cfg.seed)
     circuits_dir = cfg.upstream_dir
     assert circuits_dir is not None

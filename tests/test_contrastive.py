@@ -7,8 +7,12 @@ import pytest
 
 from memcirc.cli import main
 from memcirc.config import ContrastiveConfig, ScoreConfig
-from memcirc.contrastive import (divergence_pairs, find_divergences, find_divergences_bruteforce,
-                                 split_by_document)
+from memcirc.contrastive import (
+    divergence_pairs,
+    find_divergences,
+    find_divergences_bruteforce,
+    split_by_document,
+)
 from memcirc.contrastive import run as run_contrastive
 from memcirc.scoring import run as run_scoring
 

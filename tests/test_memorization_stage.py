@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from memcirc.cli import main
 from memcirc.config import ScoreConfig
 from memcirc.scoring import run
