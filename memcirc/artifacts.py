@@ -220,6 +220,16 @@ class StageRun:
                              "pass --force to replace it, or choose another --output-dir")
         return False
 
+    def completed_summary(self, force: bool) -> dict[str, Any] | None:
+        """The summary of a complete run with this fingerprint (so re-running is a no-op), else None."""
+        if not self.is_done(force):
+            return None
+        from memcirc.logs import release_logs
+
+        release_logs()
+        log.info("%s is complete for this config; nothing to do (--force recomputes)", self.stage_dir)
+        return read_json(self.stage_dir / SUMMARY_JSON)
+
     def begin(self, force: bool) -> None:
         """Make the folder writable; with --force remove the previous manifest first."""
         ensure_writable(self.stage_dir)

@@ -698,10 +698,8 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     fingerprint = art.sha256_json({"method": METHOD_VERSION, "config": cfg.hashed_dict(),
                                    "pairs_sha256": pairs_sha, "model": key})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
-    if stage.is_done(cfg.force):
-        release_logs()
-        log.info("%s is complete for this config; nothing to do (--force recomputes)", cfg.stage_dir)
-        return art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
+    if (done := stage.completed_summary(cfg.force)) is not None:
+        return done
     graph = build_graph(loaded, cfg.weight_processing)
     batches = make_batches(pairs, cfg.batch_size, loaded.device)
     evaluator = FaithfulnessEvaluator(graph, batches, cfg.ablation, cfg.faithfulness_metric)

@@ -323,9 +323,8 @@ def run(cfg: ContrastiveConfig) -> dict[str, Any]:
     fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)
     release_logs()  # inputs are fine; from here on progress is worth seeing
-    if stage.is_done(cfg.force):
-        log.info("%s is complete for this config; nothing to do (--force recomputes)", cfg.stage_dir)
-        return art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
+    if (done := stage.completed_summary(cfg.force)) is not None:
+        return done
     art.ensure_writable(Path(cfg.output_dir))
     pad = loaded.tokenizer.pad_token_id
     log.info("%d memorized windows (%s >= %s) of %d; finding where memorization breaks", len(memorized),

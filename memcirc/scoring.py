@@ -376,10 +376,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
                                          "dtype")}
     fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, "model": model_id})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
-    if stage.is_done(cfg.force):
-        release_logs()
-        log.info("%s is complete for this config; nothing to do (--force recomputes)", cfg.stage_dir)
-        summary = art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
+    if (summary := stage.completed_summary(cfg.force)) is not None:
         print(format_summary(summary))
         return summary
     stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
@@ -434,6 +431,9 @@ def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
     """Concatenate finished shards in order; every shard of one config must be there."""
     shards_dir = cfg.stage_dir / art.SHARDS_DIR
     done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{SHARD_DONE}"))]
+    if not done and (cfg.stage_dir / art.MANIFEST).is_file():  # merged before; shards were cleaned up
+        log.info("%s is already merged; nothing to do", cfg.stage_dir)
+        return art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
     if not done:
         raise InputError(f"no finished shards in {shards_dir}: run the shard jobs first, then --merge")
     num_shards = done[0]["num_shards"]
@@ -444,8 +444,8 @@ def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
     if missing:
         raise InputError(f"shards {missing} of {num_shards} have not finished; re-run them, then --merge")
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), done[0]["fingerprint"])
-    if stage.is_done(cfg.force):
-        return art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
+    if (summary := stage.completed_summary(cfg.force)) is not None:
+        return summary
     data = b"".join((shards_dir / f"{i:05d}" / art.SCORES_JSONL).read_bytes() for i in range(num_shards))
     context = dict(done[0]["context"])
     context["windows"] = {**context["windows"], "num_shards": num_shards}

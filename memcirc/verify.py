@@ -128,10 +128,8 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
                                    "prune_scores_sha256": art.sha256_file(scores_path),
                                    "pairs_sha256": pairs_sha, "model": key})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
-    if stage.is_done(cfg.force):
-        release_logs()
-        log.info("%s is complete for this config; nothing to do (--force recomputes)", cfg.stage_dir)
-        return art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
+    if (done := stage.completed_summary(cfg.force)) is not None:
+        return done
 
     graph = build_graph(loaded, weight_processing)
     graph.check_scores(tensors, f"prune scores in {scores_path}")

@@ -66,6 +66,9 @@ def test_shards_then_merge_equal_one_job(tmp_path):
         assert score(["--output-dir", str(many), *FAST, "--num-shards", "3", "--shard-index", str(i)]) == 0
     assert not (many / "memorization" / "manifest.json").exists()
     assert score(["--output-dir", str(many), *FAST, "--num-shards", "3", "--merge"]) == 0
+    manifest = (many / "memorization" / "manifest.json").read_bytes()
+    assert score(["--output-dir", str(many), *FAST, "--merge"]) == 0  # merging again is a no-op
+    assert (many / "memorization" / "manifest.json").read_bytes() == manifest
     a, b = read_rows(one / "memorization" / "scores.jsonl"), read_rows(many / "memorization" / "scores.jsonl")
     assert [(r["id"], r["exact"], r["lcp"], r["tf_accuracy"]) for r in a] == \
            [(r["id"], r["exact"], r["lcp"], r["tf_accuracy"]) for r in b]
