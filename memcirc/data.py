@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class WindowSet:
     source: str
     n_documents: int = 0
     n_short_skipped: int = 0        # documents shorter than one window
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {"source": self.source, "n_documents": self.n_documents,
