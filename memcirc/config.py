@@ -133,7 +133,8 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
         return
     if typing.get_origin(tp) is list:
         (item_type,) = typing.get_args(tp)
-        if not isinstance(value, list) or not all(isinstance(v, item_type) and not isinstance(v, bool)
+        accepted = (int, float) if item_type is float else item_type
+        if not isinstance(value, list) or not all(isinstance(v, accepted) and not isinstance(v, bool)
                                                   for v in value):
             raise InputError(f"config key '{key}' must be a list of {item_type.__name__}, got {value!r}")
         items = value
@@ -391,3 +392,61 @@ class VerifyConfig(StageConfig):
     random_circuits: int = option(10, "random circuits of the same size", minimum=1)
     edge_counts: list[int] = option([], "extra edge counts to report (default: a log-spaced list)")
     batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
+
+
+@register
+@dataclass
+class BypassConfig(StageConfig):
+    """attention_bypass: per-block attention interventions, memorization vs general ability."""
+
+    stage: ClassVar[str] = "bypass"
+    upstream: ClassVar[str | None] = "memorization"
+
+    mode: str = option("self", "self: each token attends only to itself (the paper's intervention); "
+                       "zero: attention output zeroed; mean: attention output replaced by its mean over "
+                       "the held-out reference text", choices=("self", "zero", "mean"))
+    layer_sets: list[str] = option([], "extra block sets to bypass together, e.g. 0,1 2,3")
+    memorized_file: str | None = option(None, "score these windows instead of the upstream memorized set "
+                                        "(JSONL/Parquet with tokens, or the llm-memorization .npy format)")
+    heldout: str = option("testbed", "held-out text for perplexity ('testbed': the held-out plays)")
+    ppl_blocks: int = option(64, "held-out token blocks (of the model context) for perplexity", minimum=1)
+    lm_eval_tasks: list[str] = option([], "lm-evaluation-harness tasks (needs the lm-eval extra)")
+    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold")
+    batch_size: int = option(32, "sequences per forward pass", aliases=("--batch_size",), minimum=1,
+                             hashed=False)
+
+
+@register
+@dataclass
+class KfacConfig(StageConfig):
+    """kfac_edit: K-FAC factors, eigenbasis edit keeping a fraction rho of importance, before/after."""
+
+    stage: ClassVar[str] = "kfac"
+    upstream: ClassVar[str | None] = "memorization"
+
+    layers: list[int] = option([], "blocks to edit (default: the second half of the model)")
+    projections: list[str] = option(["mlp_in", "mlp_out"], "arch roles of the linear modules to edit "
+                                    "(mlp_in, mlp_out, mlp_gate for gated MLPs)")
+    labels: str = option("sampled", "gradient labels: sampled from the model (true Fisher) or the data",
+                         choices=("sampled", "data"))
+    factor_tokens: int = option(200_000, "token budget for collecting the factors", minimum=1)
+    factor_data: str = option("testbed", "text the factors are collected on ('testbed': the training "
+                              "corpus slice)")
+    rhos: list[float] = option([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5], "fractions of importance to keep")
+    formulas: list[str] = option(["original", "modified"], "importance: original = lambda*mu, "
+                                 "modified = lambda*mu*|C|^2", choices=("original", "modified"))
+    damping: float = option(0.0, "added to both factors' eigenvalues")
+    heldout: str = option("testbed", "held-out text for perplexity ('testbed': the held-out plays)")
+    ppl_blocks: int = option(64, "held-out token blocks (of the model context) for perplexity", minimum=1)
+    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold")
+    save_rho: float | None = option(None, "save the edited model folder at this rho (default: the "
+                                    "smallest rho whose perplexity rise is <= 20%)")
+    save_formula: str = option("original", "formula of the saved edited model", choices=("original", "modified"))
+    batch_size: int = option(32, "sequences per forward/backward pass", aliases=("--batch_size",), minimum=1,
+                             hashed=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [r for r in self.rhos if not 0.0 < r <= 1.0]
+        if bad or (self.save_rho is not None and not 0.0 < self.save_rho <= 1.0):
+            raise InputError(f"config key 'rhos' must lie in (0, 1], got {bad or [self.save_rho]}")

@@ -1,0 +1,83 @@
+"""Before/after measurements shared by the intervention stages (attention bypass, K-FAC edit):
+memorization of the memorized windows and perplexity on held-out text."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memcirc import artifacts as art
+from memcirc.data import Columns, Window, load_documents
+from memcirc.errors import InputError
+from memcirc.scoring import score_windows, summarize
+from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
+
+HELDOUT_TESTBED = CORPUS_DIR / "heldout.txt"
+
+
+def memorized_windows(stage_dir: Path, memorized_by: str = "exact", threshold: float = 1.0) -> list[Window]:
+    """The memorized windows of a finished memorization stage (an empty set is an InputError)."""
+    art.read_manifest(stage_dir, what="memorization")
+    rows = list(art.read_jsonl(stage_dir / art.SCORES_JSONL))
+    if rows and memorized_by not in rows[0]:
+        raise InputError(f"{stage_dir}/scores.jsonl has no '{memorized_by}' column")
+    windows = [Window(id=r["id"], tokens=np.asarray(r["tokens"], np.int64), prefix_len=r["prefix_len"],
+                      source=r["source"], doc=r["doc"], offset=r["offset"], group=r.get("group"))
+               for r in rows if float(r[memorized_by]) >= threshold]
+    if not windows:
+        raise InputError(f"no memorized windows in {stage_dir} ({memorized_by} >= {threshold} in none of "
+                         f"{len(rows)}): score more data or lower the threshold")
+    return windows
+
+
+def memorization(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: int, batch_size: int,
+                 metrics: Sequence[str] = ("exact", "token_match", "levenshtein"),
+                 levenshtein_threshold: float = 0.75) -> dict[str, float]:
+    """Mean of every DESIGN §5 metric over `windows` (strict = exact, loose = loose_match)."""
+    rows = score_windows(model, windows, pad_id=pad_id, batch_size=batch_size, metrics=metrics,
+                         levenshtein_threshold=levenshtein_threshold)
+    return summarize(rows)["metrics"]
+
+
+def heldout_blocks(source: str, tokenizer: Any, block_len: int, max_blocks: int | None = None) -> list[np.ndarray]:
+    """Held-out text cut into consecutive token blocks of `block_len` ('testbed': the held-out plays)."""
+    path = HELDOUT_TESTBED if source == TESTBED_NAME else source
+    blocks: list[np.ndarray] = []
+    for doc in load_documents(str(path), Columns()):
+        tokens = doc.tokens if doc.tokens is not None else tokenizer(doc.text)["input_ids"]
+        for start in range(0, len(tokens) - 1, block_len):
+            block = np.asarray(tokens[start:start + block_len], np.int64)
+            if len(block) >= 2:
+                blocks.append(block)
+            if max_blocks is not None and len(blocks) >= max_blocks:
+                return blocks
+    if not blocks:
+        raise InputError(f"held-out text {source} holds no token blocks")
+    return blocks
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, blocks: Sequence[np.ndarray], *, pad_id: int, batch_size: int) -> float:
+    """exp(total NLL / total predicted tokens); padding is masked out of both sums."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for b in range(0, len(blocks), batch_size):
+        batch = blocks[b:b + batch_size]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(batch):
+            ids[i, :len(x)] = torch.as_tensor(x)
+            mask[i, :len(x)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        target_mask = mask[:, 1:].float()
+        total_nll += float((nll * target_mask).sum())
+        total_tokens += int(target_mask.sum())
+    return math.exp(total_nll / total_tokens)
