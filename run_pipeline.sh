@@ -8,19 +8,20 @@
 #   (the predecessor's flags work too: --model_name, --prompt_tokens, --generation_tokens, --dataset,
 #    --output_dir, --threshold, --metric, --contrastive_mode, --mem_batch_size,
 #    --contrastive_batch_size, --eap_batch_size, --global_batch_size)
+# Which stages run is the config's `pipeline:` list (memorization_score, contrastive_dataset,
+# find_circuits, verify_circuit, attention_bypass, kfac_edit); default: the first four.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-STAGES=(memorization_score contrastive_dataset find_circuits verify_circuit)
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 CONFIG=configs/testbed.yaml
 OUTPUT_DIR=runs/testbed
-FROM_STAGE=${STAGES[0]}
-TO_STAGE=${STAGES[-1]}
+FROM_STAGE=
+TO_STAGE=
 COMMON=()        # flags every stage accepts
-MEM=() CON=() CIR=() VER=()   # stage-specific flags
+MEM=() CON=() CIR=() VER=() BYP=() KFA=()   # stage-specific flags
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; echo "stages: ${STAGES[*]}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
 index_of() {
   local i; for i in "${!STAGES[@]}"; do [[ ${STAGES[$i]} == "$1" ]] && { echo "$i"; return; }; done
@@ -56,13 +57,17 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -f $CONFIG ]] || die "config file not found: $CONFIG"
-first=$(index_of "$FROM_STAGE"); last=$(index_of "$TO_STAGE")
+# The stage list comes from the config's `pipeline:` key (default: the four circuit stages).
+listed=$("$PYTHON" -m memcirc.config pipeline "$CONFIG") || exit 2
+mapfile -t STAGES <<< "$listed"
+first=$(index_of "${FROM_STAGE:-${STAGES[0]}}"); last=$(index_of "${TO_STAGE:-${STAGES[-1]}}")
 (( first <= last )) || die "--from-stage $FROM_STAGE comes after --to-stage $TO_STAGE"
 
 stage_flags() {
   case $1 in
     memorization_score) echo MEM ;; contrastive_dataset) echo CON ;;
     find_circuits) echo CIR ;; verify_circuit) echo VER ;;
+    attention_bypass) echo BYP ;; kfac_edit) echo KFA ;;
   esac
 }
 

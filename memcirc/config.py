@@ -178,6 +178,8 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
     values: dict[str, Any] = {}
     own = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
+        if key == PIPELINE_KEY:  # read by run_pipeline.sh (pipeline_stages), not by any stage
+            continue
         if key in stages:
             if not isinstance(value, dict):
                 raise InputError(f"config section '{key}' in {path} must be a mapping")
@@ -196,6 +198,23 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
     values.update(data.get(cls.stage) or {})
     values.pop("config", None)
     return values
+
+
+# -- the pipeline's stage list ---------------------------------------------------------------
+
+PIPELINE_KEY = "pipeline"
+PIPELINE_STAGES = ("memorization_score", "contrastive_dataset", "find_circuits", "verify_circuit",
+                   "attention_bypass", "kfac_edit")
+DEFAULT_PIPELINE = PIPELINE_STAGES[:4]
+
+
+def pipeline_stages(path: str) -> list[str]:
+    """The stage scripts run_pipeline.sh runs for a config: its `pipeline:` list, in pipeline order."""
+    listed = load_yaml(path).get(PIPELINE_KEY, list(DEFAULT_PIPELINE))
+    if not isinstance(listed, list) or any(s not in PIPELINE_STAGES for s in listed):
+        raise InputError(f"config key '{PIPELINE_KEY}' in {path} must list stages from "
+                         f"{', '.join(PIPELINE_STAGES)}; got {listed!r}")
+    return [s for s in PIPELINE_STAGES if s in listed]
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -450,3 +469,15 @@ class KfacConfig(StageConfig):
         bad = [r for r in self.rhos if not 0.0 < r <= 1.0]
         if bad or (self.save_rho is not None and not 0.0 < self.save_rho <= 1.0):
             raise InputError(f"config key 'rhos' must lie in (0, 1], got {bad or [self.save_rho]}")
+
+
+if __name__ == "__main__":  # `python -m memcirc.config pipeline FILE`: the stage list, one per line
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != PIPELINE_KEY:
+        sys.exit("usage: python -m memcirc.config pipeline CONFIG.yaml")
+    try:
+        print("\n".join(pipeline_stages(sys.argv[2])))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

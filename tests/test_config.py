@@ -80,3 +80,14 @@ def test_testbed_yaml_is_valid():
 
     cfg = build_config(ScoreConfig, ["--config", str(REPO / "configs" / "testbed.yaml")])
     assert cfg.model == "testbed" and cfg.prefix_len + cfg.suffix_len <= 128
+
+
+def test_pipeline_stage_list(tmp_path):
+    from memcirc.config import DEFAULT_PIPELINE, pipeline_stages
+
+    assert pipeline_stages(write(tmp_path, "model: testbed\n")) == list(DEFAULT_PIPELINE)
+    listed = write(tmp_path, "pipeline: [kfac_edit, memorization_score]\nprefix_len: 8\n")
+    assert pipeline_stages(listed) == ["memorization_score", "kfac_edit"]  # pipeline order
+    assert build_config(ScoreConfig, ["--config", listed]).prefix_len == 8  # stages ignore the key
+    with pytest.raises(InputError, match="'pipeline'"):
+        pipeline_stages(write(tmp_path, "pipeline: [nope]\n"))
