@@ -183,3 +183,27 @@ def test_tl_hook_names() -> None:
         A.tl_hook_name("mlp_in")
     with pytest.raises(InputError, match="unknown TL hook role"):
         A.tl_hook_name("attn_in", 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_input_argument(tiny_loaded: dict, family: str) -> None:
+    """`attn_input` names the attention module's first argument, and the block really passes the
+    normed residual through it (positionally or by keyword): the attention bypass reads it there."""
+    import inspect
+
+    loaded = tiny_loaded[family]
+    model, spec, d = loaded.model, loaded.arch, A.dims(loaded.model)
+    attn = A.get_module(model, spec, "attn", 0)
+    assert next(iter(inspect.signature(attn.forward).parameters)) == spec.attn_input
+    seen = []
+
+    def grab(_m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(args[0] if args else kwargs[spec.attn_input])
+
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(torch.arange(1, 9)[None])
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (1, 8, d.d_model)

@@ -77,6 +77,9 @@ class ArchSpec:
     qk_norm: bool = False
     embed_scaled: bool = False
     attn_returns_tuple: bool = True       # every family here: (hidden, weights); hooks edit [0] only
+    # The attention module's input argument (the normed residual): passed as args[0] or by this keyword;
+    # the attention bypass recomputes the self-only output from it with the module's own projections.
+    attn_input: str = "hidden_states"
     # --- TransformerLens 2.18 -----------------------------------------------------------------
     tl_supported: bool = False
     tl_note: str = ""                     # why not, when tl_supported is False
