@@ -461,6 +461,8 @@ class KfacConfig(StageConfig):
     save_rho: float | None = option(None, "save the edited model folder at this rho (default: the "
                                     "smallest rho whose perplexity rise is <= 20%)")
     save_formula: str = option("original", "formula of the saved edited model", choices=("original", "modified"))
+    factors_file: str | None = option(None, "reuse factors.safetensors of a previous kfac run (same model "
+                                      "and modules) instead of collecting them")
     batch_size: int = option(32, "sequences per forward/backward pass", aliases=("--batch_size",), minimum=1,
                              hashed=False)
 

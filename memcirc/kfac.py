@@ -1,0 +1,569 @@
+"""K-FAC memorization editing (the kfac_edit stage; Merullo et al. 2025, arXiv 2510.24256).
+
+For a linear map y = W a (W: [out, in]) the K-FAC approximation of its Fisher is G ⊗ A with
+A = E[a aᵀ] over the layer's inputs and G = E[g gᵀ] over the gradients of the loss w.r.t. its
+output (pre-activation). In the joint eigenbasis (U_G, U_A) component (i, j) has curvature λ_i μ_j.
+The edit writes W in that basis, C = U_Gᵀ W U_A, keeps the smallest set of components that holds a
+fraction ρ of the total importance and zeroes the rest: W' = U_G (C ⊙ M) U_Aᵀ.
+
+Choices (and where they differ from goodfire-ai/memorization_kfac):
+- Factors are the inputs *without* a bias column (as the original); biases are never edited.
+  GPT-2's Conv1D stores [in, out]; it is transposed to [out, in] on read and back on write.
+- Factors are stored as SUMS Σ a aᵀ, Σ g gᵀ with the token count, so shards add up; the edit
+  uses the means. The per-token loss is summed (not averaged) so G has no batch-size factor.
+- Labels: sampled from the model's own next-token distribution with a seeded torch.Generator
+  (true Fisher, default) or the data's next tokens (empirical Fisher). Every position but the
+  last of each block contributes (the last has no data label).
+- Eigendecomposition in float64 of the symmetrized factor, negative eigenvalues clamped to 0,
+  optional damping added to both spectra.
+- Selection is vectorized: sort all importances (descending, ties in row-major (i, j) order),
+  cumulative sum, `searchsorted` for the first prefix whose mass reaches ρ · total. The original
+  runs a Python heap over up to 45 M pairs. ρ = 1 keeps every component (W unchanged), including
+  components of zero importance that the "smallest set" would drop.
+- Importance: `original` λ_i μ_j; `modified` λ_i μ_j |C_ij|² (the omrifahn / smarter variant).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memcirc import artifacts as art
+from memcirc.config import KfacConfig
+from memcirc.errors import InputError
+from memcirc.logs import attach_log_file, progress, release_logs
+from memcirc.models import LoadedModel, load
+from memcirc.models.arch import ArchSpec, dims, get_module
+
+log = logging.getLogger(__name__)
+
+STAGE = "kfac_edit"
+FACTORS = "factors.safetensors"
+DELTAS = "deltas.safetensors"
+EDITED_MODEL = "edited_model"
+RHO_CURVE = "rho_curve.png"
+EDIT_ROLES = ("mlp_gate", "mlp_in", "mlp_out")   # linear roles the stage edits
+PPL_LIMIT = 0.20                                 # the default saved setting: ppl rise <= 20 %
+MAX_FACTOR_BLOCK = 512
+
+
+# -- modules ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """One edited linear module: its name in the model and how its weight is laid out."""
+
+    name: str             # dotted module path, e.g. gpt_neox.layers.2.mlp.dense_h_to_4h
+    role: str
+    layer: int
+    transposed: bool      # GPT-2 Conv1D: weight stored [in, out]
+
+    @property
+    def param(self) -> str:
+        return f"{self.name}.weight"
+
+
+def resolve_targets(model: torch.nn.Module, arch: ArchSpec, layers: Sequence[int],
+                    roles: Sequence[str]) -> list[Target]:
+    """The modules to edit; an unknown role or layer is an InputError that lists the valid ones."""
+    n = dims(model).n_layers
+    valid_roles = [r for r in EDIT_ROLES if arch.path(r) is not None]
+    bad_roles = [r for r in roles if r not in valid_roles]
+    if bad_roles:
+        raise InputError(f"projections {bad_roles} are not linear MLP modules of this {arch.family} model; "
+                         f"valid: {', '.join(valid_roles)}")
+    bad_layers = [x for x in layers if not 0 <= x < n]
+    if bad_layers:
+        raise InputError(f"layers {bad_layers} are not in the model; valid: 0..{n - 1}")
+    if not roles:
+        raise InputError(f"config key 'projections' is empty; valid: {', '.join(valid_roles)}")
+    targets = []
+    for layer in layers:
+        for role in roles:
+            name = arch.path(role).format(layer=layer)
+            module = get_module(model, arch, role, layer)
+            if not hasattr(module, "weight") or module.weight.dim() != 2:
+                raise InputError(f"{name} has no 2-D weight; it cannot be edited")
+            targets.append(Target(name, role, layer, arch.conv1d_weights))
+    return targets
+
+
+def weight_of(model: torch.nn.Module, target: Target) -> torch.Tensor:
+    """W as [out, in] (a view for nn.Linear, a transposed view for Conv1D)."""
+    w = model.get_submodule(target.name).weight
+    return w.t() if target.transposed else w
+
+
+# -- factors ---------------------------------------------------------------------------------
+
+@dataclass
+class Factors:
+    """Sums A = Σ a aᵀ, G = Σ g gᵀ (float32) per module name, and the tokens they sum over."""
+
+    A: dict[str, torch.Tensor]
+    G: dict[str, torch.Tensor]
+    n_tokens: int
+    labels: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __add__(self, other: Factors) -> Factors:
+        if set(self.A) != set(other.A) or self.labels != other.labels:
+            raise InputError("cannot add factors of different modules or label modes")
+        return Factors({k: self.A[k] + other.A[k] for k in self.A}, {k: self.G[k] + other.G[k] for k in self.G},
+                       self.n_tokens + other.n_tokens, self.labels, dict(self.meta))
+
+    def save(self, path: Path, model_identity: dict[str, Any], targets: Sequence[Target]) -> None:
+        tensors = {f"{k}.A": v for k, v in self.A.items()} | {f"{k}.G": v for k, v in self.G.items()}
+        meta = {"model": json.dumps(model_identity, sort_keys=True), "n_tokens": str(self.n_tokens),
+                "labels": self.labels, "modules": json.dumps([t.__dict__ for t in targets]),
+                "extra": json.dumps(self.meta, sort_keys=True)}
+        art.save_tensors(path, tensors, metadata=meta)
+
+
+def load_factors(path: Path) -> tuple[Factors, dict[str, Any], list[dict[str, Any]]]:
+    """(factors, model identity, module list) from a factors.safetensors file."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise InputError(f"factors file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any parse failure of a user file is bad input
+        raise InputError(f"{path} is not a safetensors factors file ({e})") from None
+    if "model" not in meta or "modules" not in meta:
+        raise InputError(f"{path} has no K-FAC metadata (model, modules): not written by kfac_edit")
+    tensors = art.load_tensors(path)
+    modules = json.loads(meta["modules"])
+    A = {m["name"]: tensors[f"{m['name']}.A"] for m in modules}
+    G = {m["name"]: tensors[f"{m['name']}.G"] for m in modules}
+    return (Factors(A, G, int(meta["n_tokens"]), meta["labels"], json.loads(meta.get("extra", "{}"))),
+            json.loads(meta["model"]), modules)
+
+
+def collect_factors(model: torch.nn.Module, targets: Sequence[Target], token_batches: Iterable[torch.Tensor], *,
+                    labels: str = "sampled", token_budget: int | None = None,
+                    generator: torch.Generator | None = None) -> Factors:
+    """Accumulate A and G sums over `token_batches` ([B, T] int64, unpadded blocks).
+
+    A token is one predicted position (every position but the last of a block). The budget is
+    checked per batch: collection stops after the batch that reaches it (so shards that split the
+    batch list add up exactly). Labels: `sampled` draws y ~ softmax(logits) with `generator`
+    (true Fisher), `data` uses the next tokens (empirical Fisher). The loss is the SUM of the
+    per-token cross entropies, so g is the gradient of the summed loss w.r.t. the layer output.
+    """
+    if labels not in ("sampled", "data"):
+        raise InputError(f"labels must be 'sampled' or 'data', got {labels!r}")
+    device = next(model.parameters()).device
+    A = {t.name: None for t in targets}
+    G = {t.name: None for t in targets}
+    pending: dict[str, torch.Tensor] = {}
+    handles = []
+    was_training = model.training
+    params = [model.get_submodule(t.name).weight for t in targets]
+    flags = [p.requires_grad for p in params]
+
+    def fwd_hook(name: str):
+        def hook(module, inputs, output):  # noqa: ANN001, ANN202
+            if not torch.is_grad_enabled():
+                return
+            x = inputs[0].detach()[:, :-1].reshape(-1, inputs[0].shape[-1]).float()
+            a = x.t() @ x
+            A[name] = a if A[name] is None else A[name] + a
+
+            def grad_hook(g: torch.Tensor) -> None:
+                g2 = g.detach()[:, :-1].reshape(-1, g.shape[-1]).float()
+                gg = g2.t() @ g2
+                G[name] = gg if G[name] is None else G[name] + gg
+            output.register_hook(grad_hook)
+        return hook
+
+    n_tokens = 0
+    try:
+        model.eval()  # no dropout: the Fisher of the deployed model
+        for p in params:
+            p.requires_grad_(True)  # the graph must reach the edited layers' outputs
+        for t in targets:
+            handles.append(model.get_submodule(t.name).register_forward_hook(fwd_hook(t.name)))
+        for ids in token_batches:
+            if token_budget is not None and n_tokens >= token_budget:
+                break
+            ids = ids.to(device)
+            with torch.enable_grad():
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                if labels == "data":
+                    y = ids[:, 1:]
+                else:
+                    with torch.no_grad():
+                        probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1])
+                        gen_device = generator.device if generator is not None else device
+                        y = torch.multinomial(probs.to(gen_device), 1, generator=generator)
+                        y = y.view(ids.shape[0], -1).to(device)
+                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="sum")
+                loss.backward()
+            for p in params:
+                p.grad = None
+            n_tokens += ids.shape[0] * (ids.shape[1] - 1)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+        model.train(was_training)
+        del pending
+    if n_tokens == 0:
+        raise InputError("no tokens to collect K-FAC factors on (empty factor data or zero budget)")
+    return Factors({k: v.cpu() for k, v in A.items()}, {k: v.cpu() for k, v in G.items()}, n_tokens, labels)
+
+
+def token_blocks(tokens: np.ndarray, block_len: int, token_budget: int, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive blocks of `block_len` tokens, batched, up to the token budget (T-1 per block)."""
+    n_blocks = min(len(tokens) // block_len, math.ceil(token_budget / (block_len - 1)))
+    if n_blocks == 0:
+        raise InputError(f"factor data holds {len(tokens)} tokens, fewer than one block of {block_len}")
+    blocks = torch.as_tensor(tokens[:n_blocks * block_len].reshape(n_blocks, block_len), dtype=torch.long)
+    return list(blocks.split(batch_size))
+
+
+# -- the edit --------------------------------------------------------------------------------
+
+@dataclass
+class Eigenbasis:
+    """One module's factor spectra and W in the K-FAC eigenbasis (float64)."""
+
+    lam: torch.Tensor     # eigenvalues of G (mean), descending, clamped >= 0 (+ damping)
+    U_G: torch.Tensor
+    mu: torch.Tensor      # eigenvalues of A (mean)
+    U_A: torch.Tensor
+    C: torch.Tensor       # U_Gᵀ W U_A
+
+    def importance(self, formula: str) -> torch.Tensor:
+        P = self.lam[:, None] * self.mu[None, :]
+        if formula == "modified":
+            P = P * self.C.square()
+        elif formula != "original":
+            raise InputError(f"unknown importance formula {formula!r}; choose original or modified")
+        return P
+
+    def weight(self, mask: torch.Tensor | None) -> torch.Tensor:
+        C = self.C if mask is None else self.C * mask
+        return self.U_G @ C @ self.U_A.t()
+
+
+def spectrum(factor: torch.Tensor, n_tokens: int, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues descending, eigenvectors) of the symmetrized mean factor, in float64."""
+    F = factor.double() / n_tokens
+    F = 0.5 * (F + F.t())
+    evals, evecs = torch.linalg.eigh(F)
+    evals = evals.clamp_min(0.0) + damping
+    return evals.flip(0), evecs.flip(1)
+
+
+def eigenbasis(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, n_tokens: int, damping: float = 0.0) -> Eigenbasis:
+    mu, U_A = spectrum(A, n_tokens, damping)
+    lam, U_G = spectrum(G, n_tokens, damping)
+    C = U_G.t() @ W.double() @ U_A
+    return Eigenbasis(lam, U_G, mu, U_A, C)
+
+
+def select_mask(importance: torch.Tensor, rho: float) -> torch.Tensor:
+    """Boolean mask of the smallest set of entries whose importance sum reaches rho * total.
+
+    Vectorized: sort descending (stable, so equal importances are taken in row-major order),
+    cumulative sum in float64, `searchsorted` for the first prefix that reaches the target.
+    rho = 1 keeps everything (zero-importance entries included), so the weights are unchanged.
+    """
+    if not 0.0 < rho <= 1.0:
+        raise InputError(f"rho must lie in (0, 1], got {rho}")
+    flat = importance.reshape(-1).double()
+    if rho >= 1.0:
+        return torch.ones_like(importance, dtype=torch.bool)
+    values, order = torch.sort(flat, descending=True, stable=True)
+    csum = torch.cumsum(values, 0)
+    target = rho * float(csum[-1])
+    k = int(torch.searchsorted(csum, torch.tensor([target], dtype=csum.dtype), right=False)) + 1
+    k = min(k, flat.numel())
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(importance.shape)
+
+
+def select_bruteforce(importance: torch.Tensor, rho: float) -> torch.Tensor:
+    """Reference: walk every entry in descending order (ties row-major), stop at rho * total."""
+    flat = importance.reshape(-1).double().tolist()
+    if rho >= 1.0:
+        return torch.ones_like(importance, dtype=torch.bool)
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+    target = rho * math.fsum(flat)
+    mask = torch.zeros(len(flat), dtype=torch.bool)
+    total = 0.0
+    for i in order:
+        mask[i] = True
+        total += flat[i]
+        if total >= target:
+            break
+    return mask.view(importance.shape)
+
+
+def select_heap(lam: Sequence[float], mu: Sequence[float], rho: float) -> set[tuple[int, int]]:
+    """The original code's selection (goodfire-ai/memorization_kfac, KFACTreatmentPairwise): a lazy
+    k-way merge over λ_i μ_j (both sorted descending) with a max-heap and a `seen` set, pure
+    Python. Kept as the benchmark baseline; never used by the stage."""
+    import heapq
+
+    target = rho * (sum(lam) * sum(mu))
+    heap = [(-(lam[0] * mu[0]), 0, 0)]
+    seen = {(0, 0)}
+    kept: set[tuple[int, int]] = set()
+    total = 0.0
+    while heap and total < target:
+        neg, i, j = heapq.heappop(heap)
+        kept.add((i, j))
+        total += -neg
+        if i + 1 < len(lam) and (i + 1, j) not in seen:
+            seen.add((i + 1, j))
+            heapq.heappush(heap, (-(lam[i + 1] * mu[j]), i + 1, j))
+        if j + 1 < len(mu) and (i, j + 1) not in seen:
+            seen.add((i, j + 1))
+            heapq.heappush(heap, (-(lam[i] * mu[j + 1]), i, j + 1))
+    return kept
+
+
+@torch.no_grad()
+def apply_edit(model: torch.nn.Module, targets: Sequence[Target], bases: dict[str, Eigenbasis], formula: str,
+               rho: float) -> dict[str, float]:
+    """Write W' = U_G (C ⊙ M) U_Aᵀ into every target in place; returns the kept fractions."""
+    kept = total = 0
+    mass_kept = 0.0
+    for t in targets:
+        basis = bases[t.name]
+        P = basis.importance(formula)
+        mask = select_mask(P, rho)
+        kept += int(mask.sum())
+        total += mask.numel()
+        mass_kept += float(P[mask].sum() / P.sum()) if float(P.sum()) > 0 else 1.0
+        W = weight_of(model, t)
+        W.copy_(basis.weight(mask.double()).to(W.dtype))
+    return {"kept_fraction": kept / total, "kept_importance": mass_kept / len(targets)}
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+def _factor_tokens(cfg: KfacConfig, loaded: LoadedModel) -> np.ndarray:
+    from memcirc.data import Columns, load_documents
+    from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
+
+    source = str(CORPUS_DIR / "train.txt") if cfg.factor_data == TESTBED_NAME else cfg.factor_data
+    eos = loaded.tokenizer.eos_token_id
+    parts: list[np.ndarray] = []
+    n = 0
+    for doc in load_documents(source, Columns()):
+        ids = doc.tokens if doc.tokens is not None else loaded.tokenizer(doc.text)["input_ids"]
+        parts.append(np.asarray(ids, np.int64))
+        if eos is not None:
+            parts.append(np.asarray([eos], np.int64))
+        n += len(ids) + 1
+        if n >= 2 * cfg.factor_tokens + MAX_FACTOR_BLOCK:
+            break
+    if not parts:
+        raise InputError(f"factor data {cfg.factor_data} holds no documents")
+    return np.concatenate(parts)
+
+
+def _check_model(what: str, recorded: dict[str, Any], loaded: LoadedModel) -> None:
+    here = loaded.identity()
+    keys = ("name_or_path", "revision", "gguf_file", "model_type", "n_params")
+    diff = [k for k in keys if k in recorded and recorded.get(k) != here.get(k)]
+    if diff:
+        raise InputError(f"the {what} belong to model {recorded.get('name_or_path')!r} "
+                         f"({', '.join(f'{k}={recorded.get(k)!r}' for k in diff)}); this run loads "
+                         f"{here['name_or_path']!r}: use factors/scores of this model")
+
+
+def _evaluate(cfg: KfacConfig, loaded: LoadedModel, windows: list, blocks: list) -> dict[str, Any]:
+    from memcirc.evaluation import memorization, perplexity
+
+    pad = loaded.tokenizer.pad_token_id
+    mem = memorization(loaded.model, windows, pad_id=pad, batch_size=cfg.batch_size,
+                       levenshtein_threshold=cfg.levenshtein_threshold)
+    return {**mem, "ppl": perplexity(loaded.model, blocks, pad_id=pad, batch_size=cfg.batch_size)}
+
+
+def _saved_setting(cfg: KfacConfig, results: list[dict[str, Any]]) -> float:
+    """--save-rho, else the smallest rho of the save formula whose perplexity rose <= 20 %."""
+    if cfg.save_rho is not None:
+        return cfg.save_rho
+    ok = [r["rho"] for r in results if r["formula"] == cfg.save_formula
+          and r["ppl_after"] <= (1 + PPL_LIMIT) * r["ppl_before"]]
+    return min(ok) if ok else max(cfg.rhos)
+
+
+def run(cfg: KfacConfig) -> dict[str, Any]:
+    from memcirc.evaluation import heldout_blocks, memorized_windows
+
+    torch.manual_seed(cfg.seed)
+    upstream_dir = cfg.upstream_dir
+    upstream = art.read_manifest(upstream_dir, what="memorization")
+    windows = memorized_windows(upstream_dir)
+    if cfg.limit:
+        windows = windows[:cfg.limit]
+    loaded = load(cfg.model_spec())
+    _check_model("memorization scores", upstream.get("model", {}), loaded)
+    n_layers = dims(loaded.model).n_layers
+    layers = list(cfg.layers) or list(range(n_layers // 2, n_layers))
+    targets = resolve_targets(loaded.model, loaded.arch, layers, cfg.projections)
+    reused = None
+    if cfg.factors_file:
+        reused, recorded, modules = load_factors(Path(cfg.factors_file))
+        _check_model(f"factors in {cfg.factors_file}", recorded, loaded)
+        missing = [t.name for t in targets if t.name not in reused.A]
+        if missing:
+            raise InputError(f"{cfg.factors_file} has no factors for {missing}; it holds "
+                             f"{', '.join(m['name'] for m in modules)}")
+    n_ctx = dims(loaded.model).n_ctx
+    blocks = heldout_blocks(cfg.heldout, loaded.tokenizer, n_ctx, cfg.ppl_blocks)
+    factor_ids = None if reused else _factor_tokens(cfg, loaded)
+    inputs = [{"path": str(upstream_dir), "run_id": upstream["run_id"]}]
+    if cfg.factors_file:
+        inputs.append({"path": str(cfg.factors_file), "sha256": art.sha256_file(Path(cfg.factors_file))})
+    identity = loaded.identity()
+    model_id = {k: identity[k] for k in ("name_or_path", "revision", "commit_hash", "gguf_file", "model_type",
+                                         "dtype")}
+    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, "model": model_id})
+    stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)
+    release_logs()
+    if (done := stage.completed_summary(cfg.force)) is not None:
+        print(format_table(done))
+        return done
+    art.ensure_writable(Path(cfg.output_dir))
+    stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
+    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    timings: dict[str, float] = {}
+    import time
+
+    t0 = time.perf_counter()
+    if reused is None:
+        block_len = min(n_ctx, MAX_FACTOR_BLOCK)
+        batches = token_blocks(factor_ids, block_len, cfg.factor_tokens, cfg.batch_size)
+        gen = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+        log.info("collecting K-FAC factors (%s labels) for %d modules on up to %d tokens", cfg.labels,
+                 len(targets), cfg.factor_tokens)
+        factors = collect_factors(loaded.model, targets, progress(batches, "factors", len(batches)),
+                                  labels=cfg.labels, token_budget=cfg.factor_tokens, generator=gen)
+        factors.meta = {"factor_data": cfg.factor_data, "seed": cfg.seed, "block_len": block_len}
+    else:
+        factors = Factors({t.name: reused.A[t.name] for t in targets}, {t.name: reused.G[t.name] for t in targets},
+                          reused.n_tokens, reused.labels, reused.meta)
+    factors.save(cfg.stage_dir / FACTORS, identity, targets)
+    timings["factors_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    originals = {t.name: weight_of(loaded.model, t).detach().clone() for t in targets}
+    bases = {t.name: eigenbasis(originals[t.name], factors.A[t.name], factors.G[t.name], factors.n_tokens,
+                                cfg.damping) for t in targets}
+    timings["eigh_s"] = time.perf_counter() - t0
+
+    def restore() -> None:
+        with torch.no_grad():
+            for t in targets:
+                weight_of(loaded.model, t).copy_(originals[t.name])
+
+    t0 = time.perf_counter()
+    before = _evaluate(cfg, loaded, windows, blocks)
+    results = []
+    for formula in cfg.formulas:
+        for rho in cfg.rhos:
+            kept = apply_edit(loaded.model, targets, bases, formula, rho)
+            after = _evaluate(cfg, loaded, windows, blocks)
+            restore()
+            results.append(_result(formula, rho, before, after, kept))
+            log.info("%s rho=%.3f: exact %.3f -> %.3f, ppl %.2f -> %.2f", formula, rho, before["exact"],
+                     after["exact"], before["ppl"], after["ppl"])
+    timings["sweep_s"] = time.perf_counter() - t0
+
+    save_rho = _saved_setting(cfg, results)
+    kept = apply_edit(loaded.model, targets, bases, cfg.save_formula, save_rho)
+    saved_eval = _evaluate(cfg, loaded, windows, blocks)
+    deltas = {t.param: (loaded.model.get_submodule(t.name).weight.detach()
+                        - (originals[t.name].t() if t.transposed else originals[t.name])).cpu()
+              for t in targets}
+    art.save_tensors(cfg.stage_dir / DELTAS, deltas, metadata={"formula": cfg.save_formula, "rho": str(save_rho)})
+    edited_dir = cfg.stage_dir / EDITED_MODEL
+    art.remove_tree(edited_dir)
+    loaded.model.save_pretrained(edited_dir)
+    loaded.tokenizer.save_pretrained(edited_dir)
+    restore()
+
+    summary = {
+        "model": identity["name_or_path"], "n_memorized": len(windows), "layers": layers,
+        "projections": list(cfg.projections), "modules": [t.name for t in targets],
+        "labels": factors.labels, "factor_tokens": factors.n_tokens, "damping": cfg.damping,
+        "before": before, "results": results,
+        "saved": {"formula": cfg.save_formula, "rho": save_rho, **_result(cfg.save_formula, save_rho, before,
+                                                                           saved_eval, kept)},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
+    rho_curve(summary, cfg.stage_dir / RHO_CURVE)
+    outputs = {FACTORS: None, DELTAS: None, art.SUMMARY_JSON: None, RHO_CURVE: None}
+    for f in sorted(edited_dir.iterdir()):
+        outputs[f"{EDITED_MODEL}/{f.name}"] = None
+    stage.finish(outputs, model=identity, seed=cfg.seed)
+    print(format_table(summary))
+    return summary
+
+
+def _result(formula: str, rho: float, before: dict[str, Any], after: dict[str, Any],
+            kept: dict[str, float]) -> dict[str, Any]:
+    return {"formula": formula, "rho": rho,
+            "exact_before": before["exact"], "exact_after": after["exact"],
+            "loose_before": before["loose_match"], "loose_after": after["loose_match"],
+            "ppl_before": before["ppl"], "ppl_after": after["ppl"],
+            "ppl_ratio": after["ppl"] / before["ppl"],
+            "after": {k: v for k, v in after.items() if k != "ppl"}, **kept}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = [f"{'formula':<9} {'rho':>6} {'exact':>13} {'loose':>13} {'ppl':>17} {'kept':>7}"]
+    for r in summary["results"]:
+        lines.append(f"{r['formula']:<9} {r['rho']:>6.3f} {r['exact_before']:>6.3f}>{r['exact_after']:<6.3f} "
+                     f"{r['loose_before']:>6.3f}>{r['loose_after']:<6.3f} {r['ppl_before']:>8.2f}>"
+                     f"{r['ppl_after']:<8.2f} {r['kept_fraction']:>7.3f}")
+    s = summary["saved"]
+    lines.append(f"saved edited_model: {s['formula']} rho={s['rho']} (exact {s['exact_after']:.3f}, "
+                 f"ppl {s['ppl_after']:.2f})")
+    return "\n".join(lines)
+
+
+def rho_curve(summary: dict[str, Any], path: Path) -> None:
+    """Exact match and perplexity ratio against rho, one line per formula."""
+    from memcirc.plots import plt, save_figure
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for formula in dict.fromkeys(r["formula"] for r in summary["results"]):
+        rows = sorted((r for r in summary["results"] if r["formula"] == formula), key=lambda r: r["rho"])
+        rhos = [r["rho"] for r in rows]
+        left.plot(rhos, [r["exact_after"] for r in rows], marker="o", label=f"{formula} exact")
+        left.plot(rhos, [r["loose_after"] for r in rows], marker="x", ls="--", label=f"{formula} loose")
+        right.plot(rhos, [r["ppl_after"] for r in rows], marker="o", label=formula)
+    left.axhline(summary["before"]["exact"], color="grey", lw=0.8)
+    left.set_xlabel("rho (fraction of importance kept)")
+    left.set_ylabel("memorized windows reproduced")
+    left.set_ylim(-0.05, 1.05)
+    left.legend(fontsize=8)
+    left.set_title(f"{summary['n_memorized']} memorized windows")
+    right.axhline(summary["before"]["ppl"], color="grey", lw=0.8, label="before")
+    right.axhline(summary["before"]["ppl"] * (1 + PPL_LIMIT), color="grey", lw=0.8, ls=":", label="+20 %")
+    right.set_xlabel("rho (fraction of importance kept)")
+    right.set_ylabel("held-out perplexity")
+    right.legend(fontsize=8)
+    save_figure(fig, path)
