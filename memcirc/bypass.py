@@ -159,7 +159,8 @@ def parse_layer_sets(specs: Sequence[str], n_layers: int) -> list[list[int]]:
             raise InputError(f"layer set {spec!r} is not a comma-separated list of block indices") from None
         bad = [i for i in layers if not 0 <= i < n_layers]
         if not layers or bad:
-            raise InputError(f"layer set {spec!r}: blocks must lie in 0..{n_layers - 1}")
+            raise InputError(f"layer set {spec!r}: blocks {bad or '(none)'} are outside the model "
+                             f"(blocks 0..{n_layers - 1})")
         out.append(layers)
     return out
 
