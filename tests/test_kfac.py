@@ -1,0 +1,267 @@
+"""kfac_edit: factors add up over shards, the edit is the identity at rho = 1, the vectorized
+selection equals brute force (and the original heap), the stage contract and its bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, TINY_CONFIGS
+
+from memcirc.cli import main
+from memcirc.config import KfacConfig, ScoreConfig
+from memcirc.evaluation import memorization, memorized_windows
+from memcirc.kfac import (
+    apply_edit,
+    collect_factors,
+    eigenbasis,
+    resolve_targets,
+    select_bruteforce,
+    select_heap,
+    select_mask,
+    weight_of,
+)
+from memcirc.kfac import run as run_kfac
+from memcirc.models import ModelSpec, load
+from memcirc.scoring import run as run_scoring
+
+
+def _batches(vocab, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (3, 12), generator=g) for _ in range(n)]
+
+
+# -- factors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+@pytest.mark.parametrize("labels", ["data", "sampled"])
+def test_factors_of_one_run_equal_the_sum_of_two_half_runs(family, labels, tiny_loaded):
+    lm = tiny_loaded[family]
+    roles = [r for r in ("mlp_gate", "mlp_in", "mlp_out") if lm.arch.path(r)]
+    targets = resolve_targets(lm.model, lm.arch, [1], roles)
+    batches = _batches(lm.model.config.vocab_size)
+    full = collect_factors(lm.model, targets, batches, labels=labels, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)   # the halves continue one random stream, as one run does
+    half = (collect_factors(lm.model, targets, batches[:2], labels=labels, generator=g)
+            + collect_factors(lm.model, targets, batches[2:], labels=labels, generator=g))
+    assert full.n_tokens == half.n_tokens == 4 * 3 * 11
+    for t in targets:
+        W = weight_of(lm.model, t)
+        assert full.A[t.name].shape == (W.shape[1],) * 2 and full.G[t.name].shape == (W.shape[0],) * 2
+        assert full.A[t.name].dtype == torch.float32
+        torch.testing.assert_close(full.A[t.name], half.A[t.name], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(full.G[t.name], half.G[t.name], rtol=1e-5, atol=1e-6)
+    assert all(not p.requires_grad and p.grad is None for p in lm.model.parameters())
+
+
+def test_factors_match_a_hand_computation(tiny_loaded):
+    """A = Σ x xᵀ over the inputs, G = Σ g gᵀ over d(summed CE)/d(output), last position dropped;
+    GPT-2's Conv1D is read as [out, in]."""
+    lm = tiny_loaded["gpt2"]
+    (t,) = resolve_targets(lm.model, lm.arch, [0], ["mlp_in"])
+    ids = _batches(lm.model.config.vocab_size, n=1)[0]
+    f = collect_factors(lm.model, [t], [ids], labels="data")
+    module = lm.model.get_submodule(t.name)
+    saved = {}
+    h = module.register_forward_hook(lambda m, i, o: saved.update(x=i[0], y=o))
+    with torch.enable_grad():
+        lm.model.requires_grad_(False)
+        emb = lm.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = lm.model(inputs_embeds=emb).logits[:, :-1]
+        saved["y"].retain_grad()
+        torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum").backward()
+    h.remove()
+    x = saved["x"][:, :-1].reshape(-1, saved["x"].shape[-1])
+    g = saved["y"].grad[:, :-1].reshape(-1, saved["y"].shape[-1])
+    torch.testing.assert_close(f.A[t.name], x.t() @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f.G[t.name], g.t() @ g, rtol=1e-4, atol=1e-7)
+    assert weight_of(lm.model, t).shape == (48, 32)  # [out = d_mlp, in = d_model]
+
+
+# -- the edit --------------------------------------------------------------------------------
+
+def _random_psd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 2 * n, generator=g)
+    return X @ X.t()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+def test_rho_one_leaves_weights_unchanged(family, tiny_model_dirs):
+    lm = load(ModelSpec(str(tiny_model_dirs[family]), device="cpu"))
+    roles = [r for r in ("mlp_gate", "mlp_in", "mlp_out") if lm.arch.path(r)]
+    targets = resolve_targets(lm.model, lm.arch, [0, 1], roles)
+    f = collect_factors(lm.model, targets, _batches(lm.model.config.vocab_size, 2), labels="sampled",
+                        generator=torch.Generator().manual_seed(0))
+    bases = {t.name: eigenbasis(weight_of(lm.model, t), f.A[t.name], f.G[t.name], f.n_tokens) for t in targets}
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    for formula in ("original", "modified"):
+        kept = apply_edit(lm.model, targets, bases, formula, 1.0)
+        assert kept["kept_fraction"] == 1.0
+        for k, v in lm.model.state_dict().items():
+            assert (v - before[k]).abs().max() <= 1e-5, k
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorized_selection_equals_brute_force(seed):
+    W = torch.randn(7, 5, generator=torch.Generator().manual_seed(seed))
+    basis = eigenbasis(W, _random_psd(5, seed), _random_psd(7, seed + 100), n_tokens=3)
+    for formula in ("original", "modified"):
+        P = basis.importance(formula)
+        for rho in (0.05, 0.3, 0.5, 0.77, 0.9, 0.99, 1.0):
+            fast, slow = select_mask(P, rho), select_bruteforce(P, rho)
+            assert torch.equal(fast, slow), (formula, rho)
+            if rho < 1:   # the smallest prefix: dropping its last element falls short of rho
+                kept = P[fast].sort().values
+                assert kept.sum() >= rho * P.sum() - 1e-12 and kept[1:].sum() < rho * P.sum()
+
+
+def test_selection_with_ties_takes_row_major_order():
+    """Equal importances: the kept SET size and mass are unique, membership at the boundary is not;
+    both implementations break ties in row-major (i, j) order."""
+    P = torch.tensor([[4.0, 2.0, 2.0], [2.0, 1.0, 1.0]], dtype=torch.float64)
+    for rho in (0.3, 0.5, 0.6, 0.75, 0.9):
+        assert torch.equal(select_mask(P, rho), select_bruteforce(P, rho))
+    # 4 + 2 = 6 >= 0.5 * 12: the first 2 of the three tied at 2.0 in row-major order is (0, 1)
+    assert select_mask(P, 0.5).tolist() == [[True, True, False], [False, False, False]]
+
+
+def test_heap_baseline_selects_the_same_set():
+    g = torch.Generator().manual_seed(0)
+    lam = torch.rand(30, generator=g, dtype=torch.float64).sort(descending=True).values
+    mu = torch.rand(40, generator=g, dtype=torch.float64).sort(descending=True).values
+    for rho in (0.2, 0.6, 0.95):
+        mask = select_mask(lam[:, None] * mu[None, :], rho)
+        assert set(map(tuple, mask.nonzero().tolist())) == select_heap(lam.tolist(), mu.tolist(), rho)
+
+
+def test_rho_outside_unit_interval_is_refused():
+    from memcirc.errors import InputError
+
+    with pytest.raises(InputError):
+        select_mask(torch.ones(2, 2), 0.0)
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(InputError, match="rho"):
+            KfacConfig(rhos=[float(bad)])
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+QUICK = ["--factor-tokens", "2000", "--rhos", "1.0", "0.6", "--ppl-blocks", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A memorization run over the 112 testbed canaries (k = 0 ... 32)."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(ScoreConfig, run_scoring, ["--config", "configs/testbed.yaml", "--output-dir", str(out),
+                                           "--limit", "112", "--device", "cpu",
+                                           "--metrics", "exact", "token_match"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def edited(scored):
+    args = ["--config", "configs/testbed.yaml", "--output-dir", str(scored), "--limit", "12", *QUICK]
+    assert main(KfacConfig, run_kfac, args) == 0
+    return scored / "kfac", args
+
+
+def test_stage_outputs(edited, testbed):
+    stage, _ = edited
+    summary = json.loads((stage / "summary.json").read_text())
+    assert [(r["formula"], r["rho"]) for r in summary["results"]] == [
+        ("original", 1.0), ("original", 0.6), ("modified", 1.0), ("modified", 0.6)]
+    for r in summary["results"]:
+        assert {"exact_before", "exact_after", "loose_before", "loose_after", "ppl_before", "ppl_after",
+                "kept_fraction"} <= set(r)
+        if r["rho"] == 1.0:
+            assert r["exact_after"] == r["exact_before"] == 1.0
+            assert r["ppl_after"] == pytest.approx(r["ppl_before"], rel=1e-5)
+    assert summary["layers"] == [2, 3] and summary["labels"] == "sampled"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert {"factors.safetensors", "deltas.safetensors", "rho_curve.png",
+            "edited_model/config.json"} <= {o["path"] for o in manifest["outputs"]}
+    from safetensors import safe_open
+
+    with safe_open(str(stage / "deltas.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert keys == {f"gpt_neox.layers.{i}.mlp.{m}.weight" for i in (2, 3) for m in ("dense_h_to_4h",
+                                                                                    "dense_4h_to_h")}
+    with safe_open(str(stage / "factors.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["model"])["name_or_path"] == "testbed" and int(meta["n_tokens"]) >= 2000
+
+
+def test_edited_folder_reloads_and_scores_like_the_in_memory_edit(edited, scored):
+    stage, _ = edited
+    summary = json.loads((stage / "summary.json").read_text())
+    windows = memorized_windows(scored / "memorization")[:12]
+    reloaded = load(ModelSpec(str(stage / "edited_model"), device="cpu", dtype="float32"))
+    base = load(ModelSpec("testbed", device="cpu", dtype="float32"))
+    from memcirc.artifacts import load_tensors
+
+    with torch.no_grad():
+        for name, delta in load_tensors(stage / "deltas.safetensors").items():
+            base.model.get_parameter(name).add_(delta)
+    kw = dict(pad_id=0, batch_size=32, levenshtein_threshold=0.75)
+    assert memorization(reloaded.model, windows, **kw) == pytest.approx(summary["saved"]["after"])
+    for name, p in reloaded.model.named_parameters():   # and the deltas are the edit
+        torch.testing.assert_close(p, base.model.get_parameter(name), rtol=0, atol=1e-6)
+
+
+def test_rerun_is_a_no_op_and_factors_can_be_reused(edited, scored, tmp_path):
+    stage, args = edited
+    before = (stage / "manifest.json").read_bytes()
+    assert main(KfacConfig, run_kfac, args) == 0
+    assert (stage / "manifest.json").read_bytes() == before
+    out = tmp_path / "reuse"
+    assert main(KfacConfig, run_kfac, [*args[:2], "--output-dir", str(out), "--input-dir",
+                                       str(scored / "memorization"), "--limit", "12", *QUICK,
+                                       "--factors-file", str(stage / "factors.safetensors")]) == 0
+    a = json.loads((stage / "summary.json").read_text())["results"]
+    b = json.loads((out / "kfac" / "summary.json").read_text())["results"]
+    assert [r["exact_after"] for r in a] == [r["exact_after"] for r in b]
+
+
+def _script(args, cwd=REPO):
+    return subprocess.run([sys.executable, "kfac_edit.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bad_input_exits_2_one_line_nothing_written(scored, edited, tmp_path, tiny_model_dirs):
+    stage, _ = edited
+    mem = str(scored / "memorization")
+    cases = {
+        "projections": ["--projections", "mlp_gate"],         # GPT-NeoX has no gated MLP
+        "layers": ["--layers", "7"],
+        "rhos": ["--rhos", "1.5"],
+    }
+    for what, extra in cases.items():
+        out = tmp_path / what
+        r = _script(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--input-dir", mem,
+                     *QUICK, *extra])
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and what.rstrip("s") in r.stderr, r.stderr
+        assert not out.exists()
+    r = _script(["--output-dir", str(tmp_path / "p"), "--input-dir", mem, *QUICK, "--projections", "attn_out"])
+    assert "valid: mlp_in, mlp_out" in r.stderr
+    # factors of another model: collected on a tiny GPT-NeoX (same module names) and handed to a testbed run
+    tiny = load(ModelSpec(str(tiny_model_dirs["gpt_neox"]), device="cpu"))
+    targets = resolve_targets(tiny.model, tiny.arch, [0, 1], ["mlp_in", "mlp_out"])
+    foreign = tmp_path / "foreign.safetensors"
+    collect_factors(tiny.model, targets, _batches(64, 1), labels="data").save(foreign, tiny.identity(), targets)
+    other = tmp_path / "other"
+    r = _script(["--output-dir", str(other), "--input-dir", mem, *QUICK, "--factors-file", str(foreign),
+                 "--layers", "0", "1"])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "factors" in r.stderr and not other.exists()
+    # an empty memorized set: the first 4 testbed windows are never-trained k=0 canaries
+    empty = tmp_path / "empty"
+    assert main(ScoreConfig, run_scoring, ["--config", "configs/testbed.yaml", "--output-dir", str(empty),
+                                           "--limit", "4", "--device", "cpu", "--metrics", "exact"]) == 0
+    r = _script(["--output-dir", str(empty), *QUICK])
+    assert r.returncode == 2 and "no memorized windows" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (empty / "kfac").exists()
