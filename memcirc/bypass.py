@@ -193,10 +193,11 @@ def _measure(model: torch.nn.Module, windows: Sequence[Window], blocks: Sequence
 
 def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], blocks: Sequence[np.ndarray], *,
           pad_id: int, batch_size: int = 32, mode: str = "self", layer_sets: Sequence[Sequence[int]] = (),
-          levenshtein_threshold: float = 0.75, tokenizer: Any = None,
-          lm_eval_tasks: Sequence[str] = ()) -> dict[str, Any]:
-    """Baseline, then every block alone, then each of `layer_sets`: memorization means and perplexity,
-    all with the same batch settings."""
+          levenshtein_threshold: float = 0.75, tokenizer: Any = None, lm_eval_tasks: Sequence[str] = (),
+          reference_blocks: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+    """Baseline, then every block alone, then each of `layer_sets`: memorization means and perplexity
+    on `blocks`, all with the same batch settings. Mode `mean` replaces attention outputs by their mean
+    over `reference_blocks` (default: `blocks` themselves) on the unmodified model."""
     if not windows:
         raise InputError("no memorized windows to measure the bypass on")
     n = A.n_layers(model)
@@ -205,7 +206,8 @@ def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], b
         if not layers or any(not 0 <= i < n for i in layers):
             raise InputError(f"layer set {layers} is outside the model (blocks 0..{n - 1})")
     model.eval()
-    means = (mean_attention_outputs(model, arch, blocks, pad_id=pad_id, batch_size=batch_size)
+    reference = blocks if reference_blocks is None else reference_blocks
+    means = (mean_attention_outputs(model, arch, reference, pad_id=pad_id, batch_size=batch_size)
              if mode == "mean" else None)
     kw = dict(pad_id=pad_id, batch_size=batch_size, levenshtein_threshold=levenshtein_threshold,
               tokenizer=tokenizer, lm_eval_tasks=lm_eval_tasks)
@@ -216,6 +218,7 @@ def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], b
             row = _measure(model, windows, blocks, **kw)
         entries.append({"layer": layers[0] if len(layers) == 1 else layers, **row})
     return {"mode": mode, "n_windows": len(windows), "n_ppl_blocks": len(blocks),
+            "n_mean_reference_blocks": len(reference) if mode == "mean" else None,
             "ppl_tokens": int(sum(len(b) - 1 for b in blocks)), "baseline": baseline, "layers": entries}
 
 
@@ -327,7 +330,14 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
         _check_same_model(upstream, loaded)
     _check_vocab(windows, model)
     layer_sets = parse_layer_sets(cfg.layer_sets, A.n_layers(model))
-    blocks = heldout_blocks(cfg.heldout, tok, A.n_ctx(model), cfg.ppl_blocks)
+    # Mode mean: the reference mean comes from the held-out blocks after the perplexity blocks, so
+    # perplexity is never measured on the text the replacement was averaged over (unless too short).
+    every = heldout_blocks(cfg.heldout, tok, A.n_ctx(model), 2 * cfg.ppl_blocks)
+    blocks, reference = every[:cfg.ppl_blocks], every[cfg.ppl_blocks:]
+    if cfg.mode == "mean" and not reference:
+        log.warning("held-out text %s has no blocks beyond the %d perplexity blocks: the mean attention "
+                    "outputs are averaged over the perplexity blocks themselves", cfg.heldout, len(blocks))
+        reference = blocks
     if cfg.heldout != "testbed" and Path(cfg.heldout).is_file():
         inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
     identity = loaded.identity()
@@ -356,7 +366,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
              len(windows), len(blocks), A.n_ctx(model), cfg.mode, A.n_layers(model), len(layer_sets))
     summary = sweep(model, arch, windows, blocks, pad_id=pad, batch_size=cfg.batch_size, mode=cfg.mode,
                     layer_sets=layer_sets, levenshtein_threshold=cfg.levenshtein_threshold, tokenizer=tok,
-                    lm_eval_tasks=lm_eval_tasks)
+                    lm_eval_tasks=lm_eval_tasks, reference_blocks=reference)
     summary["heldout"] = cfg.heldout
     summary["ppl_block_len"] = A.n_ctx(model)
     if note:

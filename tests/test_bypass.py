@@ -271,9 +271,10 @@ def test_memorized_npy_file(scored, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(scored / "memorization", out / "memorization")   # prefix_len (32) comes from here
     assert bypass(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--device", "cpu",
-                   "--ppl-blocks", "2", "--memorized-file", str(tmp_path / "memorized.npy")]) == 0
+                   "--ppl-blocks", "2", "--memorized-file", str(tmp_path / "memorized.npy"), "--mode", "mean"]) == 0
     summary = json.loads((out / "bypass" / "summary.json").read_text())
     assert summary["n_windows"] == 8 and summary["baseline"]["exact"] == 1.0
+    assert summary["mode"] == "mean" and summary["n_mean_reference_blocks"] == 2   # blocks after the ppl ones
     manifest = json.loads((out / "bypass" / "manifest.json").read_text())
     assert manifest["inputs"][0]["prefix_len"] == 32
 
