@@ -297,6 +297,81 @@ def select_mask(importance: torch.Tensor, rho: float) -> torch.Tensor:
     return mask.view(importance.shape)
 
 
+def select_product(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Tensor:
+    """`select_mask(lam[:, None] * mu[None, :], rho)` without materializing or sorting the products
+    (the `original` formula, both spectra sorted descending and >= 0): a threshold search.
+
+    The kept set is a staircase: row i keeps the first c_i(τ) columns, c_i = #{j: λ_i μ_j ≥ τ},
+    with mass m(τ) = Σ_i λ_i Σ_{j<c_i} μ_j. Bisection over τ (m is a step function, each step
+    one product value) finds the boundary value τ*; components strictly above it are kept, and of
+    the components equal to τ* as many as needed, in row-major order (the tie rule of
+    `select_mask`). Each step is one vectorized `searchsorted` over the rows: O(n_G log n_A).
+    The kept mass is summed per row, not in sorted order, so where a prefix's mass equals
+    ρ · total to within float rounding the two may differ by that one component.
+    """
+    if not 0.0 < rho <= 1.0:
+        raise InputError(f"rho must lie in (0, 1], got {rho}")
+    lam, mu = lam.double(), mu.double()
+    n, m = len(lam), len(mu)
+    if rho >= 1.0:
+        return torch.ones(n, m, dtype=torch.bool)
+    mu_asc = mu.flip(0)
+    prefix = torch.cat([mu.new_zeros(1), torch.cumsum(mu, 0)])
+    total = float(lam.sum() * mu.sum())
+    target = rho * total
+
+    def counts(tau: float, strict: bool) -> torch.Tensor:
+        # columns j with λ_i μ_j >= tau (or > tau); the division is corrected on the products
+        safe = lam.clamp_min(torch.finfo(torch.float64).tiny)
+        c = m - torch.searchsorted(mu_asc, tau / safe, right=strict)
+        # The division can be off by an ulp: fix c on the real products, jumping a whole run of
+        # equal mu values at a time (equal mu give equal products).
+        while True:
+            last = lam * mu[(c - 1).clamp_min(0)]
+            bad = (c > 0) & ((last <= tau) if strict else (last < tau))
+            if not bool(bad.any()):
+                break
+            c = torch.where(bad, m - torch.searchsorted(mu_asc, mu[(c - 1).clamp_min(0)], right=True), c)
+        while True:
+            nxt = lam * mu[c.clamp_max(m - 1)]
+            more = (c < m) & ((nxt > tau) if strict else (nxt >= tau))
+            if not bool(more.any()):
+                break
+            c = torch.where(more, m - torch.searchsorted(mu_asc, mu[c.clamp_max(m - 1)], right=False), c)
+        return c
+
+    def mass(c: torch.Tensor) -> float:
+        return float((lam * prefix[c]).sum())
+
+    # Bisection over the bit patterns of non-negative doubles (monotone as int64): at most 64 steps.
+    # Invariant: the products >= lo hold >= target, the products >= hi hold < target.
+    as_bits = lambda x: int(torch.tensor([x], dtype=torch.float64).view(torch.int64))  # noqa: E731
+    as_float = lambda b: float(torch.tensor([b], dtype=torch.int64).view(torch.float64))  # noqa: E731
+    lo_b, hi_b = 0, as_bits(float(lam[0] * mu[0])) + 1
+    while hi_b - lo_b > 1:
+        mid = (lo_b + hi_b) // 2
+        if mass(counts(as_float(mid), strict=False)) >= target:
+            lo_b = mid
+        else:
+            hi_b = mid
+    tau = as_float(lo_b)                    # no double lies strictly between tau and hi: the boundary value
+    c_ge = counts(tau, strict=False)
+    c_gt = counts(tau, strict=True)
+    above = mass(c_gt)
+    ties = c_ge - c_gt                      # components equal to tau, per row (contiguous columns)
+    keep = c_gt
+    n_ties = int(ties.sum())
+    if n_ties and tau > 0:
+        k = min(n_ties, max(1, math.ceil((target - above) / tau)))
+        while k > 1 and above + (k - 1) * tau >= target:   # ceil may overshoot by one ulp
+            k -= 1
+        before = torch.cumsum(ties, 0) - ties   # ties in the rows above (row-major order)
+        keep = c_gt + (k - before).clamp(min=0).minimum(ties)
+    elif n_ties:                            # tau == 0: only zero components are left to add
+        keep = c_ge if above < target else c_gt
+    return torch.arange(m)[None, :] < keep[:, None]
+
+
 def select_bruteforce(importance: torch.Tensor, rho: float) -> torch.Tensor:
     """Reference: walk every entry in descending order (ties row-major), stop at rho * total."""
     flat = importance.reshape(-1).double().tolist()
@@ -347,7 +422,8 @@ def apply_edit(model: torch.nn.Module, targets: Sequence[Target], bases: dict[st
     for t in targets:
         basis = bases[t.name]
         P = basis.importance(formula)
-        mask = select_mask(P, rho)
+        # original: threshold search on the two spectra; modified: sort of the full product matrix
+        mask = select_product(basis.lam, basis.mu, rho) if formula == "original" else select_mask(P, rho)
         kept += int(mask.sum())
         total += mask.numel()
         mass_kept += float(P[mask].sum() / P.sum()) if float(P.sum()) > 0 else 1.0

@@ -20,6 +20,7 @@ from memcirc.kfac import (
     select_bruteforce,
     select_heap,
     select_mask,
+    select_product,
     weight_of,
 )
 from memcirc.kfac import run as run_kfac
@@ -127,12 +128,31 @@ def test_selection_with_ties_takes_row_major_order():
     assert select_mask(P, 0.5).tolist() == [[True, True, False], [False, False, False]]
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_threshold_search_equals_the_sort(seed):
+    """select_product (original formula, no product matrix) == select_mask on lam * mu; with
+    integer spectra (many ties at the boundary value) too."""
+    g = torch.Generator().manual_seed(seed)
+    n, m = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+    if seed % 2:
+        lam = torch.rand(n, generator=g, dtype=torch.float64)
+        mu = torch.rand(m, generator=g, dtype=torch.float64)
+        mu[torch.rand(m, generator=g) < 0.2] = 0.0     # clamped eigenvalues
+    else:
+        lam = torch.randint(1, 4, (n,), generator=g).double()
+        mu = torch.randint(0, 4, (m,), generator=g).double()
+        mu[0] = 1.0
+    lam, mu = lam.sort(descending=True).values, mu.sort(descending=True).values
+    for rho in (0.01, 0.2, 0.5, 0.6, 0.9, 0.999, 1.0):
+        assert torch.equal(select_product(lam, mu, rho), select_mask(lam[:, None] * mu[None, :], rho)), rho
+
+
 def test_heap_baseline_selects_the_same_set():
     g = torch.Generator().manual_seed(0)
     lam = torch.rand(30, generator=g, dtype=torch.float64).sort(descending=True).values
     mu = torch.rand(40, generator=g, dtype=torch.float64).sort(descending=True).values
     for rho in (0.2, 0.6, 0.95):
-        mask = select_mask(lam[:, None] * mu[None, :], rho)
+        mask = select_product(lam, mu, rho)
         assert set(map(tuple, mask.nonzero().tolist())) == select_heap(lam.tolist(), mu.tolist(), rho)
 
 
