@@ -216,6 +216,7 @@ def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], b
     for layers in progress(runs, desc=f"bypass ({mode})", total=len(runs)):
         with bypass_attention(model, arch, layers, mode, means):
             row = _measure(model, windows, blocks, **kw)
+        row["ppl_ratio"] = round(row["ppl"] / baseline["ppl"], 6)   # held-out perplexity relative to baseline
         entries.append({"layer": layers[0] if len(layers) == 1 else layers, **row})
     return {"mode": mode, "n_windows": len(windows), "n_ppl_blocks": len(blocks),
             "n_mean_reference_blocks": len(reference) if mode == "mean" else None,

@@ -224,6 +224,7 @@ def test_sweep_runs_on_every_family(tiny_loaded, family):
     assert [e["layer"] for e in summary["layers"]] == [0, 1, [0, 1]]
     for e in summary["layers"]:
         assert {"exact", "token_match", "loose_match", "ppl"} <= set(e) and np.isfinite(e["ppl"])
+        assert e["ppl_ratio"] == pytest.approx(e["ppl"] / summary["baseline"]["ppl"], rel=1e-5)
 
 
 # -- the stage on the testbed -----------------------------------------------------------------
