@@ -301,3 +301,16 @@ def test_bad_input_exits_2_and_writes_nothing(scored, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and needle in err, err
     assert not (out / "bypass").exists() and not (tmp_path / "missing").exists()
     assert not (tmp_path / "empty" / "bypass").exists()
+
+
+def test_memorized_jsonl_without_upstream_splits_rows_in_half(scored, tmp_path):
+    rows = [json.loads(line) for line in (scored / "memorization" / "scores.jsonl").read_text().splitlines()]
+    keep = [r for r in rows if r["exact"]][:4]
+    path = tmp_path / "memorized.jsonl"
+    path.write_text("".join(json.dumps({"tokens": r["tokens"][:40]}) + "\n" for r in keep))
+    out = tmp_path / "out"   # no memorization/ here: the 40-token rows split 20 + 20
+    assert bypass(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--device", "cpu",
+                   "--ppl-blocks", "2", "--memorized-file", str(path)]) == 0
+    manifest = json.loads((out / "bypass" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["prefix_len"] == 20
+    assert json.loads((out / "bypass" / "summary.json").read_text())["n_windows"] == 4
