@@ -444,8 +444,9 @@ class KfacConfig(StageConfig):
     upstream: ClassVar[str | None] = "memorization"
 
     layers: list[int] = option([], "blocks to edit (default: the second half of the model)")
-    projections: list[str] = option(["mlp_in", "mlp_out"], "arch roles of the linear modules to edit "
-                                    "(mlp_in, mlp_out, mlp_gate for gated MLPs)")
+    projections: list[str] = option([], "arch roles of the linear modules to edit (mlp_in, mlp_out, "
+                                    "mlp_gate for gated MLPs; default: the MLP input projections, "
+                                    "gate and up where gated, as the paper)")
     labels: str = option("sampled", "gradient labels: sampled from the model (true Fisher) or the data",
                          choices=("sampled", "data"))
     factor_tokens: int = option(200_000, "token budget for collecting the factors", minimum=1)

@@ -343,17 +343,36 @@ def select_product(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Ten
     def mass(c: torch.Tensor) -> float:
         return float((lam * prefix[c]).sum())
 
+    # The bisection runs on the shorter spectrum with plain division (no ulp fix-up); the exact
+    # counts below then check its result, and a failed check repeats it with exact counts.
+    lam_asc = lam.flip(0)
+    prefix_lam = torch.cat([lam.new_zeros(1), torch.cumsum(lam, 0)])
+    tiny = torch.finfo(torch.float64).tiny
+
+    def approx_mass(tau: float) -> float:
+        if n > m:   # per column j: rows i with λ_i ≥ τ / μ_j
+            r = n - torch.searchsorted(lam_asc, tau / mu.clamp_min(tiny))
+            return float((mu * prefix_lam[r]).sum())
+        return mass(m - torch.searchsorted(mu_asc, tau / lam.clamp_min(tiny)))
+
+    def exact_mass(tau: float) -> float:
+        return mass(counts(tau, strict=False))
+
     # Bisection over the bit patterns of non-negative doubles (monotone as int64): at most 64 steps.
     # Invariant: the products >= lo hold >= target, the products >= hi hold < target.
     as_bits = lambda x: int(torch.tensor([x], dtype=torch.float64).view(torch.int64))  # noqa: E731
     as_float = lambda b: float(torch.tensor([b], dtype=torch.int64).view(torch.float64))  # noqa: E731
-    lo_b, hi_b = 0, as_bits(float(lam[0] * mu[0])) + 1
-    while hi_b - lo_b > 1:
-        mid = (lo_b + hi_b) // 2
-        if mass(counts(as_float(mid), strict=False)) >= target:
-            lo_b = mid
-        else:
-            hi_b = mid
+    top = as_bits(float(lam[0] * mu[0])) + 1
+    for mass_of in (approx_mass, exact_mass):
+        lo_b, hi_b = 0, top
+        while hi_b - lo_b > 1:
+            mid = (lo_b + hi_b) // 2
+            if mass_of(as_float(mid)) >= target:
+                lo_b = mid
+            else:
+                hi_b = mid
+        if exact_mass(as_float(lo_b)) >= target and mass(counts(as_float(lo_b), strict=True)) < target:
+            break
     tau = as_float(lo_b)                    # no double lies strictly between tau and hi: the boundary value
     c_ge = counts(tau, strict=False)
     c_gt = counts(tau, strict=True)
@@ -496,7 +515,8 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
     _check_model("memorization scores", upstream.get("model", {}), loaded)
     n_layers = dims(loaded.model).n_layers
     layers = list(cfg.layers) or list(range(n_layers // 2, n_layers))
-    targets = resolve_targets(loaded.model, loaded.arch, layers, cfg.projections)
+    roles = list(cfg.projections) or list(loaded.arch.mlp_in_roles)
+    targets = resolve_targets(loaded.model, loaded.arch, layers, roles)
     reused = None
     if cfg.factors_file:
         reused, recorded, modules = load_factors(Path(cfg.factors_file))
@@ -581,7 +601,7 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
 
     summary = {
         "model": identity["name_or_path"], "n_memorized": len(windows), "layers": layers,
-        "projections": list(cfg.projections), "modules": [t.name for t in targets],
+        "projections": roles, "modules": [t.name for t in targets],
         "labels": factors.labels, "factor_tokens": factors.n_tokens, "damping": cfg.damping,
         "before": before, "results": results,
         "saved": {"formula": cfg.save_formula, "rho": save_rho, **_result(cfg.save_formula, save_rho, before,

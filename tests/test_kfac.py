@@ -208,8 +208,9 @@ def test_stage_outputs(edited, testbed):
 
     with safe_open(str(stage / "deltas.safetensors"), "pt") as fh:
         keys = set(fh.keys())
-    assert keys == {f"gpt_neox.layers.{i}.mlp.{m}.weight" for i in (2, 3) for m in ("dense_h_to_4h",
-                                                                                    "dense_4h_to_h")}
+    # the default projections: the MLP input projections (GPT-NeoX: dense_h_to_4h), as the paper
+    assert keys == {f"gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight" for i in (2, 3)}
+    assert summary["projections"] == ["mlp_in"]
     with safe_open(str(stage / "factors.safetensors"), "pt") as fh:
         meta = fh.metadata()
     assert json.loads(meta["model"])["name_or_path"] == "testbed" and int(meta["n_tokens"]) >= 2000
