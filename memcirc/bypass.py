@@ -29,7 +29,7 @@ from memcirc import artifacts as art
 from memcirc.config import BypassConfig
 from memcirc.data import Columns, Window, load_documents
 from memcirc.errors import InputError
-from memcirc.evaluation import heldout_blocks, memorization, memorized_windows, perplexity
+from memcirc.evaluation import check_same_model, heldout_blocks, memorization, memorized_windows, perplexity
 from memcirc.logs import attach_log_file, progress, release_logs
 from memcirc.models import arch as A
 from memcirc.models import load
@@ -326,9 +326,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     loaded = load(cfg.model_spec())
     model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
     if upstream is not None and not cfg.memorized_file:
-        from memcirc.contrastive import _check_same_model
-
-        _check_same_model(upstream, loaded)
+        check_same_model(upstream, loaded)
     _check_vocab(windows, model)
     layer_sets = parse_layer_sets(cfg.layer_sets, A.n_layers(model))
     # Mode mean: the reference mean comes from the held-out blocks after the perplexity blocks, so

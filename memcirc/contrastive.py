@@ -36,8 +36,9 @@ import torch
 from memcirc import artifacts as art
 from memcirc.config import ContrastiveConfig
 from memcirc.errors import InputError
+from memcirc.evaluation import check_same_model
 from memcirc.logs import attach_log_file, progress, release_logs
-from memcirc.models import LoadedModel, load
+from memcirc.models import load
 from memcirc.scoring import bleu4, greedy_generate
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ def run(cfg: ContrastiveConfig) -> dict[str, Any]:
     rows = list(art.read_jsonl(upstream_dir / art.SCORES_JSONL))
     memorized, low = _select(rows, cfg)
     loaded = load(cfg.model_spec())
-    _check_same_model(upstream, loaded)
+    check_same_model(upstream, loaded)
     inputs = [{"path": str(upstream_dir), "run_id": upstream["run_id"]}]
     fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)
@@ -371,15 +372,6 @@ def _select(rows: list[dict[str, Any]], cfg: ContrastiveConfig) -> tuple[list[di
                          f"{cfg.memorized_by} >= {cfg.threshold}; lower --threshold or score more data")
     low = [r for r in rows if not r["exact"] and r["lcp"] <= cfg.low_max_lcp]
     return memorized, low
-
-
-def _check_same_model(upstream: dict[str, Any], loaded: LoadedModel) -> None:
-    scored, here = upstream.get("model", {}), loaded.identity()
-    keys = ("name_or_path", "revision", "gguf_file", "model_type")
-    if any(scored.get(k) != here.get(k) for k in keys):
-        raise InputError(f"the memorization scores were computed with {scored.get('name_or_path')!r} "
-                         f"(revision {scored.get('revision')!r}); this run loads {here['name_or_path']!r} "
-                         f"(revision {here['revision']!r}): score with this model first")
 
 
 def _dedup(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:

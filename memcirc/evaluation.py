@@ -14,6 +14,7 @@ import torch
 from memcirc import artifacts as art
 from memcirc.data import Columns, Window, load_documents
 from memcirc.errors import InputError
+from memcirc.models import LoadedModel
 from memcirc.scoring import score_windows, summarize
 from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
 
@@ -33,6 +34,16 @@ def memorized_windows(stage_dir: Path, memorized_by: str = "exact", threshold: f
         raise InputError(f"no memorized windows in {stage_dir} ({memorized_by} >= {threshold} in none of "
                          f"{len(rows)}): score more data or lower the threshold")
     return windows
+
+
+def check_same_model(upstream: dict[str, Any], loaded: LoadedModel) -> None:
+    """Refuse to analyse memorization scores that another model produced."""
+    scored, here = upstream.get("model", {}), loaded.identity()
+    keys = ("name_or_path", "revision", "gguf_file", "model_type")
+    if any(scored.get(k) != here.get(k) for k in keys):
+        raise InputError(f"the memorization scores were computed with {scored.get('name_or_path')!r} "
+                         f"(revision {scored.get('revision')!r}); this run loads {here['name_or_path']!r} "
+                         f"(revision {here['revision']!r}): score with this model first")
 
 
 def memorization(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: int, batch_size: int,
