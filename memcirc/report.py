@@ -39,6 +39,16 @@ def report(run_dir: Path) -> str:
     if verify:
         lines.append(f"held-out: faithfulness {verify['faithfulness_heldout']:.3f}; random circuits of the "
                      f"same size {verify['random_faithfulness_mean']:.3f} ± {verify['random_faithfulness_sd']:.3f}")
+    bypass = _summary(run_dir / "bypass")
+    if bypass:
+        blocks = ", ".join(f"{e['layer']}: {e['exact']:.2f}/{e['ppl']:.1f}" for e in bypass["layers"])
+        lines.append(f"attention bypass: baseline exact {bypass['baseline']['exact']:.2f}, ppl "
+                     f"{bypass['baseline']['ppl']:.1f}; per block exact/ppl {blocks}")
+    kfac = _summary(run_dir / "kfac")
+    if kfac:
+        lines += [f"K-FAC edit ({r['formula']}, rho {r['rho']}): exact {r['exact_before']:.2f} -> "
+                  f"{r['exact_after']:.2f}, ppl {r['ppl_before']:.1f} -> {r['ppl_after']:.1f}"
+                  for r in kfac["results"]]
     return "\n".join(lines)
 
 
