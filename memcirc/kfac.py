@@ -271,7 +271,7 @@ def spectrum(factor: torch.Tensor, n_tokens: int, damping: float = 0.0) -> tuple
 def eigenbasis(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, n_tokens: int, damping: float = 0.0) -> Eigenbasis:
     mu, U_A = spectrum(A, n_tokens, damping)
     lam, U_G = spectrum(G, n_tokens, damping)
-    C = U_G.t() @ W.double() @ U_A
+    C = U_G.t() @ W.detach().to(U_A.device, torch.float64) @ U_A   # on the factors' device (CPU)
     return Eigenbasis(lam, U_G, mu, U_A, C)
 
 
@@ -447,7 +447,7 @@ def apply_edit(model: torch.nn.Module, targets: Sequence[Target], bases: dict[st
         total += mask.numel()
         mass_kept += float(P[mask].sum() / P.sum()) if float(P.sum()) > 0 else 1.0
         W = weight_of(model, t)
-        W.copy_(basis.weight(mask.double()).to(W.dtype))
+        W.copy_(basis.weight(mask.to(basis.C.device, torch.float64)).to(W.device, W.dtype))
     return {"kept_fraction": kept / total, "kept_importance": mass_kept / len(targets)}
 
 
