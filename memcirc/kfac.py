@@ -584,6 +584,12 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
             results.append(_result(formula, rho, before, after, kept))
             log.info("%s rho=%.3f: exact %.3f -> %.3f, ppl %.2f -> %.2f", formula, rho, before["exact"],
                      after["exact"], before["ppl"], after["ppl"])
+    # Reference point: the edited weights zeroed (the rho -> 0 limit, i.e. deleting the modules).
+    with torch.no_grad():
+        for t in targets:
+            weight_of(loaded.model, t).zero_()
+    ablated = _evaluate(cfg, loaded, windows, blocks)
+    restore()
     timings["sweep_s"] = time.perf_counter() - t0
 
     save_rho = _saved_setting(cfg, results)
@@ -603,7 +609,7 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
         "model": identity["name_or_path"], "n_memorized": len(windows), "layers": layers,
         "projections": roles, "modules": [t.name for t in targets],
         "labels": factors.labels, "factor_tokens": factors.n_tokens, "damping": cfg.damping,
-        "before": before, "results": results,
+        "before": before, "results": results, "ablated": ablated,
         "saved": {"formula": cfg.save_formula, "rho": save_rho, **_result(cfg.save_formula, save_rho, before,
                                                                            saved_eval, kept)},
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -634,6 +640,8 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"{r['formula']:<9} {r['rho']:>6.3f} {r['exact_before']:>6.3f}>{r['exact_after']:<6.3f} "
                      f"{r['loose_before']:>6.3f}>{r['loose_after']:<6.3f} {r['ppl_before']:>8.2f}>"
                      f"{r['ppl_after']:<8.2f} {r['kept_fraction']:>7.3f}")
+    a = summary["ablated"]
+    lines.append(f"edited weights zeroed: exact {a['exact']:.3f}, loose {a['loose_match']:.3f}, ppl {a['ppl']:.2f}")
     s = summary["saved"]
     lines.append(f"saved edited_model: {s['formula']} rho={s['rho']} (exact {s['exact_after']:.3f}, "
                  f"ppl {s['ppl_after']:.2f})")
@@ -652,6 +660,7 @@ def rho_curve(summary: dict[str, Any], path: Path) -> None:
         left.plot(rhos, [r["loose_after"] for r in rows], marker="x", ls="--", label=f"{formula} loose")
         right.plot(rhos, [r["ppl_after"] for r in rows], marker="o", label=formula)
     left.axhline(summary["before"]["exact"], color="grey", lw=0.8)
+    left.axhline(summary["ablated"]["exact"], color="black", lw=0.8, ls=":", label="weights zeroed")
     left.set_xlabel("rho (fraction of importance kept)")
     left.set_ylabel("memorized windows reproduced")
     left.set_ylim(-0.05, 1.05)
@@ -659,6 +668,7 @@ def rho_curve(summary: dict[str, Any], path: Path) -> None:
     left.set_title(f"{summary['n_memorized']} memorized windows")
     right.axhline(summary["before"]["ppl"], color="grey", lw=0.8, label="before")
     right.axhline(summary["before"]["ppl"] * (1 + PPL_LIMIT), color="grey", lw=0.8, ls=":", label="+20 %")
+    right.axhline(summary["ablated"]["ppl"], color="black", lw=0.8, ls=":", label="weights zeroed")
     right.set_xlabel("rho (fraction of importance kept)")
     right.set_ylabel("held-out perplexity")
     right.legend(fontsize=8)

@@ -200,6 +200,7 @@ def test_stage_outputs(edited, testbed):
             assert r["exact_after"] == r["exact_before"] == 1.0
             assert r["ppl_after"] == pytest.approx(r["ppl_before"], rel=1e-5)
     assert summary["layers"] == [2, 3] and summary["labels"] == "sampled"
+    assert {"exact", "loose_match", "ppl"} <= set(summary["ablated"])
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert {"factors.safetensors", "deltas.safetensors", "rho_curve.png",
