@@ -452,7 +452,7 @@ class KfacConfig(StageConfig):
     factor_tokens: int = option(200_000, "token budget for collecting the factors", minimum=1)
     factor_data: str = option("testbed", "text the factors are collected on ('testbed': the training "
                               "corpus slice)")
-    rhos: list[float] = option([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5], "fractions of importance to keep")
+    rhos: list[float] = option([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "fractions of importance to keep")
     formulas: list[str] = option(["original", "modified"], "importance: original = lambda*mu, "
                                  "modified = lambda*mu*|C|^2", choices=("original", "modified"))
     damping: float = option(0.0, "added to both factors' eigenvalues")
