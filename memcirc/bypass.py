@@ -326,7 +326,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     loaded = load(cfg.model_spec())
     model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
     if upstream is not None and not cfg.memorized_file:
-        check_same_model(upstream, loaded)
+        check_same_model(upstream.get("model", {}), loaded)
     _check_vocab(windows, model)
     layer_sets = parse_layer_sets(cfg.layer_sets, A.n_layers(model))
     # Mode mean: the reference mean comes from the held-out blocks after the perplexity blocks, so

@@ -319,7 +319,7 @@ def run(cfg: ContrastiveConfig) -> dict[str, Any]:
     rows = list(art.read_jsonl(upstream_dir / art.SCORES_JSONL))
     memorized, low = _select(rows, cfg)
     loaded = load(cfg.model_spec())
-    check_same_model(upstream, loaded)
+    check_same_model(upstream.get("model", {}), loaded)
     inputs = [{"path": str(upstream_dir), "run_id": upstream["run_id"]}]
     fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)

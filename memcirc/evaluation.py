@@ -36,14 +36,16 @@ def memorized_windows(stage_dir: Path, memorized_by: str = "exact", threshold: f
     return windows
 
 
-def check_same_model(upstream: dict[str, Any], loaded: LoadedModel) -> None:
-    """Refuse to analyse memorization scores that another model produced."""
-    scored, here = upstream.get("model", {}), loaded.identity()
-    keys = ("name_or_path", "revision", "gguf_file", "model_type")
-    if any(scored.get(k) != here.get(k) for k in keys):
-        raise InputError(f"the memorization scores were computed with {scored.get('name_or_path')!r} "
-                         f"(revision {scored.get('revision')!r}); this run loads {here['name_or_path']!r} "
-                         f"(revision {here['revision']!r}): score with this model first")
+def check_same_model(recorded: dict[str, Any], loaded: LoadedModel, what: str = "memorization scores") -> None:
+    """Refuse artifacts (scores, factors) that another model produced: `recorded` is the identity
+    stored with them (LoadedModel.identity()); keys it lacks are not compared."""
+    here = loaded.identity()
+    keys = ("name_or_path", "revision", "gguf_file", "model_type", "n_params")
+    diff = [k for k in keys if k in recorded and recorded.get(k) != here.get(k)]
+    if diff:
+        raise InputError(f"the {what} belong to model {recorded.get('name_or_path')!r} "
+                         f"({', '.join(f'{k}={recorded.get(k)!r}' for k in diff)}); this run loads "
+                         f"{here['name_or_path']!r}: use {what} of this model")
 
 
 def memorization(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: int, batch_size: int,

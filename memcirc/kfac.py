@@ -39,6 +39,7 @@ import torch
 from memcirc import artifacts as art
 from memcirc.config import KfacConfig
 from memcirc.errors import InputError
+from memcirc.evaluation import check_same_model, heldout_blocks, memorization, memorized_windows, perplexity
 from memcirc.logs import attach_log_file, progress, release_logs
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import ArchSpec, dims, get_module
@@ -474,19 +475,7 @@ def _factor_tokens(cfg: KfacConfig, loaded: LoadedModel) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _check_model(what: str, recorded: dict[str, Any], loaded: LoadedModel) -> None:
-    here = loaded.identity()
-    keys = ("name_or_path", "revision", "gguf_file", "model_type", "n_params")
-    diff = [k for k in keys if k in recorded and recorded.get(k) != here.get(k)]
-    if diff:
-        raise InputError(f"the {what} belong to model {recorded.get('name_or_path')!r} "
-                         f"({', '.join(f'{k}={recorded.get(k)!r}' for k in diff)}); this run loads "
-                         f"{here['name_or_path']!r}: use factors/scores of this model")
-
-
 def _evaluate(cfg: KfacConfig, loaded: LoadedModel, windows: list, blocks: list) -> dict[str, Any]:
-    from memcirc.evaluation import memorization, perplexity
-
     pad = loaded.tokenizer.pad_token_id
     mem = memorization(loaded.model, windows, pad_id=pad, batch_size=cfg.batch_size,
                        levenshtein_threshold=cfg.levenshtein_threshold)
@@ -503,8 +492,6 @@ def _saved_setting(cfg: KfacConfig, results: list[dict[str, Any]]) -> float:
 
 
 def run(cfg: KfacConfig) -> dict[str, Any]:
-    from memcirc.evaluation import heldout_blocks, memorized_windows
-
     torch.manual_seed(cfg.seed)
     upstream_dir = cfg.upstream_dir
     upstream = art.read_manifest(upstream_dir, what="memorization")
@@ -512,7 +499,7 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
     if cfg.limit:
         windows = windows[:cfg.limit]
     loaded = load(cfg.model_spec())
-    _check_model("memorization scores", upstream.get("model", {}), loaded)
+    check_same_model(upstream.get("model", {}), loaded)
     n_layers = dims(loaded.model).n_layers
     layers = list(cfg.layers) or list(range(n_layers // 2, n_layers))
     roles = list(cfg.projections) or list(loaded.arch.mlp_in_roles)
@@ -520,7 +507,7 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
     reused = None
     if cfg.factors_file:
         reused, recorded, modules = load_factors(Path(cfg.factors_file))
-        _check_model(f"factors in {cfg.factors_file}", recorded, loaded)
+        check_same_model(recorded, loaded, f"factors in {cfg.factors_file}")
         missing = [t.name for t in targets if t.name not in reused.A]
         if missing:
             raise InputError(f"{cfg.factors_file} has no factors for {missing}; it holds "

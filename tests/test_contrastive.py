@@ -118,7 +118,7 @@ def test_bad_input(scored, tmp_path, tiny_model_dirs, capsys):
     assert contrastive(["--output-dir", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
     assert "no manifest.json" in _one_error_line(capsys)
     assert contrastive(base + ["--model", str(tiny_model_dirs["gpt_neox"])]) == 2
-    assert "scores were computed with 'testbed'" in _one_error_line(capsys)
+    assert "memorization scores belong to model 'testbed'" in _one_error_line(capsys)
     assert contrastive(base + ["--memorized-by", "bleu4"]) == 2
     assert "no 'bleu4' column" in _one_error_line(capsys)
     assert not out.exists() and not (tmp_path / "nothing" / "contrastive").exists()
