@@ -46,9 +46,11 @@ def report(run_dir: Path) -> str:
                      f"{bypass['baseline']['ppl']:.1f}; per block exact/ppl {blocks}")
     kfac = _summary(run_dir / "kfac")
     if kfac:
-        lines += [f"K-FAC edit ({r['formula']}, rho {r['rho']}): exact {r['exact_before']:.2f} -> "
-                  f"{r['exact_after']:.2f}, ppl {r['ppl_before']:.1f} -> {r['ppl_after']:.1f}"
-                  for r in kfac["results"]]
+        for formula in dict.fromkeys(r["formula"] for r in kfac["results"]):
+            rows = [r for r in kfac["results"] if r["formula"] == formula]
+            curve = ", ".join(f"{r['rho']}: {r['exact_after']:.2f}/{r['ppl_after']:.1f}" for r in rows)
+            lines.append(f"K-FAC edit ({formula}): before exact {rows[0]['exact_before']:.2f}, ppl "
+                         f"{rows[0]['ppl_before']:.1f}; rho exact/ppl {curve}")
     return "\n".join(lines)
 
 

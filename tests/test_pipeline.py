@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO
 
-STAGES = ("memorization", "contrastive", "circuits", "verify")
+STAGES = ("memorization", "contrastive", "circuits", "verify", "bypass", "kfac")  # configs/testbed.yaml
 
 
 def _snapshot(run_dir):
@@ -36,9 +36,9 @@ def test_every_stage_is_complete(pipeline_run):
     for stage in STAGES:
         manifest = json.loads((out / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete", stage
-    tail = first.stdout.strip().splitlines()
-    assert any(line.startswith("circuit:") for line in tail[-3:])
-    assert tail[-1].startswith("held-out: faithfulness")
+    report = first.stdout[first.stdout.rindex("memorization ("):].splitlines()
+    for headline in ("contrastive (", "circuit:", "held-out: faithfulness", "attention bypass:", "K-FAC edit"):
+        assert any(line.startswith(headline) for line in report), headline
 
 
 def test_second_run_recomputes_nothing(pipeline_run):
