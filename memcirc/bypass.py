@@ -33,6 +33,7 @@ from memcirc.evaluation import check_same_model, heldout_blocks, memorization, m
 from memcirc.logs import attach_log_file, progress, release_logs
 from memcirc.models import arch as A
 from memcirc.models import load
+from memcirc.scoring import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,7 @@ def mean_attention_outputs(model: torch.nn.Module, arch: A.ArchSpec, blocks: Seq
     try:
         for b in range(0, len(blocks), batch_size):
             batch = blocks[b:b + batch_size]
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, x in enumerate(batch):
-                ids[i, :len(x)] = torch.as_tensor(x)
-                mask[i, :len(x)] = 1
+            ids, mask = pad_batch(batch, pad_id, "right")
             mask_now[:] = [mask.to(device)]
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             count += int(mask.sum())
@@ -340,9 +336,8 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     if cfg.heldout != "testbed" and Path(cfg.heldout).is_file():
         inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
     identity = loaded.identity()
-    model_id = {k: identity.get(k) for k in ("name_or_path", "revision", "commit_hash", "gguf_file", "model_type",
-                                             "dtype")}
-    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, "model": model_id})
+    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs,
+                                   "model": loaded.results_identity()})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)
     release_logs()
     if (done := stage.completed_summary(cfg.force)) is not None:

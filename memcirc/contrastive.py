@@ -39,7 +39,7 @@ from memcirc.errors import InputError
 from memcirc.evaluation import check_same_model
 from memcirc.logs import attach_log_file, progress, release_logs
 from memcirc.models import load
-from memcirc.scoring import bleu4, greedy_generate
+from memcirc.scoring import bleu4, greedy_generate, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,7 @@ def argmax_path(model: torch.nn.Module, sequences: Sequence[Sequence[int]], batc
     out: list[np.ndarray] = []
     for b in range(0, len(sequences), batch_size):
         batch = sequences[b:b + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(batch):  # right padding: real tokens never attend to pads
-            ids[i, :len(s)] = torch.as_tensor(s)
-            mask[i, :len(s)] = 1
+        ids, mask = pad_batch(batch, 0, "right")  # right padding: real tokens never attend to pads
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         pred = logits.argmax(-1).cpu().numpy()
         out.extend(pred[i, :len(s)] for i, s in enumerate(batch))
@@ -244,12 +239,7 @@ def pooled_states(model: torch.nn.Module, sequences: Sequence[Sequence[int]], le
     out = []
     for b in range(0, len(sequences), batch_size):
         batch = [list(s[:n]) for s, n in zip(sequences[b:b + batch_size], lengths[b:b + batch_size])]
-        width = max(len(s) for s in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.as_tensor(s)
-            mask[i, :len(s)] = 1
+        ids, mask = pad_batch(batch, 0, "right")
         hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
                        output_hidden_states=True).hidden_states[-1].float()
         m = mask.to(device)[..., None].float()

@@ -15,7 +15,7 @@ from memcirc import artifacts as art
 from memcirc.data import Columns, Window, load_documents
 from memcirc.errors import InputError
 from memcirc.models import LoadedModel
-from memcirc.scoring import score_windows, summarize
+from memcirc.scoring import pad_batch, score_windows, summarize
 from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
 
 HELDOUT_TESTBED = CORPUS_DIR / "heldout.txt"
@@ -81,13 +81,7 @@ def perplexity(model: torch.nn.Module, blocks: Sequence[np.ndarray], *, pad_id: 
     total_nll, total_tokens = 0.0, 0
     for b in range(0, len(blocks), batch_size):
         batch = blocks[b:b + batch_size]
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(batch):
-            ids[i, :len(x)] = torch.as_tensor(x)
-            mask[i, :len(x)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in pad_batch(batch, pad_id, "right"))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         target_mask = mask[:, 1:].float()

@@ -519,9 +519,8 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
     if cfg.factors_file:
         inputs.append({"path": str(cfg.factors_file), "sha256": art.sha256_file(Path(cfg.factors_file))})
     identity = loaded.identity()
-    model_id = {k: identity[k] for k in ("name_or_path", "revision", "commit_hash", "gguf_file", "model_type",
-                                         "dtype")}
-    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, "model": model_id})
+    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs,
+                                   "model": loaded.results_identity()})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)
     release_logs()
     if (done := stage.completed_summary(cfg.force)) is not None:

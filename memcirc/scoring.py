@@ -104,7 +104,9 @@ class WindowScore:
     generated: list[int] | None = None  # greedy continuation (S tokens), where computed
 
 
-def _pad_batch(sequences: Sequence[np.ndarray], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
+              side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of a batch of token sequences padded to one width on `side`."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -124,7 +126,7 @@ def teacher_forced(model: torch.nn.Module, windows: Sequence[Window], pad_id: in
                    padding_side: str = "right") -> list[WindowScore]:
     """Score a batch of windows (any mix of lengths) with one forward pass."""
     device = next(model.parameters()).device
-    ids, mask = _pad_batch([w.tokens for w in windows], pad_id, padding_side)
+    ids, mask = pad_batch([w.tokens for w in windows], pad_id, padding_side)
     width = ids.shape[1]
     # Position ids from the mask, so left padding does not shift positions.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -196,7 +198,7 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[np.ndarray], n_new
     min_new_tokens, as the predecessor did) would make the continuation differ from greedy decoding.
     """
     device = next(model.parameters()).device
-    ids, mask = _pad_batch(prompts, pad_id, "left")
+    ids, mask = pad_batch(prompts, pad_id, "left")
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_new,
                          do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=pad_id,
                          temperature=None, top_p=None, top_k=None)
@@ -372,9 +374,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     loaded = load(cfg.model_spec())
     windows, inputs = _stage_windows(cfg, loaded)
     identity = loaded.identity()
-    model_id = {k: identity[k] for k in ("name_or_path", "revision", "commit_hash", "gguf_file", "model_type",
-                                         "dtype")}
-    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, "model": model_id})
+    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs,
+                                   "model": loaded.results_identity()})
     stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
     if (summary := stage.completed_summary(cfg.force)) is not None:
         print(format_summary(summary))

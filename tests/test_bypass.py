@@ -14,12 +14,11 @@ import torch
 from memcirc.bypass import bypass_attention, mean_attention_outputs, sweep
 from memcirc.bypass import run as run_bypass
 from memcirc.cli import main
-from memcirc.config import BypassConfig, ScoreConfig
+from memcirc.config import BypassConfig
 from memcirc.data import Window
 from memcirc.models import ModelSpec, load
 from memcirc.models import arch as A
 from memcirc.scoring import greedy_generate
-from memcirc.scoring import run as run_scoring
 
 FAMILIES = list(A.SPECS)
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 77, 8, 140, 61, 12, 200],
@@ -228,16 +227,6 @@ def test_sweep_runs_on_every_family(tiny_loaded, family):
 
 
 # -- the stage on the testbed -----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """A memorization run over the 112 testbed canaries (k = 0 ... 32)."""
-    out = tmp_path_factory.mktemp("run")
-    assert main(ScoreConfig, run_scoring, ["--config", "configs/testbed.yaml", "--output-dir", str(out),
-                                           "--limit", "112", "--device", "cpu",
-                                           "--metrics", "exact", "token_match"]) == 0
-    return out
-
 
 def bypass(argv):
     return main(BypassConfig, run_bypass, argv)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from memcirc.cli import main
-from memcirc.config import ContrastiveConfig, ScoreConfig
+from memcirc.config import ContrastiveConfig
 from memcirc.contrastive import (
     divergence_pairs,
     find_divergences,
@@ -14,17 +14,6 @@ from memcirc.contrastive import (
     split_by_document,
 )
 from memcirc.contrastive import run as run_contrastive
-from memcirc.scoring import run as run_scoring
-
-
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """A memorization run over the 112 testbed canaries (k = 0 ... 32)."""
-    out = tmp_path_factory.mktemp("run")
-    assert main(ScoreConfig, run_scoring, ["--config", "configs/testbed.yaml", "--output-dir", str(out),
-                                           "--limit", "112", "--device", "cpu",
-                                           "--metrics", "exact", "token_match"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -172,16 +172,6 @@ QUICK = ["--factor-tokens", "2000", "--rhos", "1.0", "0.6", "--ppl-blocks", "4",
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """A memorization run over the 112 testbed canaries (k = 0 ... 32)."""
-    out = tmp_path_factory.mktemp("run")
-    assert main(ScoreConfig, run_scoring, ["--config", "configs/testbed.yaml", "--output-dir", str(out),
-                                           "--limit", "112", "--device", "cpu",
-                                           "--metrics", "exact", "token_match"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def edited(scored):
     args = ["--config", "configs/testbed.yaml", "--output-dir", str(scored), "--limit", "12", *QUICK]
     assert main(KfacConfig, run_kfac, args) == 0
