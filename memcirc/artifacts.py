@@ -201,6 +201,13 @@ class StageRun:
     started: float = field(default_factory=time.time)
     inputs: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def for_config(cls, cfg: Any, stage: str, inputs: list[dict[str, Any]], **parts: Any) -> StageRun:
+        """The run of `cfg`'s stage, fingerprinted by its hashed config, its inputs and `parts`
+        (e.g. model=LoadedModel.results_identity())."""
+        fingerprint = sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, **parts})
+        return cls(cfg.stage_dir, stage, cfg.to_dict(), fingerprint, inputs=inputs)
+
     def existing(self) -> dict[str, Any] | None:
         path = self.stage_dir / MANIFEST
         if not path.is_file():

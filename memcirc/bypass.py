@@ -336,9 +336,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     if cfg.heldout != "testbed" and Path(cfg.heldout).is_file():
         inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
     identity = loaded.identity()
-    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs,
-                                   "model": loaded.results_identity()})
-    stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)
+    stage = art.StageRun.for_config(cfg, STAGE, inputs, model=loaded.results_identity())
     release_logs()
     if (done := stage.completed_summary(cfg.force)) is not None:
         print(format_table(done))

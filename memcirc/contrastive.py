@@ -311,8 +311,7 @@ def run(cfg: ContrastiveConfig) -> dict[str, Any]:
     loaded = load(cfg.model_spec())
     check_same_model(upstream.get("model", {}), loaded)
     inputs = [{"path": str(upstream_dir), "run_id": upstream["run_id"]}]
-    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs})
-    stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint, inputs=inputs)
+    stage = art.StageRun.for_config(cfg, STAGE, inputs)
     release_logs()  # inputs are fine; from here on progress is worth seeing
     if (done := stage.completed_summary(cfg.force)) is not None:
         return done

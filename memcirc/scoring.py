@@ -374,9 +374,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     loaded = load(cfg.model_spec())
     windows, inputs = _stage_windows(cfg, loaded)
     identity = loaded.identity()
-    fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs,
-                                   "model": loaded.results_identity()})
-    stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
+    stage = art.StageRun.for_config(cfg, STAGE, inputs, model=loaded.results_identity())
+    fingerprint = stage.fingerprint
     if (summary := stage.completed_summary(cfg.force)) is not None:
         print(format_summary(summary))
         return summary
