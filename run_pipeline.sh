@@ -9,7 +9,8 @@
 #    --output_dir, --threshold, --metric, --contrastive_mode, --mem_batch_size,
 #    --contrastive_batch_size, --eap_batch_size, --global_batch_size)
 # Which stages run is the config's `pipeline:` list (memorization_score, contrastive_dataset,
-# find_circuits, verify_circuit, attention_bypass, kfac_edit); default: the first four.
+# find_circuits, verify_circuit, attention_bypass, kfac_edit, training_dynamics,
+# predict_memorization); default: the first four.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,9 +20,9 @@ OUTPUT_DIR=runs/testbed
 FROM_STAGE=
 TO_STAGE=
 COMMON=()        # flags every stage accepts
-MEM=() CON=() CIR=() VER=() BYP=() KFA=()   # stage-specific flags
+MEM=() CON=() CIR=() VER=() BYP=() KFA=() PRE=() DYN=()   # stage-specific flags
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
 index_of() {
   local i; for i in "${!STAGES[@]}"; do [[ ${STAGES[$i]} == "$1" ]] && { echo "$i"; return; }; done
@@ -68,6 +69,7 @@ stage_flags() {
     memorization_score) echo MEM ;; contrastive_dataset) echo CON ;;
     find_circuits) echo CIR ;; verify_circuit) echo VER ;;
     attention_bypass) echo BYP ;; kfac_edit) echo KFA ;;
+    predict_memorization) echo PRE ;; training_dynamics) echo DYN ;;
   esac
 }
 

@@ -204,7 +204,7 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
 
 PIPELINE_KEY = "pipeline"
 PIPELINE_STAGES = ("memorization_score", "contrastive_dataset", "find_circuits", "verify_circuit",
-                   "attention_bypass", "kfac_edit")
+                   "attention_bypass", "kfac_edit", "training_dynamics", "predict_memorization")
 DEFAULT_PIPELINE = PIPELINE_STAGES[:4]
 
 
@@ -472,6 +472,83 @@ class KfacConfig(StageConfig):
         bad = [r for r in self.rhos if not 0.0 < r <= 1.0]
         if bad or (self.save_rho is not None and not 0.0 < self.save_rho <= 1.0):
             raise InputError(f"config key 'rhos' must lie in (0, 1], got {bad or [self.save_rho]}")
+
+
+@register
+@dataclass
+class PredictConfig(StageConfig):
+    """predict_memorization: features from the data alone -> classifiers of memorized vs not."""
+
+    stage: ClassVar[str] = "predict"
+    upstream: ClassVar[str | None] = "memorization"
+
+    labels_file: str | None = option(None, "table of memorized sequences (pythia-memorized-evals style: JSONL/"
+                                     "Parquet with a tokens column, optional index); default: the labels of "
+                                     "<input-dir>/scores.jsonl")
+    controls_file: str | None = option(None, "random-control table (label 0) to go with --labels-file")
+    memorized_by: str = option("exact", "scores.jsonl column that defines a memorized window", choices=MEMORIZED_BY)
+    threshold: float = option(1.0, "a window is memorized when memorized_by >= threshold")
+    reference_model: str | None = option(None, "smaller reference model for the surprisal features (Hub id or "
+                                         "folder; default for the testbed: its earliest checkpoint)")
+    reference_revision: str | None = option(None, "revision of the reference model")
+    baseline_model: str | None = option(None, "the seed's baseline predictor: 'memorized' = memorized by this "
+                                        "(smaller) model (default for the testbed: its last checkpoint)")
+    baseline_revision: str | None = option(None, "revision of the baseline model")
+    corpus: str = option("testbed", "training corpus for n-gram duplication counts and token rarity (file, "
+                         "folder or Hub id; 'testbed': the testbed's training set, canaries repeated k times)")
+    corpus_tokens: int | None = option(None, "read at most this many corpus tokens into the n-gram index", minimum=1)
+    ngram: int = option(8, "n of the n-gram duplication index", minimum=1)
+    index_file: str | None = option(None, "reuse a saved ngram_index.safetensors instead of building one")
+    domain_column: str = option("source", "window field used as the source/domain feature")
+    classifiers: list[str] = option(["gradient_boosting", "logistic_regression"], "classifiers to compare",
+                                    choices=("gradient_boosting", "logistic_regression"))
+    folds: int = option(5, "stratified cross-validation folds", minimum=2)
+    permutation_repeats: int = option(10, "shuffles per feature for permutation importance", minimum=1)
+    dynamics_dir: str | None = option(None, "optional: a training_dynamics folder; also predict the onset "
+                                      "checkpoint of each memorized window")
+    batch_size: int = option(32, "sequences per forward pass", aliases=("--batch_size",), minimum=1, hashed=False)
+
+
+@register
+@dataclass
+class DynamicsConfig(StageConfig):
+    """training_dynamics: memorization and circuits across training checkpoints."""
+
+    stage: ClassVar[str] = "dynamics"
+    upstream: ClassVar[str | None] = "memorization"
+
+    checkpoints: list[str] = option([], "revisions of --model (e.g. step1000) or local checkpoint folders, in "
+                                    "training order (default for the testbed: its checkpoints, then the final "
+                                    "model)")
+    steps: list[int] = option([], "training step of each local checkpoint folder (default: the number at the "
+                              "end of its name, e.g. step-222)")
+    schedule: str | None = option(None, "build the revision list by name: linear (every schedule_every steps) "
+                                  "or log (schedule_points log-spaced revisions), Pythia-style stepN",
+                                  choices=("linear", "log"))
+    schedule_start: int = option(1000, "first step of the schedule", minimum=0)
+    schedule_end: int = option(143000, "last step of the schedule", minimum=0)
+    schedule_every: int = option(1000, "linear schedule: step spacing", minimum=1)
+    schedule_points: int = option(8, "log schedule: number of checkpoints", minimum=2)
+    memorized_by: str = option("exact", "scores column that defines a memorized window", choices=MEMORIZED_BY)
+    threshold: float = option(1.0, "a window is memorized when memorized_by >= threshold")
+    circuits: bool = option(True, "run attribution, minimal circuit and faithfulness per checkpoint (needs "
+                            "the contrastive stage's pairs)")
+    pairs_dir: str | None = option(None, "contrastive stage folder with the pairs (default: "
+                                   "<output-dir>/contrastive)")
+    ig_steps: int = option(5, "integrated-gradient samples (0 = plain EAP)", aliases=("--ig",), minimum=0)
+    grad_function: str = option("logit", "what the gradient is taken of",
+                                choices=("logit", "prob", "logprob", "logit_exp"))
+    loss: str = option("avg_diff", "attribution loss", choices=("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong"))
+    ablation: str = option("resample", "what an ablated edge carries", choices=ABLATIONS)
+    faithfulness_metric: str = option("logit_diff", "metric of the faithfulness ratio",
+                                      choices=("logit_diff", "answer_logit", "wrong_logit", "answer_logprob"))
+    target: float = option(0.85, "faithfulness the minimal circuit must reach")
+    weight_processing: str = option("none", "TransformerLens weight processing", choices=("none", "tl_default"))
+    curve_points: int = option(16, "log-spaced edge counts on the faithfulness curve", minimum=2)
+    checkpoint_index: int | None = option(None, "run only this checkpoint's unit (default: SLURM_ARRAY_TASK_ID "
+                                          "in a job array, else every checkpoint)", minimum=0, hashed=False)
+    merge: bool = option(False, "only aggregate finished checkpoint units into the stage outputs", hashed=False)
+    batch_size: int = option(32, "windows / pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
 
 
 if __name__ == "__main__":  # `python -m memcirc.config pipeline FILE`: the stage list, one per line
