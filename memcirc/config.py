@@ -522,9 +522,12 @@ class DynamicsConfig(StageConfig):
                                     "model)")
     steps: list[int] = option([], "training step of each local checkpoint folder (default: the number at the "
                               "end of its name, e.g. step-222)")
-    schedule: str | None = option(None, "build the revision list by name: linear (every schedule_every steps) "
-                                  "or log (schedule_points log-spaced revisions), Pythia-style stepN",
-                                  choices=("linear", "log"))
+    schedule: str | None = option(None, "build the revision list by name, Pythia-style stepN snapped to the "
+                                  "revisions Pythia has: linear (every schedule_every steps, plus the end), log "
+                                  "(schedule_points log-spaced revisions) or exp_plus_detail (Tigges et al.: "
+                                  "2^0..2^9, then 1k..15k by 1k, 20k..65k by 5k, 70k..140k by 10k, 143k; pass "
+                                  "--schedule-start 0 for the 2^i steps)",
+                                  choices=("linear", "log", "exp_plus_detail"))
     schedule_start: int = option(1000, "first step of the schedule", minimum=0)
     schedule_end: int = option(143000, "last step of the schedule", minimum=0)
     schedule_every: int = option(1000, "linear schedule: step spacing", minimum=1)
@@ -549,6 +552,13 @@ class DynamicsConfig(StageConfig):
                                           "in a job array, else every checkpoint)", minimum=0, hashed=False)
     merge: bool = option(False, "only aggregate finished checkpoint units into the stage outputs", hashed=False)
     batch_size: int = option(32, "windows / pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
+    chunk_size: int = option(256, "windows per resumable scoring chunk inside a checkpoint unit", minimum=1,
+                             hashed=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.target <= 1.0:
+            raise InputError(f"config key 'target' must be in (0, 1], got {self.target}")
 
 
 if __name__ == "__main__":  # `python -m memcirc.config pipeline FILE`: the stage list, one per line

@@ -201,6 +201,22 @@ def _load_weights(src: _Source, dtype: torch.dtype, kwargs: dict[str, Any]) -> P
         raise InputError(f"cannot load the model weights from {src.ref}: {_first_line(err)}") from err
 
 
+def load_config_and_tokenizer(spec: ModelSpec | str) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The config and tokenizer `load(spec)` would use, without reading any weights.
+
+    For cheap up-front checks (e.g. that checkpoints share one architecture and tokenizer).
+
+    Raises:
+        InputError: as `load` does for a missing folder, an unavailable Hub id or an unsupported family.
+    """
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    src = _resolve_source(spec)
+    config = _load_config(src, spec)
+    arch_for(config)
+    tokenizer, _ = _load_tokenizer(src, spec)
+    return config, tokenizer
+
+
 def load(spec: ModelSpec | str) -> LoadedModel:
     """Load an HF causal LM, its tokenizer and its ArchSpec, ready for inference.
 
