@@ -178,7 +178,7 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
     values: dict[str, Any] = {}
     own = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
-        if key == PIPELINE_KEY:  # read by run_pipeline.sh (pipeline_stages), not by any stage
+        if key in (PIPELINE_KEY, SLURM_KEY):  # read by run_pipeline.sh and memcirc.slurm, not by any stage
             continue
         if key in stages:
             if not isinstance(value, dict):
@@ -203,6 +203,7 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
 # -- the pipeline's stage list ---------------------------------------------------------------
 
 PIPELINE_KEY = "pipeline"
+SLURM_KEY = "slurm"   # job resources for `run_pipeline.sh --slurm`, validated by memcirc.slurm
 PIPELINE_STAGES = ("memorization_score", "contrastive_dataset", "find_circuits", "verify_circuit",
                    "attention_bypass", "kfac_edit", "training_dynamics", "predict_memorization")
 DEFAULT_PIPELINE = PIPELINE_STAGES[:4]
