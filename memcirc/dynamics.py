@@ -75,6 +75,7 @@ EXP_PLUS_DETAIL = (*(2 ** i for i in range(10)), *range(1000, 15001, 1000), *ran
                    *range(70000, 140001, 10000), 143000)
 CIRCUIT_KEYS = ("ig_steps", "grad_function", "loss", "ablation", "faithfulness_metric", "target",
                 "weight_processing", "curve_points")
+FAITHFULNESS_YLIM = (-0.25, 1.25)
 ILL_CONDITIONED = 0.1  # |M(full) - M(empty)| below this share of the final checkpoint's gap is flagged
 
 ONSET_DEFINITION = (
@@ -804,20 +805,30 @@ def circuit_figure(summary: dict[str, Any], path: Path) -> None:
 
     steps = summary["steps"]
     cps = summary["checkpoints"]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
     a.plot(steps, [x["circuit_edges"] if x["circuit_edges"] is not None else np.nan for x in cps], marker="o")
     a.set_ylabel("minimal circuit edges")
-    a.set_title(f"minimal circuit size (F >= {summary.get('target')} on the discovery pairs)")
+    a.set_title(f"minimal circuit (F >= {summary.get('target')}, discovery pairs)")
     for key, name in (("faithfulness_discovery", "discovery"), ("faithfulness_heldout", "held-out")):
         b.plot(steps, [x[key] if x[key] is not None else np.nan for x in cps], marker="o", label=name)
-    ill = [(s, x["faithfulness_discovery"]) for s, x in zip(steps, cps, strict=True)
-           if x["ill_conditioned"] and x["faithfulness_discovery"] is not None]
+    lo, hi = FAITHFULNESS_YLIM
+    ill = [(s, min(max(x[key], lo), hi)) for s, x in zip(steps, cps, strict=True)
+           for key, flag in (("faithfulness_discovery", "ill_conditioned"),
+                             ("faithfulness_heldout", "heldout_ill_conditioned")) if x[flag] and x[key] is not None]
     if ill:
         b.scatter(*zip(*ill, strict=True), s=160, facecolors="none", edgecolors="red",
-                  label="ill-conditioned (M(full) - M(empty) small)")
+                  label="ill-conditioned: M(full) - M(empty) ~ 0")
+    for s, x in zip(steps, cps, strict=True):  # off-scale values (ill-conditioned ratios) are written out
+        for key in ("faithfulness_discovery", "faithfulness_heldout"):
+            f = x[key]
+            if f is not None and not lo <= f <= hi:
+                b.annotate(f"{f:.3g}", (s, min(max(f, lo), hi)), textcoords="offset points", xytext=(6, -10),
+                           fontsize=7, color="red")
+    b.set_ylim(lo, hi)
+    b.axhline(summary.get("target") or 0, color="grey", lw=0.8, ls="--")
     b.set_ylabel("faithfulness of the minimal circuit")
-    b.set_title("faithfulness")
-    b.legend(fontsize=8)
+    b.set_title(f"faithfulness (dashed: target; y clipped to {lo}..{hi})", fontsize=10)
+    b.legend(fontsize=8, loc="lower right")
     for key, name in (("jaccard_final", "Jaccard vs final"), ("jaccard_previous", "Jaccard vs previous"),
                       ("weighted_final", "weighted vs final"), ("weighted_previous", "weighted vs previous")):
         c.plot(steps, [x[key] if x[key] is not None else np.nan for x in cps], marker="o", label=name)
@@ -835,7 +846,7 @@ def overlap_figure(overlap: dict[str, Any], path: Path) -> None:
 
     labels = [str(s) for s in overlap["steps"]]
     n = len(labels)
-    fig, axes = plt.subplots(1, 2, figsize=(5 + 0.5 * n, 2.5 + 0.25 * n))
+    fig, axes = plt.subplots(1, 2, figsize=(9 + 0.8 * n, 3.5 + 0.4 * n), constrained_layout=True)
     for ax, key, title in ((axes[0], "jaccard", "Jaccard of circuit edges"),
                            (axes[1], "weighted_jaccard", "weighted Jaccard of |prune scores|")):
         m = np.array([[np.nan if v is None else v for v in row] for row in overlap[key]], dtype=float)
