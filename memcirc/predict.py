@@ -885,13 +885,13 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
         raise InputError(f"the memorization scores in {cfg.upstream_dir} belong to model "
                          f"{upstream['model']['name_or_path']!r}, this run is for {cfg.model!r}: pass --model "
                          f"{upstream['model']['name_or_path']}")
+    ref_spec, base_spec, base_table = _model_specs(cfg)
     if cfg.corpus == TESTBED_NAME and cfg.model != TESTBED_NAME and not cfg.index_file:
         raise InputError(f"--corpus is required for model {cfg.model!r} (its training data: a file, folder or Hub "
                          "id), or a saved n-gram index with --index-file")
     shortest = min(len(e.tokens) for e in examples)
     if cfg.ngram > shortest:
         raise InputError(f"--ngram {cfg.ngram} is longer than the shortest sequence ({shortest} tokens)")
-    ref_spec, base_spec, base_table = _model_specs(cfg)
     # 2. models and tokenizers
     reference = load(ref_spec)
     ref_sha = tokenizer_sha256(reference.tokenizer)
@@ -1064,7 +1064,7 @@ def _prediction_rows(examples: Sequence[Example], y: np.ndarray, fold_of: np.nda
     for i, e in enumerate(examples):
         row: dict[str, Any] = {"id": e.id, "label": int(y[i]), "fold": int(fold_of[i])}
         for name, res in results.items():
-            row[f"p_{name}"] = round(float(res.oof[i]), 6)
+            row[f"p_{name}"] = float(res.oof[i])   # full precision: the summary metrics are recomputable
         row["baseline"] = None if base_pred is None else int(base_pred[i])
         yield row
 

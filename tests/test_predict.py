@@ -1,0 +1,400 @@
+"""predict_memorization: features on hand-made sequences, the n-gram index against a Counter, our
+metrics against sklearn.metrics, grouped permutation importance against sklearn.inspection, and the
+stage on the testbed canaries (labels from scores.jsonl or from tables) with its bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import REPO, build_tiny_model, build_tiny_tokenizer
+
+from memcirc import predict as P
+from memcirc.cli import main
+from memcirc.config import PredictConfig, ScoreConfig
+from memcirc.scoring import run as run_scoring
+from memcirc.testbed import CHECKPOINTS_DIR, GROUND_TRUTH
+
+CONFIG = ["--config", str(REPO / "configs" / "testbed.yaml"), "--device", "cpu"]
+
+
+def predict(argv):
+    return main(PredictConfig, P.run, [*CONFIG, *argv])
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- the n-gram index and the features -------------------------------------------------------
+
+def test_index_counts_equal_a_counter_of_tuples():
+    rng = np.random.default_rng(0)
+    motif = rng.integers(0, 50, 12)
+    docs = [np.concatenate([rng.integers(0, 50, rng.integers(3, 30)), motif, rng.integers(0, 50, 5)])
+            for _ in range(40)] + [rng.integers(0, 50, 2)]          # one document shorter than n
+    n = 4
+    truth = Counter(tuple(d[i:i + n].tolist()) for d in docs for i in range(len(d) - n + 1))
+    index = P.build_index(iter(docs), n, vocab_size=50)
+    chunked = P.build_index(iter(docs), n, vocab_size=50, flush_every=7)    # merged partial counts
+    queries = list(truth) + [tuple(rng.integers(0, 50, n).tolist()) for _ in range(200)]
+    hashes = P.ngram_hashes(np.array(queries), n)[:, 0]
+    expected = np.array([truth.get(q, 0) for q in queries])
+    np.testing.assert_array_equal(index.count(hashes), expected)
+    np.testing.assert_array_equal(chunked.count(hashes), expected)
+    assert index.hashes.size == len(truth) and np.all(np.diff(index.hashes.astype(np.float64)) >= 0)
+    np.testing.assert_array_equal(index.unigram, np.bincount(np.concatenate(docs), minlength=50))
+    budget = P.build_index(iter(docs), n, vocab_size=50, token_budget=100)
+    assert int(budget.meta["n_tokens"]) == 100 and budget.unigram.sum() == 100
+
+
+def test_index_round_trips_through_safetensors(tmp_path):
+    index = P.build_index(iter([np.arange(20) % 7, np.arange(9)]), 3, vocab_size=10)
+    index.meta.update(tokenizer_sha256="abc", corpus=json.dumps({"corpus": "x"}))
+    index.save(tmp_path / "i.safetensors")
+    back = P.load_index(tmp_path / "i.safetensors")
+    assert back.n == 3 and back.meta["tokenizer_sha256"] == "abc" and back.meta["corpus"] == '{"corpus": "x"}'
+    for name in ("hashes", "counts", "unigram"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(index, name))
+    assert back.hashes.dtype == np.uint64
+
+
+def test_a_sequence_repeated_in_the_corpus_gets_the_higher_duplication_count():
+    rng = np.random.default_rng(1)
+    repeated, once, unseen = (rng.integers(0, 200, 24) for _ in range(3))
+    corpus = [repeated, rng.integers(0, 200, 50), repeated, once, repeated, rng.integers(0, 200, 50)]
+    index = P.build_index(iter(corpus), 4, vocab_size=200)
+    a, b, c = (P.duplication_features(s, 12, index) for s in (repeated, once, unseen))
+    assert a["dup_min"] == pytest.approx(np.log(4)) and b["dup_min"] == pytest.approx(np.log(2))
+    for key in ("dup_mean", "dup_max", "dup_min", "dup_prefix_min"):
+        assert a[key] > b[key] > c[key], key
+    assert c["dup_novel_share"] == 1.0 and a["dup_novel_share"] == b["dup_novel_share"] == 0.0
+
+
+def test_a_repetitive_sequence_compresses_better_and_repeats_more():
+    rng = np.random.default_rng(2)
+    words = ["castle", "honour", "tempest", "dagger", "crown", "ghost", "island", "storm", "night", "blood"]
+    varied = " ".join(rng.choice(words, 40))
+    repetitive = " ".join(["the ghost walks"] * 14)
+    assert P.zlib_ratio(repetitive) < P.zlib_ratio(varied)
+    loop, mixed = np.tile([5, 6, 7], 20), rng.permutation(60)
+    r_loop, r_mixed = P.repetition_features(loop), P.repetition_features(mixed)
+    assert r_loop["distinct_token_share"] == pytest.approx(3 / 60) and r_mixed["distinct_token_share"] == 1.0
+    assert r_loop["repeated_bigram_share"] == pytest.approx(1 - 3 / 59) and r_mixed["repeated_bigram_share"] == 0.0
+
+
+def test_rare_tokens_are_the_tail_outside_ninety_percent_of_the_mass():
+    unigram = np.array([50, 30, 9, 5, 3, 2, 1, 0])           # total 100
+    rare = P.rare_tokens(unigram, 0.9)
+    # 50 + 30 + 9 = 89 < 90, so the 4th most frequent (5) is still common; the rest are rare
+    np.testing.assert_array_equal(rare, [False, False, False, False, True, True, True, True])
+    f = P.rarity_features(np.array([0, 0, 4, 7]), unigram, rare)
+    assert f["rare_token_share"] == 0.5
+    assert f["unigram_logfreq_mean"] == pytest.approx(np.mean(np.log((unigram[[0, 0, 4, 7]] + 1) / 108)))
+
+
+def test_batched_logprobs_equal_one_sequence_at_a_time(testbed):
+    import torch
+
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(1, 2048, n) for n in (9, 30, 17, 30)]
+    batched = P.token_logprobs(testbed.model, seqs, pad_id=0, batch_size=3)
+    for s, lp in zip(seqs, batched):
+        with torch.no_grad():
+            logits = testbed.model(input_ids=torch.as_tensor(s)[None]).logits[0, :-1].double()
+        direct = torch.log_softmax(logits, -1)[torch.arange(len(s) - 1), torch.as_tensor(s[1:])].numpy()
+        np.testing.assert_allclose(lp, direct, atol=2e-5)
+
+
+# -- metrics against sklearn.metrics ---------------------------------------------------------
+
+def _fixed_input():
+    rng = np.random.default_rng(4)
+    y = (rng.random(200) < 0.15).astype(int)
+    score = np.round(np.clip(0.3 * y + rng.random(200) * 0.8, 0, 1), 1)   # rounded: many ties
+    return y, score
+
+
+def test_ranking_metrics_equal_sklearn():
+    from sklearn import metrics as M
+
+    y, score = _fixed_input()
+    assert P.roc_auc(y, score) == pytest.approx(M.roc_auc_score(y, score), abs=1e-12)
+    assert P.average_precision(y, score) == pytest.approx(M.average_precision_score(y, score), abs=1e-12)
+    fpr, tpr = P.roc_points(y, score)
+    sk_fpr, sk_tpr, _ = M.roc_curve(y, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    recall, precision = P.pr_points(y, score)
+    sk_p, sk_r, _ = M.precision_recall_curve(y, score)
+    np.testing.assert_allclose(recall, sk_r[:-1][::-1])      # sklearn appends (recall 0, precision 1)
+    np.testing.assert_allclose(precision, sk_p[:-1][::-1])
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.75, 2.0])     # 2.0: nothing predicted positive
+def test_threshold_metrics_equal_sklearn(threshold):
+    from sklearn import metrics as M
+
+    y, score = _fixed_input()
+    pred = (score >= threshold).astype(int)
+    ours = P.threshold_metrics(y, score, threshold)
+    assert ours["precision"] == pytest.approx(M.precision_score(y, pred, zero_division=0))
+    assert ours["recall"] == pytest.approx(M.recall_score(y, pred, zero_division=0))
+    assert ours["f1"] == pytest.approx(M.f1_score(y, pred, zero_division=0))
+
+
+def test_t_interval_equals_scipy_and_covers_the_mean():
+    from scipy import stats
+
+    values = [0.91, 0.97, 0.88, 0.95, 0.93]
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert P.t_interval(values) == pytest.approx((lo, hi))
+    assert P.t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5) and P.t_interval([0.9, 1.0, 1.0])[1] == 1.0   # clipped
+    rng = np.random.default_rng(5)                                   # coverage over 2000 samples of 5 folds
+    samples = 0.6 + 0.05 * rng.standard_normal((2000, 5))
+    covered = np.mean([lo <= 0.6 <= hi for lo, hi in map(P.t_interval, samples)])
+    assert 0.93 <= covered <= 0.97
+
+
+def test_aggregate_reports_mean_interval_and_folds():
+    per_fold = [{"auroc": a, "pr_auc": a - 0.1, "precision": 1.0, "recall": 0.5, "f1": 2 / 3}
+                for a in (0.9, 0.8, 1.0)]
+    out = P.aggregate(per_fold)
+    assert out["auroc"]["mean"] == pytest.approx(0.9) and out["auroc"]["folds"] == [0.9, 0.8, 1.0]
+    assert out["auroc"]["ci95"] == pytest.approx(list(P.t_interval([0.9, 0.8, 1.0])), abs=1e-6)
+    assert out["precision"]["ci95"] == [1.0, 1.0]
+
+
+def test_grouped_importance_of_single_columns_equals_sklearn():
+    from sklearn.inspection import permutation_importance
+
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((120, 4))
+    y = (X[:, 0] + 0.5 * X[:, 1] + 0.3 * rng.standard_normal(120) > 0.8).astype(int)
+    model = P.fit_classifier("logistic_regression", P.make_classifier("logistic_regression", 0), X, y)
+    ref = permutation_importance(model, X, y, scoring=P.pr_auc_scorer, n_repeats=5, random_state=7)
+    ours = P.group_permutation_importance(model, X, y, {f"x{j}": [j] for j in range(4)}, 5, 7)
+    for j in range(4):
+        np.testing.assert_allclose(ours[f"x{j}"], ref.importances[j], atol=1e-12)
+    both = P.group_permutation_importance(model, X, y, {"x0+x1": [0, 1], "x3": [3]}, 5, 7)
+    assert both["x0+x1"].mean() > ours["x0"].mean() > both["x3"].mean()
+
+
+def test_doc_kind_never_keeps_the_k_of_a_canary_id():
+    assert P.doc_kind("canary-k08-03") == "canary" and P.doc_kind("corpus-0001") == "corpus"
+    assert P.doc_kind("123") == "other"
+
+
+# -- the stage on the testbed canaries -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def predicted(scored):
+    assert predict(["--output-dir", str(scored)]) == 0
+    return scored / "predict"
+
+
+def test_stage_separates_memorized_windows_and_ranks_the_control_below_duplication(predicted, scored):
+    summary = json.loads((predicted / "summary.json").read_text())
+    assert summary["n_sequences"] == 112 and summary["n_memorized"] == 44
+    assert summary["auroc"] > 0.9 and summary["pr_auc"] > 0.8
+    assert summary["auroc_ci95"][0] <= summary["auroc"] <= summary["auroc_ci95"][1]
+    assert set(summary["classifiers"]) == {"gradient_boosting", "logistic_regression"}
+    assert "group" not in summary["features"] and not any("k=" in f for f in summary["features"])
+    assert {"length", "offset"} <= set(summary["dropped_constant"])   # every window: 64 tokens at offset 0
+    for name, c in summary["classifiers"].items():
+        groups = {g["group"]: g["mean"] for g in c["group_importance"]}
+        assert groups["duplication"] > 0.1 and groups["duplication"] > groups["control"] + 0.1, name
+        assert abs(groups["control"]) < 0.05, name
+    lr = {r["feature"]: r["mean"] for r in summary["classifiers"]["logistic_regression"]["importance"]}
+    assert max(lr[f] for f in ("dup_mean", "dup_min", "dup_max", "dup_prefix_min")) > lr[P.CONTROL]
+    manifest = json.loads((predicted / "manifest.json").read_text())
+    assert manifest["stage"] == "predict_memorization" and manifest["status"] == "complete"
+    written = {o["path"] for o in manifest["outputs"]}
+    assert written == {"features.jsonl", "predictions.jsonl", "summary.json", "roc.png", "pr.png", "importance.png",
+                       "ngram_index.safetensors"}
+    assert all((predicted / p).stat().st_size > 0 for p in written)
+
+
+def test_summary_metrics_equal_sklearn_on_the_written_predictions(predicted):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    summary = json.loads((predicted / "summary.json").read_text())
+    rows = _jsonl(predicted / "predictions.jsonl")
+    y = np.array([r["label"] for r in rows])
+    fold = np.array([r["fold"] for r in rows])
+    assert set(fold) == set(range(5))
+    sizes = [(fold == k).sum() for k in range(5)]
+    positives = [y[fold == k].sum() for k in range(5)]
+    assert max(sizes) - min(sizes) <= 1 and max(positives) - min(positives) <= 1     # stratified
+    for name, c in summary["classifiers"].items():
+        p = np.array([r[f"p_{name}"] for r in rows])
+        assert c["pooled"]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
+        for k in range(5):
+            assert c["cv"]["auroc"]["folds"][k] == pytest.approx(roc_auc_score(y[fold == k], p[fold == k]), abs=1e-5)
+            assert c["cv"]["pr_auc"]["folds"][k] == pytest.approx(
+                average_precision_score(y[fold == k], p[fold == k]), abs=1e-5)
+    best = summary["classifiers"][summary["best_classifier"]]
+    assert summary["auroc"] == max(c["cv"]["auroc"]["mean"] for c in summary["classifiers"].values())
+    assert summary["pr_auc"] == best["cv"]["pr_auc"]["mean"]
+
+
+def test_baseline_is_the_step_333_memorized_set_and_dup_counts_are_the_insertions(predicted, scored):
+    """Two independent computations: the testbed build measured step-333's exact match per group, and
+    knows how often each canary was inserted (k); the stage's baseline and n-gram counts must agree."""
+    truth = json.loads(GROUND_TRUTH.read_text())
+    step333 = next(c for c in truth["checkpoints"] if c["dir"].endswith("step-333"))["exact_match"]
+    groups = {r["id"]: r["group"] for r in _jsonl(scored / "memorization" / "scores.jsonl")}
+    preds = _jsonl(predicted / "predictions.jsonl")
+    for group in {g for g in groups.values()}:
+        hits = [r["baseline"] for r in preds if groups[r["id"]] == group]
+        assert np.mean(hits) == pytest.approx(step333[group]), group
+    feats = {r["id"]: r for r in _jsonl(predicted / "features.jsonl")}
+    k_of = {f"{c['id']}@0": c["k"] for c in truth["canaries"]}
+    counts = {i: round(float(np.expm1(feats[i]["dup_min"]))) for i in k_of}
+    assert all(counts[i] >= k for i, k in k_of.items())                  # every n-gram was inserted k times
+    assert np.mean([counts[i] == k for i, k in k_of.items()]) > 0.9       # and (almost) nowhere else
+
+
+def test_rerun_is_a_no_op_another_config_refuses(predicted, scored, capsys):
+    before = (predicted / "manifest.json").read_bytes()
+    assert predict(["--output-dir", str(scored)]) == 0
+    assert (predicted / "manifest.json").read_bytes() == before
+    assert "PR-AUC" in capsys.readouterr().out
+    assert predict(["--output-dir", str(scored), "--folds", "4"]) == 2
+
+
+def test_a_saved_index_is_reused_and_one_of_another_n_refused(predicted, scored, tmp_path, capsys):
+    index = predicted / "ngram_index.safetensors"
+    out = tmp_path / "reuse"
+    mem = ["--input-dir", str(scored / "memorization")]
+    assert predict(["--output-dir", str(out), *mem, "--index-file", str(index), "--classifiers",
+                    "logistic_regression"]) == 0
+    a = {r["id"]: r for r in _jsonl(predicted / "features.jsonl")}
+    b = {r["id"]: r for r in _jsonl(out / "predict" / "features.jsonl")}
+    assert a == b
+    manifest = json.loads((out / "predict" / "manifest.json").read_text())
+    assert "ngram_index.safetensors" not in {o["path"] for o in manifest["outputs"]}
+    assert any(i.get("path") == str(index) for i in manifest["inputs"])
+    capsys.readouterr()
+    assert predict(["--output-dir", str(tmp_path / "n4"), *mem, "--index-file", str(index), "--ngram", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "8-grams" in err and not (tmp_path / "n4").exists()
+
+
+def _table_rows(scored):
+    rows = _jsonl(scored / "memorization" / "scores.jsonl")
+    return [r for r in rows if r["exact"]], [r for r in rows if not r["exact"]]
+
+
+def test_labels_from_a_memorized_table_and_random_controls(scored, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    memorized, others = _table_rows(scored)
+    controls = others + memorized[:3]   # random controls hold a few memorized sequences too
+    order = np.random.default_rng(9).permutation(len(memorized) + len(controls)).tolist()  # training positions
+    pq.write_table(pa.table({"index": order[:len(memorized)], "tokens": [r["tokens"] for r in memorized]}),
+                   tmp_path / "memorized.parquet")
+    folder = tmp_path / "controls"      # a dataset folder: read through datasets.load_dataset
+    folder.mkdir()
+    pq.write_table(pa.table({"Index": order[len(memorized):], "Tokens": [r["tokens"] + [0] * 8 for r in controls]}),
+                   folder / "train.parquet")
+    baseline = tmp_path / "small_model_memorized.jsonl"          # a smaller model's memorized set
+    baseline.write_text("".join(json.dumps({"tokens": r["tokens"]}) + "\n" for r in memorized[:20]))
+    out = tmp_path / "tables"
+    assert predict(["--output-dir", str(out), "--labels-file", str(tmp_path / "memorized.parquet"),
+                    "--controls-file", str(folder), "--baseline-model", str(baseline)]) == 0
+    summary = json.loads((out / "predict" / "summary.json").read_text())
+    assert summary["labels"] == "tables" and summary["n_sequences"] == 112 and summary["n_memorized"] == 44
+    assert "train_index" in summary["features"]   # the index column is the training-order position
+    assert summary["baseline"]["n_predicted"] == 20 and summary["baseline"]["all"]["precision"] == 1.0
+    assert summary["baseline"]["all"]["recall"] == pytest.approx(20 / 44, abs=1e-6)
+    feats = _jsonl(out / "predict" / "features.jsonl")
+    assert {r["origin"] for r in feats if r["label"] == 0} == {"controls"} and len(feats) == 112
+
+
+def test_labels_and_baseline_from_score_columns(scored, tmp_path):
+    memorized, others = _table_rows(scored)
+    table = tmp_path / "sampled.jsonl"     # pile-*-pythia-random-sampled style: a score per model size
+    rows = [{"Index": i, "Tokens": r["tokens"], "big": float(r["exact"]), "small": float(r["lcp"] == 32 and i % 2)}
+            for i, r in enumerate(memorized + others)]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "columns"
+    assert predict(["--output-dir", str(out), "--labels-file", str(table), "--label-column", "big",
+                    "--baseline-column", "small", "--classifiers", "logistic_regression"]) == 0
+    summary = json.loads((out / "predict" / "summary.json").read_text())
+    assert summary["n_memorized"] == 44 and summary["baseline"]["source"] == "column small"
+    small = np.array([r["small"] for r in rows]) >= 1.0
+    big = np.array([r["big"] for r in rows]) >= 1.0
+    assert summary["baseline"]["all"]["recall"] == pytest.approx((small & big).sum() / big.sum(), abs=1e-6)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+def _tiny_scored(tmp_path):
+    """A memorization run of a tiny random GPT-NeoX with its own tokenizer (ids < 300, all inside the
+    testbed vocabulary); half its windows are marked memorized so that only the tokenizer differs."""
+    folder = tmp_path / "tiny-neox"
+    build_tiny_model("gpt_neox").save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    rng = np.random.default_rng(8)
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"doc": f"d{i}", "tokens": rng.integers(1, 300, 64).tolist()}) + "\n"
+                            for i in range(20)))
+    out = tmp_path / "tiny-run"
+    assert main(ScoreConfig, run_scoring, ["--model", str(folder), "--dataset", str(data), "--output-dir", str(out),
+                                           "--prefix-len", "32", "--suffix-len", "32", "--device", "cpu",
+                                           "--metrics", "exact"]) == 0
+    scores = out / "memorization" / "scores.jsonl"
+    scores.write_text("".join(json.dumps({**r, "exact": i % 2 == 0}) + "\n" for i, r in enumerate(_jsonl(scores))))
+    return folder, out
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(scored, tmp_path, capsys):
+    memorized, others = _table_rows(scored)
+    only = tmp_path / "only_memorized.jsonl"
+    only.write_text("".join(json.dumps({"tokens": r["tokens"]}) + "\n" for r in memorized))
+    foreign = tmp_path / "foreign.jsonl"                    # ids of a 50k-token vocabulary
+    foreign.write_text("".join(json.dumps({"tokens": [t + 40000 * (i == 0) for t in r["tokens"]]}) + "\n"
+                               for i, r in enumerate(others)))
+    controls = tmp_path / "controls.jsonl"
+    controls.write_text("".join(json.dumps({"tokens": r["tokens"]}) + "\n" for r in others))
+    tiny, tiny_run = _tiny_scored(tmp_path)
+    mem = ["--input-dir", str(scored / "memorization")]
+    step28, step333 = str(CHECKPOINTS_DIR / "step-28"), str(CHECKPOINTS_DIR / "step-333")
+    cases = {
+        "one class only": ["--labels-file", str(only)],
+        "outside the reference model's vocabulary": ["--labels-file", str(only), "--controls-file", str(foreign)],
+        "fewer --folds": [*mem, "--folds", "50"],
+        "--reference-model is required": ["--labels-file", str(only), "--controls-file", str(controls), "--model",
+                                          str(tiny)],
+        "encodes the label": [*mem, "--domain-column", "group"],
+        "belong to model": [*mem, "--model", str(tiny), "--reference-model", step28, "--baseline-model", step333],
+        "vocabulary differs": ["--output-dir", str(tiny_run), "--model", str(tiny), "--reference-model", step28,
+                               "--baseline-model", step333, "--corpus", str(REPO / "memcirc/testbed/corpus/train.txt")],
+        "no memorization run": [],
+    }
+    for needle, argv in cases.items():
+        out = tmp_path / f"out-{abs(hash(needle))}"
+        if not any(a == "--output-dir" for a in argv):
+            argv = ["--output-dir", str(out), *argv]
+        capsys.readouterr()
+        assert predict(argv) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert needle.replace("no memorization run", "memorization folder") in err, err
+        assert not (out / "predict").exists() and not (tiny_run / "predict").exists()
+
+
+def test_the_script_exits_2_on_a_one_class_scores_file(scored, tmp_path):
+    run_dir = tmp_path / "allneg"
+    shutil.copytree(scored / "memorization", run_dir / "memorization")
+    scores = run_dir / "memorization" / "scores.jsonl"
+    scores.write_text("".join(json.dumps({**r, "exact": False}) + "\n" for r in _jsonl(scores)))
+    r = subprocess.run([sys.executable, "predict_memorization.py", *CONFIG, "--output-dir", str(run_dir)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "one class" in r.stderr, r.stderr
+    assert not (run_dir / "predict").exists()
