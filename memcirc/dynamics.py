@@ -933,7 +933,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     attach_log_file(cfg.stage_dir / art.LOG_TXT)
     if len(todo) < len(checkpoints) and not cfg.merge:
         log.info("resuming: %d of %d checkpoint units already done", len(checkpoints) - len(todo), len(checkpoints))
-    for i in todo:
+    for i in progress(todo, "checkpoints", total=len(todo)):
         run_unit(cfg, p, checkpoints[i])
     markers = [art.read_json(unit_dir(cfg.stage_dir, c.index) / UNIT_DONE) for c in checkpoints]
     for c, m in zip(checkpoints, markers, strict=True):

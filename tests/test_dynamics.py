@@ -335,6 +335,9 @@ def test_units_run_separately_then_merged_are_identical(dynamics_run, pairs_run,
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     stage = out / "dynamics"
     assert not (stage / "summary.json").exists()       # array tasks do not aggregate
+    capsys.readouterr()
+    assert _dynamics(out, scored, *pairs, "--checkpoint-index", "0", "--ig-steps", "1") == 2   # another config
+    assert "checkpoint units [0] in" in capsys.readouterr().err
     # a unit killed before its done marker: merge refuses, naming it; a plain run recomputes only it
     (unit_dir(stage, 3) / UNIT_DONE).unlink()
     (unit_dir(stage, 3) / "circuit.json").unlink()
@@ -370,3 +373,65 @@ def test_memorization_only_on_listed_folders(scored, tmp_path):
     # another config in the same folder is refused without --force
     assert _dynamics(out, scored, "--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-222"),
                      str(MODEL_DIR), "--steps", "222", "444", "--threshold", "0.5") == 2
+
+
+def test_memorized_by_token_match_gives_the_exact_onsets(scored, tmp_path):
+    """token_match needs generation; token_match == 1 is exact match by definition, so the onsets agree."""
+    common = ["--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-333"), str(MODEL_DIR), "--steps", "333",
+              "444"]
+    assert _dynamics(tmp_path / "exact", scored, *common) == 0
+    assert _dynamics(tmp_path / "tm", scored, *common, "--memorized-by", "token_match") == 0
+    rows = [list(art.read_jsonl(tmp_path / run / "dynamics" / "onsets.jsonl")) for run in ("exact", "tm")]
+    assert [r["onset_step"] for r in rows[0]] == [r["onset_step"] for r in rows[1]]
+    assert _summary(tmp_path / "tm" / "dynamics")["onset_by_group"]["k=16"] == 333
+    scores = list(art.read_jsonl(unit_dir(tmp_path / "tm" / "dynamics", 0) / "scores.jsonl"))
+    assert all((r["token_match"] == 1.0) == r["exact"] for r in scores)
+
+
+_HUB_DOCS = [{"doc": f"d{i}", "tokens": [(7 * i + 3 * j) % 250 + 1 for j in range(16)]} for i in range(6)]
+
+
+def test_pythia_style_revisions_from_the_hf_cache(tmp_path, tiny_tokenizer):
+    """A schedule over Hub revisions, loaded offline from a fake HF cache (fresh processes read HF_HUB_CACHE)."""
+    import os
+
+    import torch
+
+    from memcirc.data import Window
+    from memcirc.scoring import score_windows
+
+    repo = tmp_path / "hub" / "models--org--tiny-pythia"
+    models = {}
+    for i, rev in enumerate(("step1000", "step3000")):
+        commit = f"{i + 7:040x}"
+        models[rev] = (commit, build_tiny_model("gpt_neox", seed=i))
+        models[rev][1].save_pretrained(repo / "snapshots" / commit)
+        tiny_tokenizer.save_pretrained(repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / rev).write_text(commit)
+    docs = tmp_path / "docs.jsonl"
+    art.write_jsonl(docs, _HUB_DOCS)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    out = tmp_path / "run"
+    common = ["--output-dir", str(out), "--model", "org/tiny-pythia", "--device", "cpu", "--dtype", "float32"]
+    for cmd in (["memorization_score.py", *common, "--revision", "step3000", "--dataset", str(docs),
+                 "--prefix-len", "8", "--suffix-len", "8"],
+                ["training_dynamics.py", *common, "--schedule", "linear", "--schedule-start", "1000",
+                 "--schedule-end", "3000", "--schedule-every", "2000", "--no-circuits"]):
+        done = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    stage = out / "dynamics"
+    assert _summary(stage)["steps"] == [1000, 3000]
+    windows = [Window(id=f"{d['doc']}@0", tokens=np.asarray(d["tokens"][:16]), prefix_len=8, source=str(docs),
+                      doc=d["doc"], offset=0) for d in _HUB_DOCS]
+    for i, (rev, (commit, model)) in enumerate(models.items()):
+        marker = json.loads((unit_dir(stage, i) / UNIT_DONE).read_text())
+        assert (marker["model"]["revision"], marker["model"]["commit_hash"]) == (rev, commit)
+        with torch.no_grad():
+            expected = score_windows(model, windows, pad_id=tiny_tokenizer.pad_token_id or 0)
+        got = list(art.read_jsonl(unit_dir(stage, i) / "scores.jsonl"))
+        assert [r["id"] for r in got] == [w.id for w in windows]
+        for g, e in zip(got, expected, strict=True):
+            assert (g["lcp"], g["exact"]) == (e["lcp"], e["exact"])
+            assert g["tf_accuracy"] == pytest.approx(e["tf_accuracy"]) and g["suffix_nll"] == pytest.approx(
+                e["suffix_nll"], abs=1e-5)
