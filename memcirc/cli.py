@@ -25,6 +25,9 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    # SLURM signals every process of a job and its batch script forwards the signal too: a second
+    # SIGTERM must not interrupt the clean-up the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 

@@ -467,6 +467,14 @@ class KfacConfig(StageConfig):
                                       "and modules) instead of collecting them")
     batch_size: int = option(32, "sequences per forward/backward pass", aliases=("--batch_size",), minimum=1,
                              hashed=False)
+    chunk_size: int = option(16, "factor batches between resumable saves of the running sums", minimum=1,
+                             hashed=False)
+    num_shards: int | None = option(None, "split the factor collection into N shards, one per job (default: "
+                                    "SLURM_ARRAY_TASK_COUNT, else 1); then one --merge job edits", minimum=1,
+                                    hashed=False)
+    shard_index: int | None = option(None, "which factor shard this job collects (default: SLURM_ARRAY_TASK_ID, "
+                                     "else 0)", minimum=0, hashed=False)
+    merge: bool = option(False, "add the finished factor shards, then edit and evaluate", hashed=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

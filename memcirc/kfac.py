@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from memcirc.evaluation import check_same_model, heldout_blocks, memorization, m
 from memcirc.logs import attach_log_file, progress, release_logs
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import ArchSpec, dims, get_module
+from memcirc.sharding import resolve_shards, shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ RHO_CURVE = "rho_curve.png"
 EDIT_ROLES = ("mlp_gate", "mlp_in", "mlp_out")   # linear roles the stage edits
 PPL_LIMIT = 0.20                                 # the default saved setting: ppl rise <= 20 %
 MAX_FACTOR_BLOCK = 512
+PARTIAL = "partial.safetensors"                  # running factor sums of an unfinished job
+SHARD_DONE = "done.json"                         # written by a factor shard job after its sums
+FACTOR_SAMPLING = "per-block seeds, float64 sums"  # changes the fingerprint when the collection changes
 
 
 # -- modules ---------------------------------------------------------------------------------
@@ -121,6 +125,10 @@ class Factors:
         return Factors({k: self.A[k] + other.A[k] for k in self.A}, {k: self.G[k] + other.G[k] for k in self.G},
                        self.n_tokens + other.n_tokens, self.labels, dict(self.meta))
 
+    def to(self, dtype: torch.dtype) -> Factors:
+        return Factors({k: v.to(dtype) for k, v in self.A.items()}, {k: v.to(dtype) for k, v in self.G.items()},
+                       self.n_tokens, self.labels, dict(self.meta))
+
     def save(self, path: Path, model_identity: dict[str, Any], targets: Sequence[Target]) -> None:
         tensors = {f"{k}.A": v for k, v in self.A.items()} | {f"{k}.G": v for k, v in self.G.items()}
         meta = {"model": json.dumps(model_identity, sort_keys=True), "n_tokens": str(self.n_tokens),
@@ -150,23 +158,42 @@ def load_factors(path: Path) -> tuple[Factors, dict[str, Any], list[dict[str, An
             json.loads(meta["model"]), modules)
 
 
+def block_seed(seed: int, block: int) -> int:
+    """The sampling seed of factor block `block`: labels depend on the block alone, not on the batch
+    or the shard that holds it, so shards and a one-job run draw the same labels."""
+    return int(np.random.SeedSequence([seed, block]).generate_state(1, np.uint64)[0]) >> 1
+
+
 def collect_factors(model: torch.nn.Module, targets: Sequence[Target], token_batches: Iterable[torch.Tensor], *,
                     labels: str = "sampled", token_budget: int | None = None,
-                    generator: torch.Generator | None = None) -> Factors:
+                    generator: torch.Generator | None = None, seed: int | None = None, first_block: int = 0,
+                    initial: Factors | None = None, checkpoint: Callable[[int, Factors], None] | None = None,
+                    checkpoint_every: int = 16, float64: bool = False) -> Factors:
     """Accumulate A and G sums over `token_batches` ([B, T] int64, unpadded blocks).
 
     A token is one predicted position (every position but the last of a block). The budget is
     checked per batch: collection stops after the batch that reaches it (so shards that split the
-    batch list add up exactly). Labels: `sampled` draws y ~ softmax(logits) with `generator`
-    (true Fisher), `data` uses the next tokens (empirical Fisher). The loss is the SUM of the
-    per-token cross entropies, so g is the gradient of the summed loss w.r.t. the layer output.
+    batch list add up exactly). Labels: `sampled` draws y ~ softmax(logits) (true Fisher), `data`
+    uses the next tokens (empirical Fisher). With `seed`, block r (counting from `first_block`)
+    draws its labels with its own generator `block_seed(seed, r)`, so the labels do not depend on
+    batching or sharding; otherwise one `generator` stream serves all batches. The loss is the SUM
+    of the per-token cross entropies, so g is the gradient of the summed loss w.r.t. the layer output.
+
+    Each batch's a aᵀ is computed in float32 and added to float64 running sums (float32 on MPS,
+    which has no float64), so sums over different groupings of the same batches (shards) agree to
+    float64 rounding. `initial` continues earlier sums (a resumed or later shard); `checkpoint(n, sums)`
+    is called every `checkpoint_every` batches and after the last, with the batches done in this call.
+    Returns float32 sums unless `float64`.
     """
     if labels not in ("sampled", "data"):
         raise InputError(f"labels must be 'sampled' or 'data', got {labels!r}")
     device = next(model.parameters()).device
-    A = {t.name: None for t in targets}
-    G = {t.name: None for t in targets}
-    pending: dict[str, torch.Tensor] = {}
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    A: dict[str, torch.Tensor | None] = {t.name: None for t in targets}
+    G: dict[str, torch.Tensor | None] = {t.name: None for t in targets}
+    if initial is not None:
+        A = {t.name: initial.A[t.name].to(device, acc) for t in targets}
+        G = {t.name: initial.G[t.name].to(device, acc) for t in targets}
     handles = []
     was_training = model.training
     params = [model.get_submodule(t.name).weight for t in targets]
@@ -177,17 +204,23 @@ def collect_factors(model: torch.nn.Module, targets: Sequence[Target], token_bat
             if not torch.is_grad_enabled():
                 return
             x = inputs[0].detach()[:, :-1].reshape(-1, inputs[0].shape[-1]).float()
-            a = x.t() @ x
+            a = (x.t() @ x).to(acc)
             A[name] = a if A[name] is None else A[name] + a
 
             def grad_hook(g: torch.Tensor) -> None:
                 g2 = g.detach()[:, :-1].reshape(-1, g.shape[-1]).float()
-                gg = g2.t() @ g2
+                gg = (g2.t() @ g2).to(acc)
                 G[name] = gg if G[name] is None else G[name] + gg
             output.register_hook(grad_hook)
         return hook
 
-    n_tokens = 0
+    def sums(dtype: torch.dtype) -> Factors:
+        return Factors({k: v.to("cpu", dtype) for k, v in A.items()}, {k: v.to("cpu", dtype) for k, v in G.items()},
+                       n_tokens, labels)
+
+    n_tokens = initial.n_tokens if initial is not None else 0
+    block = first_block
+    done = 0
     try:
         model.eval()  # no dropout: the Fisher of the deployed model
         for p in params:
@@ -204,15 +237,25 @@ def collect_factors(model: torch.nn.Module, targets: Sequence[Target], token_bat
                     y = ids[:, 1:]
                 else:
                     with torch.no_grad():
-                        probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1])
-                        gen_device = generator.device if generator is not None else device
-                        y = torch.multinomial(probs.to(gen_device), 1, generator=generator)
-                        y = y.view(ids.shape[0], -1).to(device)
+                        probs = torch.softmax(logits.detach(), -1)
+                        if seed is not None:
+                            y = torch.stack([torch.multinomial(
+                                probs[r], 1, generator=torch.Generator(device).manual_seed(block_seed(seed, block + r)))
+                                for r in range(ids.shape[0])]).view(ids.shape[0], -1)
+                        else:
+                            gen_device = generator.device if generator is not None else device
+                            y = torch.multinomial(probs.reshape(-1, logits.shape[-1]).to(gen_device), 1,
+                                                  generator=generator)
+                            y = y.view(ids.shape[0], -1).to(device)
                 loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="sum")
                 loss.backward()
             for p in params:
                 p.grad = None
             n_tokens += ids.shape[0] * (ids.shape[1] - 1)
+            block += ids.shape[0]
+            done += 1
+            if checkpoint is not None and done % checkpoint_every == 0:
+                checkpoint(done, sums(acc))
     finally:
         for h in handles:
             h.remove()
@@ -220,10 +263,12 @@ def collect_factors(model: torch.nn.Module, targets: Sequence[Target], token_bat
             p.requires_grad_(f)
             p.grad = None
         model.train(was_training)
-        del pending
     if n_tokens == 0:
         raise InputError("no tokens to collect K-FAC factors on (empty factor data or zero budget)")
-    return Factors({k: v.cpu() for k, v in A.items()}, {k: v.cpu() for k, v in G.items()}, n_tokens, labels)
+    result = sums(torch.float64 if float64 else torch.float32)
+    if checkpoint is not None and done % checkpoint_every:
+        checkpoint(done, result if float64 else sums(acc))
+    return result
 
 
 def token_blocks(tokens: np.ndarray, block_len: int, token_budget: int, batch_size: int) -> list[torch.Tensor]:
@@ -491,7 +536,7 @@ def _saved_setting(cfg: KfacConfig, results: list[dict[str, Any]]) -> float:
     return min(ok) if ok else max(cfg.rhos)
 
 
-def run(cfg: KfacConfig) -> dict[str, Any]:
+def run(cfg: KfacConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     upstream_dir = cfg.upstream_dir
     upstream = art.read_manifest(upstream_dir, what="memorization")
@@ -519,11 +564,19 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
     if cfg.factors_file:
         inputs.append({"path": str(cfg.factors_file), "sha256": art.sha256_file(Path(cfg.factors_file))})
     identity = loaded.identity()
-    stage = art.StageRun.for_config(cfg, STAGE, inputs, model=loaded.results_identity())
+    stage = art.StageRun.for_config(cfg, STAGE, inputs, model=loaded.results_identity(),
+                                    factor_sampling=FACTOR_SAMPLING)
+    num_shards, shard_index = (1, 0) if cfg.merge else resolve_shards(cfg.num_shards, cfg.shard_index)
+    if reused is not None and (num_shards > 1 or cfg.merge):
+        raise InputError("--num-shards/--merge split the factor collection, and with --factors-file there is "
+                         "none: run kfac_edit as one job")
+    block_len = min(n_ctx, MAX_FACTOR_BLOCK)
+    batches = [] if reused else token_blocks(factor_ids, block_len, cfg.factor_tokens, cfg.batch_size)
     release_logs()
     if (done := stage.completed_summary(cfg.force)) is not None:
         print(format_table(done))
         return done
+    shard_sums = _finished_shards(cfg, stage.fingerprint) if cfg.merge else None
     art.ensure_writable(Path(cfg.output_dir))
     stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
     attach_log_file(cfg.stage_dir / art.LOG_TXT)
@@ -531,15 +584,19 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
     import time
 
     t0 = time.perf_counter()
-    if reused is None:
-        block_len = min(n_ctx, MAX_FACTOR_BLOCK)
-        batches = token_blocks(factor_ids, block_len, cfg.factor_tokens, cfg.batch_size)
-        gen = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+    meta = {"factor_data": cfg.factor_data, "seed": cfg.seed, "block_len": block_len}
+    if num_shards > 1:
+        _collect_shard(cfg, loaded, targets, batches, stage.fingerprint, num_shards, shard_index, identity, meta)
+        return None
+    if shard_sums is not None:
+        factors = shard_sums.to(torch.float32)
+        factors.meta = meta
+    elif reused is None:
         log.info("collecting K-FAC factors (%s labels) for %d modules on up to %d tokens", cfg.labels,
                  len(targets), cfg.factor_tokens)
-        factors = collect_factors(loaded.model, targets, progress(batches, "factors", len(batches)),
-                                  labels=cfg.labels, token_budget=cfg.factor_tokens, generator=gen)
-        factors.meta = {"factor_data": cfg.factor_data, "seed": cfg.seed, "block_len": block_len}
+        factors = _collect_resumable(cfg, loaded, targets, batches, 0, len(batches), stage.fingerprint,
+                                     cfg.stage_dir / art.CHUNKS_DIR, "factors").to(torch.float32)
+        factors.meta = meta
     else:
         factors = Factors({t.name: reused.A[t.name] for t in targets}, {t.name: reused.G[t.name] for t in targets},
                           reused.n_tokens, reused.labels, reused.meta)
@@ -603,9 +660,95 @@ def run(cfg: KfacConfig) -> dict[str, Any]:
     outputs = {FACTORS: None, DELTAS: None, art.SUMMARY_JSON: None, RHO_CURVE: None}
     for f in sorted(edited_dir.iterdir()):
         outputs[f"{EDITED_MODEL}/{f.name}"] = None
-    stage.finish(outputs, model=identity, seed=cfg.seed)
+    stage.finish(outputs, model=identity, seed=cfg.seed, factor_shards=len(list((cfg.stage_dir / art.SHARDS_DIR)
+                                                                               .glob(f"*/{SHARD_DONE}"))) or 1)
+    art.remove_tree(cfg.stage_dir / art.CHUNKS_DIR)
+    art.remove_tree(cfg.stage_dir / art.SHARDS_DIR)
     print(format_table(summary))
     return summary
+
+
+# -- factor shards (a SLURM job array) and resumable collection ------------------------------
+
+def _collect_resumable(cfg: KfacConfig, loaded: LoadedModel, targets: Sequence[Target], batches: list[torch.Tensor],
+                       first: int, last: int, fingerprint: str, directory: Path, desc: str) -> Factors:
+    """float64 sums over batches[first:last]; the running sums are saved every `chunk_size` batches, so a
+    job stopped by SIGTERM resumes from its last save (and adds up exactly as an uninterrupted run)."""
+    partial = directory / PARTIAL
+    key = {"fingerprint": fingerprint, "first": first, "last": last}
+    start, initial = first, None
+    if partial.is_file():
+        sums, _, _ = load_factors(partial)
+        if {k: sums.meta.get(k) for k in key} == key:
+            start, initial = sums.meta["next"], sums
+            log.info("resuming: %d of %d factor batches already done in %s", start - first, last - first, directory)
+        else:
+            log.info("discarding partial factor sums of another configuration in %s", directory)
+    art.ensure_writable(directory)
+    identity = loaded.identity()
+
+    def save(n_done: int, sums: Factors) -> None:
+        sums.meta = {**key, "next": start + n_done}
+        sums.save(partial, identity, targets)
+
+    first_block = sum(len(b) for b in batches[:start])
+    todo = batches[start:last]
+    if not todo:
+        return initial
+    return collect_factors(loaded.model, targets, progress(todo, desc, len(todo)), labels=cfg.labels,
+                           seed=cfg.seed, first_block=first_block, initial=initial, checkpoint=save,
+                           checkpoint_every=cfg.chunk_size, float64=True)
+
+
+def _collect_shard(cfg: KfacConfig, loaded: LoadedModel, targets: Sequence[Target], batches: list[torch.Tensor],
+                   fingerprint: str, num_shards: int, shard_index: int, identity: dict[str, Any],
+                   meta: dict[str, Any]) -> None:
+    """One array task: the float64 factor sums of its slice of the batches, then a done marker."""
+    shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
+    marker = shard_dir / SHARD_DONE
+    if marker.is_file() and (shard_dir / FACTORS).is_file() and not cfg.force:
+        done = json.loads(marker.read_text())
+        if done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards:
+            log.info("factor shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards,
+                     shard_dir)
+            return
+    marker.unlink(missing_ok=True)
+    first, last = shard_bounds(len(batches), num_shards, shard_index)
+    if last <= first:
+        raise InputError(f"factor shard {shard_index} of {num_shards} has no batches: the factor data holds "
+                         f"{len(batches)} batches; use --num-shards <= {len(batches)}")
+    log.info("collecting K-FAC factors (%s labels), shard %d/%d: batches %d..%d of %d", cfg.labels, shard_index,
+             num_shards, first, last - 1, len(batches))
+    sums = _collect_resumable(cfg, loaded, targets, batches, first, last, fingerprint, shard_dir / art.CHUNKS_DIR,
+                              f"factors shard {shard_index}")
+    sums.meta = meta
+    sums.save(shard_dir / FACTORS, identity, targets)
+    art.write_json(marker, {"fingerprint": fingerprint, "num_shards": num_shards, "shard_index": shard_index,
+                            "batches": [first, last], "n_tokens": sums.n_tokens})
+    art.remove_tree(shard_dir / art.CHUNKS_DIR)
+    log.info("factor shard %d/%d done (%d tokens); run with --merge once all shards are done", shard_index,
+             num_shards, sums.n_tokens)
+
+
+def _finished_shards(cfg: KfacConfig, fingerprint: str) -> Factors:
+    """The float64 sum of every factor shard, in shard order; InputError unless all are there for this config."""
+    shards_dir = cfg.stage_dir / art.SHARDS_DIR
+    done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{SHARD_DONE}"))]
+    if not done:
+        raise InputError(f"no finished factor shards in {shards_dir}: run the shard jobs first, then --merge")
+    num_shards = cfg.num_shards or done[0]["num_shards"]
+    stale = sorted(d["shard_index"] for d in done if d["fingerprint"] != fingerprint or d["num_shards"] != num_shards)
+    if stale:
+        raise InputError(f"factor shards {stale} in {shards_dir} come from another config or shard count; "
+                         "re-run the shard jobs with this config, then --merge")
+    missing = sorted(set(range(num_shards)) - {d["shard_index"] for d in done})
+    if missing:
+        raise InputError(f"factor shards {missing} of {num_shards} have not finished; re-run them, then --merge")
+    total = None
+    for i in range(num_shards):
+        sums, _, _ = load_factors(shards_dir / f"{i:05d}" / FACTORS)
+        total = sums if total is None else total + sums
+    return total
 
 
 def _result(formula: str, rho: float, before: dict[str, Any], after: dict[str, Any],

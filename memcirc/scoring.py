@@ -35,7 +35,7 @@ from memcirc.logs import attach_log_file, release_logs
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import n_ctx
 from memcirc.plots import score_histogram
-from memcirc.sharding import resolve_shards, run_chunked, shard_bounds
+from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked
 from memcirc.testbed import EVAL_DOCUMENTS, TESTBED_NAME
 
 log = logging.getLogger(__name__)
@@ -392,10 +392,15 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     if num_shards == 1:
         store = art.ChunkStore(cfg.stage_dir / art.CHUNKS_DIR, fingerprint)
         return _finish(cfg, stage, run_chunked(windows.windows, work, store, cfg.chunk_size, "scoring"), context)
-    start, stop = shard_bounds(len(windows.windows), num_shards, shard_index)
+    start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
     shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
+    if shard_done(shard_dir, fingerprint, num_shards) and not cfg.force:   # a re-submitted finished shard
+        log.info("shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards, shard_dir)
+        return None
+    (shard_dir / SHARD_DONE).unlink(missing_ok=True)
     store = art.ChunkStore(shard_dir / art.CHUNKS_DIR, fingerprint)
-    data = run_chunked(windows.windows[start:stop], work, store, cfg.chunk_size, f"scoring shard {shard_index}")
+    data = run_chunked(windows.windows[start:stop], work, store, cfg.chunk_size,
+                       f"scoring shard {shard_index}") if stop > start else b""
     art.atomic_write_bytes(shard_dir / art.SCORES_JSONL, data)
     art.write_json(shard_dir / SHARD_DONE, {"fingerprint": fingerprint, "num_shards": num_shards,
                                             "shard_index": shard_index, "rows": data.count(b"\n"),
@@ -404,6 +409,15 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     log.info("shard %d/%d done (%d windows); run with --merge once all shards are done",
              shard_index, num_shards, stop - start)
     return None
+
+
+def shard_done(shard_dir: Path, fingerprint: str, num_shards: int) -> bool:
+    """True when `shard_dir` holds a finished shard of this config and shard count."""
+    marker = shard_dir / SHARD_DONE
+    if not (marker.is_file() and (shard_dir / art.SCORES_JSONL).is_file()):
+        return False
+    done = json.loads(marker.read_text())
+    return done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards
 
 
 def _finish(cfg: ScoreConfig, stage: art.StageRun, data: bytes, context: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,15 @@ def shard_bounds(n_items: int, num_shards: int, shard_index: int) -> tuple[int, 
     return start, start + base + (shard_index < extra)
 
 
+def chunk_aligned_bounds(n_items: int, chunk_size: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """Shard bounds on the chunk grid of the whole item list: each shard takes whole chunks, so its
+    chunks (and the batches inside them) are exactly those of a one-job run, and the merged output
+    is byte-identical to it. A shard may be empty when there are fewer chunks than shards."""
+    n_chunks = -(-n_items // chunk_size)
+    first, last = shard_bounds(n_chunks, num_shards, shard_index)
+    return min(first * chunk_size, n_items), min(last * chunk_size, n_items)
+
+
 def run_chunked(items: Sequence[T], work: Callable[[Sequence[T]], list[dict[str, Any]]],
                 store: ChunkStore, chunk_size: int, desc: str) -> bytes:
     """Apply `work` chunk by chunk, skipping chunks already on disk; returns all rows as JSONL."""
