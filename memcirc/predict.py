@@ -30,6 +30,10 @@ Choices:
   correlated features of one kind are not hidden by each other).
 - Baseline (the seed's): "memorized by a smaller model": a model scored here with the same
   definition, a table of its memorized sequences, or a score column of the label tables.
+- "When" (optional, --dynamics-dir): for the windows a training_dynamics run finds memorized for good,
+  a GradientBoostingRegressor on the same features predicts log(1 + onset step), out of fold (KFold,
+  seeded); reported as Spearman rho, mean absolute error in steps and the share snapped to the right
+  checkpoint, against predicting the training folds' median onset.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ NGRAM_INDEX = "ngram_index.safetensors"
 ROC_PNG = "roc.png"
 PR_PNG = "pr.png"
 IMPORTANCE_PNG = "importance.png"
+ONSET_PNG = "onset.png"
+ONSETS_JSONL = "onsets.jsonl"    # written by training_dynamics: per window onset_step (None: not memorized at the end)
 INDEX_KIND = "memcirc-ngram-index"
 INDEX_VERSION = 1
 DECISION_THRESHOLD = 0.5
@@ -800,6 +806,72 @@ def memorized_table_tokens(source: str, split: str, length: int) -> set[tuple[in
     return out
 
 
+# -- when: the onset checkpoint -------------------------------------------------------------
+
+def onset_targets(dynamics_dir: Path, examples: Sequence[Example], folds: int) -> tuple[dict[str, Any], np.ndarray,
+                                                                                         np.ndarray, list[int]]:
+    """(dynamics manifest, example indices with an onset, their onset steps, the checkpoint steps)."""
+    manifest = art.read_manifest(dynamics_dir, what="training_dynamics")
+    onsets = {r["id"]: r.get("onset_step") for r in art.read_jsonl(dynamics_dir / ONSETS_JSONL)}
+    steps = sorted({int(c["step"]) for c in art.read_json(dynamics_dir / art.SUMMARY_JSON).get("checkpoints", [])
+                    if c.get("step") is not None})
+    matched = [i for i, e in enumerate(examples) if e.id in onsets]
+    if not matched:
+        raise InputError(f"no sequence of the labels has a row in {dynamics_dir}/{ONSETS_JSONL}: run "
+                         "training_dynamics on the same memorization run")
+    rows = [i for i in matched if onsets[examples[i].id] is not None]
+    target = np.array([float(onsets[examples[i].id]) for i in rows])
+    if len(rows) < max(folds, 2) or len(set(target.tolist())) < 2:
+        raise InputError(f"{len(rows)} windows of {dynamics_dir} have an onset ({len(set(target.tolist()))} distinct "
+                         f"steps): predicting when needs at least {max(folds, 2)} and two distinct steps")
+    return manifest, np.array(rows), target, steps or sorted(set(target.astype(int).tolist()))
+
+
+def predict_onsets(X: np.ndarray, target: np.ndarray, steps: Sequence[int], *, folds: int, seed: int
+                   ) -> dict[str, Any]:
+    """Out-of-fold onset predictions (regression on log(1 + step)) and their scores against the median."""
+    from scipy.stats import spearmanr
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.model_selection import KFold
+
+    predicted, median = np.zeros(len(target)), np.zeros(len(target))
+    for train, test in KFold(n_splits=folds, shuffle=True, random_state=seed).split(X):
+        model = GradientBoostingRegressor(random_state=seed).fit(X[train], np.log1p(target[train]))
+        predicted[test] = np.expm1(model.predict(X[test]))
+        median[test] = np.median(target[train])
+    grid = np.asarray(steps, np.float64)
+
+    def snap(v: np.ndarray) -> np.ndarray:
+        return grid[np.abs(np.log1p(v)[:, None] - np.log1p(grid)[None, :]).argmin(axis=1)]
+
+    def scores(p: np.ndarray) -> dict[str, Any]:
+        rho = spearmanr(p, target).statistic if np.ptp(p) > 0 else float("nan")
+        return {"spearman": None if math.isnan(rho) else round(float(rho), 6),
+                "mae_steps": round(float(np.abs(p - target).mean()), 3),
+                "checkpoint_accuracy": round(float((snap(p) == target).mean()), 6)}
+
+    return {"n": len(target), "steps": list(map(int, steps)), "predicted": predicted, "snapped": snap(predicted),
+            "model": scores(predicted), "median_baseline": scores(median)}
+
+
+def onset_figure(target: np.ndarray, result: dict[str, Any], path: Path) -> None:
+    from memcirc.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    jitter = np.random.default_rng(0).uniform(-0.04, 0.04, len(target))
+    ax.scatter(np.log1p(target) + jitter, np.log1p(result["predicted"]), s=18, alpha=0.7)
+    ticks = np.log1p(result["steps"])
+    ax.plot([ticks.min(), ticks.max()], [ticks.min(), ticks.max()], color="grey", lw=0.8, ls=":")
+    ax.set_xticks(ticks, [str(s) for s in result["steps"]], fontsize=8)
+    ax.set_yticks(ticks, [str(s) for s in result["steps"]], fontsize=8)
+    m, b = result["model"], result["median_baseline"]
+    ax.set_xlabel("onset checkpoint (training_dynamics)")
+    ax.set_ylabel("predicted onset (out of fold)")
+    ax.set_title(f"when: Spearman {_num(m['spearman'])}, right checkpoint {m['checkpoint_accuracy']:.2f} "
+                 f"(median: {b['checkpoint_accuracy']:.2f})", fontsize=9)
+    save_figure(fig, path)
+
+
 # -- the stage -------------------------------------------------------------------------------
 
 def _labelled(cfg: PredictConfig) -> tuple[list[Example], list[dict[str, Any]], dict[str, Any] | None, str]:
@@ -919,6 +991,10 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
                              "model: the baseline must read the same token ids")
         check_tokens(examples, baseline.model.get_input_embeddings().weight.shape[0], "baseline model")
     memorized_table = memorized_table_tokens(base_table, "train", len(examples[0].tokens)) if base_table else None
+    onset = None
+    if cfg.dynamics_dir:
+        dyn_manifest, onset_rows, onset_steps, ckpt_steps = onset_targets(Path(cfg.dynamics_dir), examples, cfg.folds)
+        inputs.append({"path": cfg.dynamics_dir, "run_id": dyn_manifest["run_id"]})
     # 3. the n-gram index: a given file (checked now), or ours (reused when it matches)
     corpus = corpus_identity(cfg) if not cfg.index_file else {"index_file": cfg.index_file}
     given = None
@@ -957,12 +1033,20 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
     fold_of, results = cross_validate(features, y, list(cfg.classifiers), folds=cfg.folds, seed=cfg.seed,
                                       repeats=cfg.permutation_repeats)
     timings["cv_s"] = time.perf_counter() - t0
+    if cfg.dynamics_dir:
+        onset = predict_onsets(features.X[onset_rows], onset_steps, ckpt_steps, folds=cfg.folds, seed=cfg.seed)
 
     summary = _summary(cfg, examples, features, y, fold_of, results, base_pred, ref_spec, base_spec, base_table,
                        index, given is not None)
+    if onset is not None:
+        summary["onset"] = {k: v for k, v in onset.items() if k not in ("predicted", "snapped")}
+        summary["onset"]["dynamics_dir"] = cfg.dynamics_dir
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
     n_rows = art.write_jsonl(cfg.stage_dir / FEATURES_JSONL, _feature_rows(examples, features))
-    art.write_jsonl(cfg.stage_dir / PREDICTIONS_JSONL, _prediction_rows(examples, y, fold_of, results, base_pred))
+    onset_of = {} if onset is None else {int(i): (float(t), float(p), int(q)) for i, t, p, q in
+                                         zip(onset_rows, onset_steps, onset["predicted"], onset["snapped"])}
+    art.write_jsonl(cfg.stage_dir / PREDICTIONS_JSONL, _prediction_rows(examples, y, fold_of, results, base_pred,
+                                                                        onset_of))
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     roc_figure(y, results, base_pred, summary, cfg.stage_dir / ROC_PNG)
     pr_figure(y, results, base_pred, summary, cfg.stage_dir / PR_PNG)
@@ -971,6 +1055,9 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
                                       ROC_PNG: None, PR_PNG: None, IMPORTANCE_PNG: None}
     if given is None:
         outputs[NGRAM_INDEX] = None
+    if onset is not None:
+        onset_figure(onset_steps, onset, cfg.stage_dir / ONSET_PNG)
+        outputs[ONSET_PNG] = None
     stage.finish(outputs, reference=reference.identity(), baseline=parts["baseline"], seed=cfg.seed,
                  metric={"threshold": DECISION_THRESHOLD, "interval": "95% Student-t over folds",
                          "auroc": "Mann-Whitney, ties count 1/2", "pr_auc": "average precision (step-wise)",
@@ -1060,13 +1147,20 @@ def _feature_rows(examples: Sequence[Example], features: FeatureTable) -> Iterat
 
 
 def _prediction_rows(examples: Sequence[Example], y: np.ndarray, fold_of: np.ndarray, results: dict[str, CVResult],
-                     base_pred: np.ndarray | None) -> Iterator[dict[str, Any]]:
+                     base_pred: np.ndarray | None, onsets: dict[int, tuple[float, float, int]]
+                     ) -> Iterator[dict[str, Any]]:
     for i, e in enumerate(examples):
         row: dict[str, Any] = {"id": e.id, "label": int(y[i]), "fold": int(fold_of[i])}
         for name, res in results.items():
             row[f"p_{name}"] = float(res.oof[i])   # full precision: the summary metrics are recomputable
         row["baseline"] = None if base_pred is None else int(base_pred[i])
+        if i in onsets:
+            row["onset_step"], row["onset_predicted"], row["onset_checkpoint"] = onsets[i]
         yield row
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -1087,6 +1181,11 @@ def format_table(summary: dict[str, Any]) -> str:
     top = ", ".join(f"{r['feature']} {r['mean']:.3f}" for r in best["importance"][:5])
     lines.append(f"best {summary['best_classifier']}; PR-AUC drop under permutation: {top}; {CONTROL} ranks "
                  f"{summary['control_rank']} of {summary['n_features']}")
+    if summary.get("onset"):
+        m, b = summary["onset"]["model"], summary["onset"]["median_baseline"]
+        lines.append(f"when ({summary['onset']['n']} windows memorized for good): Spearman {_num(m['spearman'])}, "
+                     f"right checkpoint {m['checkpoint_accuracy']:.3f}, MAE {m['mae_steps']:.1f} steps (median onset: "
+                     f"right checkpoint {b['checkpoint_accuracy']:.3f}, MAE {b['mae_steps']:.1f})")
     if summary.get("baseline"):
         lines.append(f"baseline: memorized ({summary['baseline']['definition']}) by {summary['baseline']['source']}")
     return "\n".join(lines)

@@ -332,6 +332,27 @@ def test_labels_and_baseline_from_score_columns(scored, tmp_path):
     assert summary["baseline"]["all"]["recall"] == pytest.approx((small & big).sum() / big.sum(), abs=1e-6)
 
 
+def test_when_the_onset_checkpoint_is_predicted_from_a_dynamics_run(scored, tmp_path):
+    from memcirc.config import DynamicsConfig
+    from memcirc.dynamics import run as run_dynamics
+
+    out = tmp_path / "when"
+    mem = ["--input-dir", str(scored / "memorization")]
+    assert main(DynamicsConfig, run_dynamics, [*CONFIG, "--output-dir", str(out), *mem, "--no-circuits"]) == 0
+    assert predict(["--output-dir", str(out), *mem, "--dynamics-dir", str(out / "dynamics"),
+                    "--classifiers", "logistic_regression"]) == 0
+    summary = json.loads((out / "predict" / "summary.json").read_text())
+    onset = summary["onset"]
+    truth = {r["id"]: r["onset_step"] for r in _jsonl(out / "dynamics" / "onsets.jsonl")}
+    rows = [r for r in _jsonl(out / "predict" / "predictions.jsonl") if "onset_step" in r]
+    assert onset["n"] == len(rows) == sum(v is not None for v in truth.values()) == 44
+    assert all(r["onset_step"] == truth[r["id"]] and r["onset_checkpoint"] in onset["steps"] for r in rows)
+    # the insertion count (in the duplication features) orders the onsets: k=32 first, then 16, then 8
+    assert onset["model"]["spearman"] > 0.5
+    assert onset["model"]["checkpoint_accuracy"] > onset["median_baseline"]["checkpoint_accuracy"]
+    assert (out / "predict" / "onset.png").stat().st_size > 0
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 def _tiny_scored(tmp_path):
@@ -375,6 +396,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(scored, tmp_path, ca
         "belong to model": [*mem, "--model", str(tiny), "--reference-model", step28, "--baseline-model", step333],
         "vocabulary differs": ["--output-dir", str(tiny_run), "--model", str(tiny), "--reference-model", step28,
                                "--baseline-model", step333, "--corpus", str(REPO / "memcirc/testbed/corpus/train.txt")],
+        "training_dynamics folder": [*mem, "--dynamics-dir", str(tmp_path / "nowhere")],
         "no memorization run": [],
     }
     for needle, argv in cases.items():
