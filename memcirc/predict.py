@@ -69,6 +69,7 @@ NGRAM_INDEX = "ngram_index.safetensors"
 ROC_PNG = "roc.png"
 PR_PNG = "pr.png"
 IMPORTANCE_PNG = "importance.png"
+FEATURES_PNG = "features.png"
 ONSET_PNG = "onset.png"
 ONSETS_JSONL = "onsets.jsonl"    # written by training_dynamics: per window onset_step (None: not memorized at the end)
 INDEX_KIND = "memcirc-ngram-index"
@@ -295,8 +296,12 @@ def recorded_tokenizer_sha256(identity: dict[str, Any]) -> str | None:
         return identity["tokenizer_sha256"]
     from transformers import AutoTokenizer
 
+    from memcirc.testbed import MODEL_DIR
+
     candidates = [(identity.get("local_path"), {})]
-    if identity.get("name_or_path") != TESTBED_NAME:
+    if identity.get("name_or_path") == TESTBED_NAME:
+        candidates.append((str(MODEL_DIR), {}))
+    else:
         candidates.append((identity.get("name_or_path"), {"revision": identity.get("revision")}))
     for ref, kwargs in candidates:
         if not ref:
@@ -1051,8 +1056,9 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
     roc_figure(y, results, base_pred, summary, cfg.stage_dir / ROC_PNG)
     pr_figure(y, results, base_pred, summary, cfg.stage_dir / PR_PNG)
     importance_figure(summary, cfg.stage_dir / IMPORTANCE_PNG)
+    features_figure(features, y, summary, cfg.stage_dir / FEATURES_PNG)
     outputs: dict[str, int | None] = {FEATURES_JSONL: n_rows, PREDICTIONS_JSONL: n_rows, art.SUMMARY_JSON: None,
-                                      ROC_PNG: None, PR_PNG: None, IMPORTANCE_PNG: None}
+                                      ROC_PNG: None, PR_PNG: None, IMPORTANCE_PNG: None, FEATURES_PNG: None}
     if given is None:
         outputs[NGRAM_INDEX] = None
     if onset is not None:
@@ -1279,4 +1285,28 @@ def importance_figure(summary: dict[str, Any], path: Path) -> None:
     left.set_title("permutation importance per feature (mean ± sd over folds x repeats)")
     right.set_title("per feature group (columns permuted together)")
     left.legend(fontsize=8, loc="lower right")
+    save_figure(fig, path)
+
+
+def features_figure(features: FeatureTable, y: np.ndarray, summary: dict[str, Any], path: Path) -> None:
+    """Distribution of the most important features (best classifier) and the control, per label."""
+    from memcirc.plots import plt, save_figure
+
+    ranked = [r["feature"] for r in summary["classifiers"][summary["best_classifier"]]["importance"]]
+    shown = [f for f in ranked if f != CONTROL][:7] + ([CONTROL] if CONTROL in ranked else [])
+    cols = 4
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, shown):
+        x = features.X[:, features.names.index(name)]
+        bins = np.histogram_bin_edges(x, bins=20)
+        for label, color, text in ((0, "#4c72b0", "not memorized"), (1, "#dd8452", "memorized")):
+            ax.hist(x[y == label], bins=bins, density=True, alpha=0.6, color=color, label=text)
+        ax.set_title(name, fontsize=9, color="#c44e52" if name == CONTROL else "black")
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("feature distributions by label (density), most important first", fontsize=10)
+    fig.tight_layout()
     save_figure(fig, path)

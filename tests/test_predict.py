@@ -214,7 +214,7 @@ def test_stage_separates_memorized_windows_and_ranks_the_control_below_duplicati
     assert manifest["stage"] == "predict_memorization" and manifest["status"] == "complete"
     written = {o["path"] for o in manifest["outputs"]}
     assert written == {"features.jsonl", "predictions.jsonl", "summary.json", "roc.png", "pr.png", "importance.png",
-                       "ngram_index.safetensors"}
+                       "features.png", "ngram_index.safetensors"}
     assert all((predicted / p).stat().st_size > 0 for p in written)
 
 
