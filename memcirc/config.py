@@ -527,7 +527,8 @@ class PredictConfig(StageConfig):
     folds: int = option(5, "stratified cross-validation folds", minimum=2)
     permutation_repeats: int = option(10, "shuffles per feature for permutation importance", minimum=1)
     dynamics_dir: str | None = option(None, "optional: a training_dynamics folder; also predict the onset "
-                                      "checkpoint of each memorized window")
+                                      "checkpoint of each memorized window ('auto': <output-dir>/dynamics when "
+                                      "that stage has finished)")
     batch_size: int = option(32, "sequences per forward pass", aliases=("--batch_size",), minimum=1, hashed=False)
 
 

@@ -997,9 +997,13 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
         check_tokens(examples, baseline.model.get_input_embeddings().weight.shape[0], "baseline model")
     memorized_table = memorized_table_tokens(base_table, "train", len(examples[0].tokens)) if base_table else None
     onset = None
-    if cfg.dynamics_dir:
-        dyn_manifest, onset_rows, onset_steps, ckpt_steps = onset_targets(Path(cfg.dynamics_dir), examples, cfg.folds)
-        inputs.append({"path": cfg.dynamics_dir, "run_id": dyn_manifest["run_id"]})
+    dynamics_dir = cfg.dynamics_dir
+    if dynamics_dir == "auto":   # the run's own training_dynamics folder, when that stage has finished
+        candidate = Path(cfg.output_dir) / "dynamics"
+        dynamics_dir = str(candidate) if (candidate / art.MANIFEST).is_file() else None
+    if dynamics_dir:
+        dyn_manifest, onset_rows, onset_steps, ckpt_steps = onset_targets(Path(dynamics_dir), examples, cfg.folds)
+        inputs.append({"path": dynamics_dir, "run_id": dyn_manifest["run_id"]})
     # 3. the n-gram index: a given file (checked now), or ours (reused when it matches)
     corpus = corpus_identity(cfg) if not cfg.index_file else {"index_file": cfg.index_file}
     given = None
@@ -1038,14 +1042,14 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
     fold_of, results = cross_validate(features, y, list(cfg.classifiers), folds=cfg.folds, seed=cfg.seed,
                                       repeats=cfg.permutation_repeats)
     timings["cv_s"] = time.perf_counter() - t0
-    if cfg.dynamics_dir:
+    if dynamics_dir:
         onset = predict_onsets(features.X[onset_rows], onset_steps, ckpt_steps, folds=cfg.folds, seed=cfg.seed)
 
     summary = _summary(cfg, examples, features, y, fold_of, results, base_pred, ref_spec, base_spec, base_table,
                        index, given is not None)
     if onset is not None:
         summary["onset"] = {k: v for k, v in onset.items() if k not in ("predicted", "snapped")}
-        summary["onset"]["dynamics_dir"] = cfg.dynamics_dir
+        summary["onset"]["dynamics_dir"] = dynamics_dir
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
     n_rows = art.write_jsonl(cfg.stage_dir / FEATURES_JSONL, _feature_rows(examples, features))
     onset_of = {} if onset is None else {int(i): (float(t), float(p), int(q)) for i, t, p, q in

@@ -351,6 +351,10 @@ def test_when_the_onset_checkpoint_is_predicted_from_a_dynamics_run(scored, tmp_
     assert onset["model"]["spearman"] > 0.5
     assert onset["model"]["checkpoint_accuracy"] > onset["median_baseline"]["checkpoint_accuracy"]
     assert (out / "predict" / "onset.png").stat().st_size > 0
+    assert predict(["--output-dir", str(out), *mem, "--dynamics-dir", "auto", "--classifiers", "logistic_regression",
+                    "--force"]) == 0                          # auto: the run's own dynamics folder
+    again = json.loads((out / "predict" / "summary.json").read_text())["onset"]
+    assert again["model"] == onset["model"] and again["dynamics_dir"] == str(out / "dynamics")
 
 
 # -- bad input -------------------------------------------------------------------------------
