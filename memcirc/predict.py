@@ -221,6 +221,8 @@ def examples_from_tables(cfg: PredictConfig) -> list[Example]:
     for origin, source, split, default_label in tables:
         n_rows = 0
         for i, row in enumerate(table_rows(source, split)):
+            if cfg.limit is not None and i >= cfg.limit:   # smoke runs: at most --limit rows of each table
+                break
             n_rows += 1
             token_col = _pick(row, TOKEN_COLUMNS)
             if token_col is None or not isinstance(row[token_col], (list, tuple, np.ndarray)):
@@ -259,6 +261,8 @@ def examples_from_tables(cfg: PredictConfig) -> list[Example]:
     if short:
         log.info("%d table rows shorter than %d tokens skipped", short, length)
     examples = list(by_tokens.values())
+    if not examples:
+        raise InputError(f"every row of {cfg.labels_file} is shorter than {length} tokens (prefix + suffix)")
     if not 1 <= examples[0].prefix_len < length:
         raise InputError(f"prefix_len {examples[0].prefix_len} leaves no suffix in {length}-token rows")
     return examples
@@ -276,8 +280,16 @@ def check_classes(examples: Sequence[Example], folds: int, where: str) -> None:
                          f"in {where} cannot fill {folds} stratified folds: use fewer --folds or more data")
 
 
-def check_tokens(examples: Sequence[Example], vocab: int, what: str) -> None:
-    """Every token id must be one the model can embed."""
+def check_tokens(examples: Sequence[Example], model: torch.nn.Module, what: str) -> None:
+    """Every token id must be one the model can embed, every sequence fit its context."""
+    from memcirc.models.arch import n_ctx
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    context = n_ctx(model)
+    longest = max(len(e.tokens) for e in examples)
+    if context is not None and longest > context:
+        raise InputError(f"sequences of {longest} tokens exceed the {what}'s context ({context}): use shorter rows "
+                         "(--prefix-len / --suffix-len)")
     for e in examples:
         if int(e.tokens.max()) >= vocab or int(e.tokens.min()) < 0:
             bad = int(e.tokens.max()) if int(e.tokens.max()) >= vocab else int(e.tokens.min())
@@ -972,7 +984,7 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
     # 2. models and tokenizers
     reference = load(ref_spec)
     ref_sha = tokenizer_sha256(reference.tokenizer)
-    check_tokens(examples, reference.model.get_input_embeddings().weight.shape[0], "reference model")
+    check_tokens(examples, reference.model, "reference model")
     if upstream is not None:
         scored_sha = recorded_tokenizer_sha256(upstream.get("model", {}))
         if scored_sha is None:
@@ -994,7 +1006,7 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
         if tokenizer_sha256(baseline.tokenizer) != ref_sha:
             raise InputError(f"the baseline model {base_spec.name_or_path!r} has another tokenizer than the reference "
                              "model: the baseline must read the same token ids")
-        check_tokens(examples, baseline.model.get_input_embeddings().weight.shape[0], "baseline model")
+        check_tokens(examples, baseline.model, "baseline model")
     memorized_table = memorized_table_tokens(base_table, "train", len(examples[0].tokens)) if base_table else None
     onset = None
     dynamics_dir = cfg.dynamics_dir

@@ -387,6 +387,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(scored, tmp_path, ca
                                for i, r in enumerate(others)))
     controls = tmp_path / "controls.jsonl"
     controls.write_text("".join(json.dumps({"tokens": r["tokens"]}) + "\n" for r in others))
+    long_mem, long_ctl = tmp_path / "long_mem.jsonl", tmp_path / "long_ctl.jsonl"   # 256 tokens > context 128
+    long_mem.write_text("".join(json.dumps({"tokens": r["tokens"] * 4}) + "\n" for r in memorized))
+    long_ctl.write_text("".join(json.dumps({"tokens": r["tokens"] * 4}) + "\n" for r in others))
     tiny, tiny_run = _tiny_scored(tmp_path)
     mem = ["--input-dir", str(scored / "memorization")]
     step28, step333 = str(CHECKPOINTS_DIR / "step-28"), str(CHECKPOINTS_DIR / "step-333")
@@ -394,6 +397,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(scored, tmp_path, ca
         "one class only": ["--labels-file", str(only)],
         "outside the reference model's vocabulary": ["--labels-file", str(only), "--controls-file", str(foreign)],
         "fewer --folds": [*mem, "--folds", "50"],
+        "exceed the reference model's context": ["--labels-file", str(long_mem), "--controls-file", str(long_ctl),
+                                                 "--prefix-len", "100", "--suffix-len", "100"],
         "--reference-model is required": ["--labels-file", str(only), "--controls-file", str(controls), "--model",
                                           str(tiny)],
         "encodes the label": [*mem, "--domain-column", "group"],
