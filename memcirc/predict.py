@@ -374,8 +374,8 @@ class NgramIndex:
 
         meta = {"kind": INDEX_KIND, "version": str(INDEX_VERSION), "n": str(self.n),
                 **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in self.meta.items()}}
-        art.atomic_write_bytes(path, save({"hashes": self.hashes, "counts": self.counts, "unigram": self.unigram},
-                                          metadata=meta))
+        blob = save({"hashes": self.hashes, "counts": self.counts, "unigram": self.unigram}, metadata=meta)
+        art.atomic_write_bytes(path, art.canonical_safetensors(blob))   # same bytes in every process
 
 
 def load_index(path: Path) -> NgramIndex:
@@ -1214,6 +1214,25 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 # -- figures ---------------------------------------------------------------------------------
+
+def headline(summary: dict[str, Any]) -> str:
+    """One line for the run report (memcirc.report)."""
+    best = summary["classifiers"][summary["best_classifier"]]
+    group = best["group_importance"][0]
+    auroc, pr_auc = summary["auroc_ci95"], summary["pr_auc_ci95"]
+    line = (f"predictor ({summary['best_classifier']}, {summary['n_memorized']} of {summary['n_sequences']} "
+            f"memorized): AUROC {summary['auroc']:.3f} [{auroc[0]:.3f}, {auroc[1]:.3f}], PR-AUC "
+            f"{summary['pr_auc']:.3f} [{pr_auc[0]:.3f}, {pr_auc[1]:.3f}], F1 {summary['f1']:.3f}")
+    if summary.get("baseline"):
+        line += f"; baseline ({summary['baseline']['source']}) F1 {summary['baseline']['all']['f1']:.3f}"
+    line += (f"; top group {group['group']} ({group['mean']:.2f}), features {', '.join(summary['top_features'][:3])}"
+             f"; {CONTROL} rank {summary['control_rank']}/{summary['n_features']}")
+    if summary.get("onset"):
+        m = summary["onset"]["model"]
+        line += (f"; when: right checkpoint {m['checkpoint_accuracy']:.2f} (median "
+                 f"{summary['onset']['median_baseline']['checkpoint_accuracy']:.2f})")
+    return line
+
 
 def _legend(summary: dict[str, Any], name: str, metric: str) -> str:
     m = summary["classifiers"][name]["cv"][metric]

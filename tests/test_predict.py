@@ -263,6 +263,8 @@ def test_rerun_is_a_no_op_another_config_refuses(predicted, scored, capsys):
     assert predict(["--output-dir", str(scored)]) == 0
     assert (predicted / "manifest.json").read_bytes() == before
     assert "PR-AUC" in capsys.readouterr().out
+    line = P.headline(json.loads((predicted / "summary.json").read_text()))
+    assert line.startswith("predictor (") and "baseline (testbed step-333)" in line and "\n" not in line
     assert predict(["--output-dir", str(scored), "--folds", "4"]) == 2
 
 
