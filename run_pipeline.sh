@@ -11,6 +11,11 @@
 # Which stages run is the config's `pipeline:` list (memorization_score, contrastive_dataset,
 # find_circuits, verify_circuit, attention_bypass, kfac_edit, training_dynamics,
 # predict_memorization); default: the first four.
+#   ./run_pipeline.sh --slurm --config my.yaml --output-dir runs/x [--num-shards 8] [--dry-run] [--wait]
+# --slurm submits the same stages to SLURM instead (resources from the config's slurm: section):
+# scoring, K-FAC factors and training_dynamics checkpoints as job arrays, each merge and stage
+# after its upstream; --dry-run prints the sbatch scripts; job ids and scripts go to <output>/slurm/.
+# Submitting again after a failure recomputes only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,9 +25,10 @@ OUTPUT_DIR=runs/testbed
 FROM_STAGE=
 TO_STAGE=
 COMMON=()        # flags every stage accepts
+SLURM=() USE_SLURM=0   # --slurm: flags of memcirc.slurm submit
 MEM=() CON=() CIR=() VER=() BYP=() KFA=() PRE=() DYN=()   # stage-specific flags
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
 index_of() {
   local i; for i in "${!STAGES[@]}"; do [[ ${STAGES[$i]} == "$1" ]] && { echo "$i"; return; }; done
@@ -36,7 +42,11 @@ while [[ $# -gt 0 ]]; do
     --output-dir|--output_dir) need "$@"; OUTPUT_DIR=$2; shift 2 ;;
     --from-stage|--from_stage) need "$@"; FROM_STAGE=$2; shift 2 ;;
     --to-stage|--to_stage) need "$@"; TO_STAGE=$2; shift 2 ;;
-    --force|--dry-run) COMMON+=("$1"); shift ;;
+    --slurm) USE_SLURM=1; shift ;;
+    --wait) SLURM+=(--wait); shift ;;
+    --num-shards|--num_shards) need "$@"; SLURM+=(--num-shards "$2"); shift 2 ;;
+    --dry-run) COMMON+=("$1"); SLURM+=("$1"); shift ;;
+    --force) COMMON+=("$1"); shift ;;
     --device|--dtype|--log-level|--limit|--seed|--revision) need "$@"; COMMON+=("$1" "$2"); shift 2 ;;
     --model|--model_name) need "$@"; COMMON+=(--model "$2"); shift 2 ;;
     # stage-specific, in the predecessor's spelling or ours
@@ -72,6 +82,25 @@ stage_flags() {
     predict_memorization) echo PRE ;; training_dynamics) echo DYN ;;
   esac
 }
+
+if (( USE_SLURM )); then
+  # Each stage's flags travel as --stage-arg=STAGE=ARG (any characters, no re-quoting); --dry-run
+  # prints the job scripts instead of asking each stage for its plan.
+  args=(--config "$CONFIG" --output-dir "$OUTPUT_DIR" --python "$PYTHON" --stages "${STAGES[@]:first:last-first+1}")
+  for a in "${COMMON[@]}"; do [[ $a == --dry-run ]] || args+=("--common-arg=$a"); done
+  for stage in "${STAGES[@]:first:last-first+1}"; do
+    unset -n extra 2>/dev/null || true
+    declare -n extra="$(stage_flags "$stage")"
+    for a in "${extra[@]}"; do args+=("--stage-arg=$stage=$a"); done
+  done
+  rc=0
+  "$PYTHON" -m memcirc.slurm submit "${args[@]}" "${SLURM[@]}" || rc=$?
+  if (( rc == 0 )) && [[ " ${SLURM[*]} " == *" --wait "* && " ${SLURM[*]} " != *" --dry-run "* ]]; then
+    "$PYTHON" -m memcirc.report "$OUTPUT_DIR"
+  fi
+  exit "$rc"
+fi
+(( ${#SLURM[@]} == 0 )) || [[ ${SLURM[*]} == --dry-run ]] || die "--wait and --num-shards need --slurm"
 
 echo "memcirc pipeline: config=$CONFIG output=$OUTPUT_DIR stages=${STAGES[*]:first:last-first+1}"
 for stage in "${STAGES[@]:first:last-first+1}"; do

@@ -576,7 +576,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     if (done := stage.completed_summary(cfg.force)) is not None:
         print(format_table(done))
         return done
-    shard_sums = _finished_shards(cfg, stage.fingerprint) if cfg.merge else None
+    shard_sums, n_merged = _finished_shards(cfg, stage.fingerprint) if cfg.merge else (None, 1)
     art.ensure_writable(Path(cfg.output_dir))
     stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
     attach_log_file(cfg.stage_dir / art.LOG_TXT)
@@ -660,8 +660,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     outputs = {FACTORS: None, DELTAS: None, art.SUMMARY_JSON: None, RHO_CURVE: None}
     for f in sorted(edited_dir.iterdir()):
         outputs[f"{EDITED_MODEL}/{f.name}"] = None
-    stage.finish(outputs, model=identity, seed=cfg.seed, factor_shards=len(list((cfg.stage_dir / art.SHARDS_DIR)
-                                                                               .glob(f"*/{SHARD_DONE}"))) or 1)
+    stage.finish(outputs, model=identity, seed=cfg.seed, factor_shards=n_merged)
     art.remove_tree(cfg.stage_dir / art.CHUNKS_DIR)
     art.remove_tree(cfg.stage_dir / art.SHARDS_DIR)
     print(format_table(summary))
@@ -706,49 +705,55 @@ def _collect_shard(cfg: KfacConfig, loaded: LoadedModel, targets: Sequence[Targe
     """One array task: the float64 factor sums of its slice of the batches, then a done marker."""
     shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
     marker = shard_dir / SHARD_DONE
-    if marker.is_file() and (shard_dir / FACTORS).is_file() and not cfg.force:
+    if marker.is_file() and not cfg.force:
         done = json.loads(marker.read_text())
-        if done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards:
+        if (done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards
+                and (done.get("n_tokens") == 0 or (shard_dir / FACTORS).is_file())):
             log.info("factor shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards,
                      shard_dir)
             return
     marker.unlink(missing_ok=True)
     first, last = shard_bounds(len(batches), num_shards, shard_index)
-    if last <= first:
-        raise InputError(f"factor shard {shard_index} of {num_shards} has no batches: the factor data holds "
-                         f"{len(batches)} batches; use --num-shards <= {len(batches)}")
+    entry = {"fingerprint": fingerprint, "num_shards": num_shards, "shard_index": shard_index,
+             "batches": [first, last]}
+    if last <= first:   # more shards than factor batches: this one has nothing to add
+        art.write_json(marker, {**entry, "n_tokens": 0})
+        log.info("factor shard %d/%d: no batches (the factor data holds %d); nothing to collect", shard_index,
+                 num_shards, len(batches))
+        return
     log.info("collecting K-FAC factors (%s labels), shard %d/%d: batches %d..%d of %d", cfg.labels, shard_index,
              num_shards, first, last - 1, len(batches))
     sums = _collect_resumable(cfg, loaded, targets, batches, first, last, fingerprint, shard_dir / art.CHUNKS_DIR,
                               f"factors shard {shard_index}")
     sums.meta = meta
     sums.save(shard_dir / FACTORS, identity, targets)
-    art.write_json(marker, {"fingerprint": fingerprint, "num_shards": num_shards, "shard_index": shard_index,
-                            "batches": [first, last], "n_tokens": sums.n_tokens})
+    art.write_json(marker, {**entry, "n_tokens": sums.n_tokens})
     art.remove_tree(shard_dir / art.CHUNKS_DIR)
     log.info("factor shard %d/%d done (%d tokens); run with --merge once all shards are done", shard_index,
              num_shards, sums.n_tokens)
 
 
-def _finished_shards(cfg: KfacConfig, fingerprint: str) -> Factors:
+def _finished_shards(cfg: KfacConfig, fingerprint: str) -> tuple[Factors, int]:
     """The float64 sum of every factor shard, in shard order; InputError unless all are there for this config."""
     shards_dir = cfg.stage_dir / art.SHARDS_DIR
     done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{SHARD_DONE}"))]
     if not done:
         raise InputError(f"no finished factor shards in {shards_dir}: run the shard jobs first, then --merge")
     num_shards = cfg.num_shards or done[0]["num_shards"]
-    stale = sorted(d["shard_index"] for d in done if d["fingerprint"] != fingerprint or d["num_shards"] != num_shards)
+    done = [d for d in done if d["num_shards"] == num_shards]
+    stale = sorted(d["shard_index"] for d in done if d["fingerprint"] != fingerprint)
     if stale:
-        raise InputError(f"factor shards {stale} in {shards_dir} come from another config or shard count; "
-                         "re-run the shard jobs with this config, then --merge")
+        raise InputError(f"factor shards {stale} in {shards_dir} come from another config; re-run the shard "
+                         "jobs with this config, then --merge")
     missing = sorted(set(range(num_shards)) - {d["shard_index"] for d in done})
     if missing:
         raise InputError(f"factor shards {missing} of {num_shards} have not finished; re-run them, then --merge")
     total = None
-    for i in range(num_shards):
-        sums, _, _ = load_factors(shards_dir / f"{i:05d}" / FACTORS)
-        total = sums if total is None else total + sums
-    return total
+    for d in sorted(done, key=lambda d: d["shard_index"]):
+        if d["n_tokens"]:
+            sums, _, _ = load_factors(shards_dir / f"{d['shard_index']:05d}" / FACTORS)
+            total = sums if total is None else total + sums
+    return total, num_shards
 
 
 def _result(formula: str, rho: float, before: dict[str, Any], after: dict[str, Any],

@@ -432,6 +432,7 @@ def _finish(cfg: ScoreConfig, stage: art.StageRun, data: bytes, context: dict[st
     stage.inputs = context["inputs"]
     stage.finish({art.SCORES_JSONL: len(rows), art.SUMMARY_JSON: None, art.HISTOGRAM_PNG: None},
                  model=context["model"], seed=cfg.seed, windows=context["windows"],
+                 num_shards=context.get("num_shards", 1),
                  metric={"version": METRIC_VERSION, "decoding": "greedy",
                          "levenshtein_threshold": cfg.levenshtein_threshold,
                          "definitions": {m: METRIC_DEFINITIONS[m] for m in computed}})
@@ -462,7 +463,7 @@ def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
         return summary
     data = b"".join((shards_dir / f"{i:05d}" / art.SCORES_JSONL).read_bytes() for i in range(num_shards))
     context = dict(done[0]["context"])
-    context["windows"] = {**context["windows"], "num_shards": num_shards}
+    context["num_shards"] = num_shards   # in the manifest only: the outputs equal a one-job run's
     return _finish(cfg, stage, data, context)
 
 

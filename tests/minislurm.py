@@ -56,7 +56,6 @@ SwitchType=switch/none
 MailProg=/bin/true
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0
-DependencyParameters=kill_invalid_depend
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
@@ -133,7 +132,8 @@ class MiniSlurm:
         self.cport, self.dport = free_port(), free_port()
         self.conf = d / "etc" / "slurm.conf"
         self.conf.write_text(CONF.format(cport=self.cport, dport=self.dport, user=getpass.getuser(), d=d, node=NODE,
-                                         cpus=self.cpus, mem=self.mem, partitions=parts, kill_wait=self.kill_wait, extra=self.extra,
+                                         cpus=self.cpus, mem=self.mem, partitions=parts, kill_wait=self.kill_wait,
+                                         extra=self.extra,
                                          gres=f" Gres=gpu:{self.gpus}" if self.gpus else ""))
         # a clean environment: nothing from an outer allocation, SLURM_CONF names this cluster
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
