@@ -51,7 +51,31 @@ def report(run_dir: Path) -> str:
             curve = ", ".join(f"{r['rho']}: {r['exact_after']:.2f}/{r['ppl_after']:.1f}" for r in rows)
             lines.append(f"K-FAC edit ({formula}): before exact {rows[0]['exact_before']:.2f}, ppl "
                          f"{rows[0]['ppl_before']:.1f}; rho exact/ppl {curve}")
+    dynamics = _summary(run_dir / "dynamics")
+    if dynamics:
+        onset = ", ".join(f"{g}: {v if v is not None else 'never'}" for g, v in dynamics["onset_by_group"].items())
+        lines.append(f"training dynamics ({dynamics['n_checkpoints']} checkpoints): memorization onset (median "
+                     f"step) {onset}")
+        if dynamics["circuits"]:
+            per = ", ".join(f"{c['step']}: {_edges(c['circuit_edges'])}/{_num(c['faithfulness_heldout'])}"
+                            f"/{_num(c['jaccard_final'])}{'*' if c['ill_conditioned'] else ''}"
+                            for c in dynamics["checkpoints"])
+            lines.append(f"circuit over training (step: edges/held-out F/Jaccard with final; * ill-conditioned) "
+                         f"{per}")
+    predict = _summary(run_dir / "predict")
+    if predict:
+        from memcirc.predict import headline  # sklearn is slow to import; only when the stage ran
+
+        lines.append(headline(predict))
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _edges(x: int | None) -> str:
+    return "-" if x is None else str(x)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO
 
-STAGES = ("memorization", "contrastive", "circuits", "verify", "bypass", "kfac")  # configs/testbed.yaml
+STAGES = ("memorization", "contrastive", "circuits", "verify", "bypass", "kfac", "dynamics", "predict")  # testbed.yaml
 
 
 def _snapshot(run_dir):
@@ -37,7 +37,8 @@ def test_every_stage_is_complete(pipeline_run):
         manifest = json.loads((out / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete", stage
     report = first.stdout[first.stdout.rindex("memorization ("):].splitlines()
-    for headline in ("contrastive (", "circuit:", "held-out: faithfulness", "attention bypass:", "K-FAC edit"):
+    for headline in ("contrastive (", "circuit:", "held-out: faithfulness", "attention bypass:", "K-FAC edit",
+                     "training dynamics (", "circuit over training", "predictor ("):
         assert any(line.startswith(headline) for line in report), headline
 
 
