@@ -254,6 +254,14 @@ class StageRun:
             (self.stage_dir / MANIFEST).unlink(missing_ok=True)
         clean_stale_temp_files(self.stage_dir)
 
+    def begin_shard(self, shard_dir: Path, force: bool) -> None:
+        """`begin` for one of several jobs writing into the stage folder at once (SLURM array tasks):
+        only the temp files of its own folder are stale; the other jobs' are being written."""
+        ensure_writable(shard_dir)
+        if force:
+            (self.stage_dir / MANIFEST).unlink(missing_ok=True)
+        clean_stale_temp_files(shard_dir)
+
     def add_input(self, path: Path, manifest: dict[str, Any] | None = None, **extra: Any) -> None:
         entry: dict[str, Any] = {"path": str(path)}
         if Path(path).is_file():

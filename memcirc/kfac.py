@@ -578,15 +578,21 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
         return done
     shard_sums, n_merged = _finished_shards(cfg, stage.fingerprint) if cfg.merge else (None, 1)
     art.ensure_writable(Path(cfg.output_dir))
-    stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    # only now, after every input check: bad input leaves nothing behind
+    shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
+    if num_shards == 1:
+        stage.begin(cfg.force)
+    else:   # the other factor shards write next to this one at the same time
+        stage.begin_shard(shard_dir, cfg.force)
+    attach_log_file((cfg.stage_dir if num_shards == 1 else shard_dir) / art.LOG_TXT)
     timings: dict[str, float] = {}
     import time
 
     t0 = time.perf_counter()
     meta = {"factor_data": cfg.factor_data, "seed": cfg.seed, "block_len": block_len}
     if num_shards > 1:
-        _collect_shard(cfg, loaded, targets, batches, stage.fingerprint, num_shards, shard_index, identity, meta)
+        _collect_shard(cfg, loaded, targets, batches, stage.fingerprint, num_shards, shard_index, shard_dir,
+                       identity, meta)
         return None
     if shard_sums is not None:
         factors = shard_sums.to(torch.float32)
@@ -700,10 +706,9 @@ def _collect_resumable(cfg: KfacConfig, loaded: LoadedModel, targets: Sequence[T
 
 
 def _collect_shard(cfg: KfacConfig, loaded: LoadedModel, targets: Sequence[Target], batches: list[torch.Tensor],
-                   fingerprint: str, num_shards: int, shard_index: int, identity: dict[str, Any],
+                   fingerprint: str, num_shards: int, shard_index: int, shard_dir: Path, identity: dict[str, Any],
                    meta: dict[str, Any]) -> None:
     """One array task: the float64 factor sums of its slice of the batches, then a done marker."""
-    shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
     marker = shard_dir / SHARD_DONE
     if marker.is_file() and not cfg.force:
         done = json.loads(marker.read_text())

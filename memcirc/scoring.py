@@ -379,9 +379,14 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     if (summary := stage.completed_summary(cfg.force)) is not None:
         print(format_summary(summary))
         return summary
-    stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
+    # only now, after every input check: bad input leaves nothing behind
+    shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
+    if num_shards == 1:
+        stage.begin(cfg.force)
+    else:   # the other shards write next to this one at the same time
+        stage.begin_shard(shard_dir, cfg.force)
     release_logs()
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    attach_log_file((cfg.stage_dir if num_shards == 1 else shard_dir) / art.LOG_TXT)
 
     def work(batch: Sequence[Window]) -> list[dict[str, Any]]:
         return score_windows(loaded.model, batch, pad_id=loaded.tokenizer.pad_token_id,
@@ -393,7 +398,6 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
         store = art.ChunkStore(cfg.stage_dir / art.CHUNKS_DIR, fingerprint)
         return _finish(cfg, stage, run_chunked(windows.windows, work, store, cfg.chunk_size, "scoring"), context)
     start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
-    shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
     if shard_done(shard_dir, fingerprint, num_shards) and not cfg.force:   # a re-submitted finished shard
         log.info("shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards, shard_dir)
         return None

@@ -273,18 +273,20 @@ RUNNER = r"""# run_stage CMD...: run one stage. On SIGTERM (pre-emption: SLURM s
 # 143; unless SLURM is already requeueing the job (pre-emption) or it was cancelled, the job is
 # requeued here, and the requeued job resumes from the kept chunks (same folders, log appended).
 run_stage() {
-  local pid rc r state signalled=0
+  local pid rc r state signalled=0 me=${SLURM_JOB_ID:-}
+  # an array task by <array>_<task>: the array's own id also names the whole array (and its last task)
+  [[ -n ${SLURM_ARRAY_JOB_ID:-} ]] && me=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
   "$@" &
   pid=$!
   trap 'signalled=1; kill -TERM "$pid" 2>/dev/null' TERM USR1
   wait "$pid"; rc=$?
   while (( signalled )); do signalled=0; wait "$pid"; r=$?; (( r != 127 )) && rc=$r; done
   trap - TERM USR1
-  if (( rc == 143 )) && [[ -n ${SLURM_JOB_ID:-} ]]; then
-    state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null)
+  if (( rc == 143 )) && [[ -n $me ]]; then
+    state=$(squeue -h -j "$me" -o %T 2>/dev/null)
     if [[ $state == RUNNING ]]; then
-      echo "memcirc: stopped by SIGTERM; requeueing job $SLURM_JOB_ID, it resumes from its finished chunks" >&2
-      scontrol requeue "$SLURM_JOB_ID"
+      echo "memcirc: stopped by SIGTERM; requeueing job $me, it resumes from its finished chunks" >&2
+      scontrol requeue "$me"
     else
       echo "memcirc: stopped by SIGTERM while the job is ${state:-gone}; SLURM requeues or ends it" >&2
     fi
@@ -367,7 +369,8 @@ def submit(jobs: list[Job], settings: Settings, run_dir: Path, *, dry_run: bool 
     record = read_jobs(run_dir) if _jobs_file(run_dir).is_file() else {"run_dir": str(run_dir), "submissions": []}
     number = len(record["submissions"]) + 1
     scripts = run_dir / SLURM_DIR / f"submission-{number:03d}"
-    (run_dir / SLURM_DIR / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+    created = next((p for p in (run_dir, run_dir / SLURM_DIR) if not p.exists()), None)
+    art.ensure_writable(run_dir / SLURM_DIR / LOGS_DIR)   # sbatch does not create the log folder
     ids: dict[str, str] = {}
     try:
         for order, job in enumerate(jobs, 1):
@@ -378,7 +381,7 @@ def submit(jobs: list[Job], settings: Settings, run_dir: Path, *, dry_run: bool 
     except BaseException:
         if ids:
             subprocess.run(["scancel", *ids.values()], capture_output=True)
-        art.remove_tree(scripts)
+        art.remove_tree(created or scripts)   # what this submission made, nothing of earlier ones
         raise
     record["submissions"].append({"number": number, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                   **(what or {}), "jobs": [j.record() for j in jobs]})
