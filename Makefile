@@ -11,7 +11,7 @@ OUT ?= runs/testbed
 # (grep's own status is dropped; pipefail still reports a failing pip.)
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install pipeline test test-all bench testbed clean
+.PHONY: install pipeline test test-all test-slurm bench testbed clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ pipeline: install
 test: install
 	$(BIN)/python -m ruff check memcirc tests bench *.py
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The SLURM tests alone: a real single-node cluster (the Debian packages are installed when missing
+# and the tests run as root; otherwise they skip, saying why; MEMCIRC_REQUIRE_SLURM=1 fails instead).
+test-slurm: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/test_slurm.py
 
 test-all: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or not slow"

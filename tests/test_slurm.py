@@ -26,9 +26,10 @@ from memcirc.cli import Terminated, main
 from memcirc.config import KfacConfig, ScoreConfig, build_config
 from memcirc.errors import InputError
 
-# The testbed pipeline, reduced: scoring (4 shards) -> contrastive pairs, and K-FAC (2 factor shards).
+# The testbed pipeline, reduced: scoring (4 shards) -> contrastive pairs, K-FAC (2 factor shards) and
+# training dynamics (one array task per testbed checkpoint, circuits included).
 CONFIG = """\
-pipeline: [memorization_score, contrastive_dataset, kfac_edit]
+pipeline: [memorization_score, contrastive_dataset, kfac_edit, training_dynamics]
 model: testbed
 dtype: float32
 seed: 0
@@ -164,14 +165,20 @@ def test_pipeline_on_the_cluster_equals_a_local_run(local_run, cluster_run, clus
     out, result, _ = cluster_run
     jobs = _latest_jobs(out)
     assert list(jobs) == ["memorization_score", "memorization_score.merge", "contrastive_dataset", "kfac_edit",
-                          "kfac_edit.merge", "report"]
+                          "kfac_edit.merge", "training_dynamics", "training_dynamics.merge", "report"]
     assert jobs["memorization_score"]["tasks"] == 4 and jobs["kfac_edit"]["tasks"] == 2
+    from memcirc.config import DynamicsConfig
+    from memcirc.dynamics import resolve_checkpoints
+
+    checkpoints = resolve_checkpoints(DynamicsConfig())   # the testbed's checkpoints, then the final model
+    assert jobs["training_dynamics"]["tasks"] == len(checkpoints) == 5
+    assert jobs["training_dynamics"]["after"] == ["memorization_score.merge", "contrastive_dataset"]
     for job in jobs.values():   # really run by the cluster, every task
         states = {s for _, s, _, _ in _tasks(cluster, job["job_id"]).values()}
         assert states == {"COMPLETED"}, (job["name"], states)
     # every output file of every stage, byte for byte (manifests hold paths and times; their
     # output lists, hashes included, must agree)
-    for stage in ("memorization", "contrastive", "kfac"):
+    for stage in ("memorization", "contrastive", "kfac", "dynamics"):
         local = json.loads((local_run / stage / "manifest.json").read_text())
         remote = json.loads((out / stage / "manifest.json").read_text())
         assert remote["status"] == "complete"
@@ -301,10 +308,12 @@ def test_grid_runs_the_experiment_templates(config_file, cluster_run, env):
     out, _, _ = cluster_run
     r = subprocess.run([sys.executable, "-m", "memcirc.slurm", "grid", "--config", str(config_file),
                         "--output-dir", str(out), "--experiments", "branch_decision", "ablations", "--wait",
+                        "--num-shards", "1",   # memorization is complete: one no-op job is enough
                         *(f"--common-arg={a}" for a in FLAGS)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     jobs = _latest_jobs(out)
-    assert list(jobs) == ["memorization_score", "memorization_score.merge", "branch_decision", "ablations"]
+    assert list(jobs) == ["memorization_score", "branch_decision", "ablations"]
+    assert jobs["branch_decision"]["after"] == ["memorization_score"]
     assert jobs["ablations"]["after"] == ["branch_decision"]
     # the experiment's divergence pairs are the pipeline's (same config, same memorization run)
     assert (out / "branch_decision" / "contrastive" / "pairs.jsonl").read_bytes() == \
@@ -332,8 +341,11 @@ def test_dry_run_prints_the_scripts_and_writes_nothing(config_file, tmp_path):
     scripts = re.split(r"^# ---- ", r.stdout, flags=re.M)[1:]
     names = [s.split()[0] for s in scripts]
     assert names == ["memorization_score", "memorization_score.merge", "contrastive_dataset", "kfac_edit",
-                     "kfac_edit.merge", "report"]
+                     "kfac_edit.merge", "training_dynamics", "training_dynamics.merge", "report"]
     by = dict(zip(names, scripts))
+    assert "#SBATCH --array=0-4" in by["training_dynamics"]   # one task per checkpoint, not --num-shards
+    assert '--checkpoint-index "$SLURM_ARRAY_TASK_ID"' in by["training_dynamics"]
+    assert "#SBATCH --dependency=afterok:<memorization_score.merge>:<contrastive_dataset>" in by["training_dynamics"]
     assert "#SBATCH --array=0-2" in by["memorization_score"] and "#SBATCH --array=0-2" in by["kfac_edit"]
     assert '--num-shards 3 --shard-index "$SLURM_ARRAY_TASK_ID"' in by["memorization_score"]
     assert "--prefix-len 32" in by["memorization_score"] and "--prefix-len" not in by["kfac_edit"]
