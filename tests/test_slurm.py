@@ -110,20 +110,29 @@ def _pipeline(config_file, out, *extra, env=None, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def local_run(config_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("local")
-    r = _pipeline(config_file, out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+def runs(config_file, tmp_path_factory, env):
+    """(local run dir, cluster run dir, the cluster run's result): the same pipeline run by
+    run_pipeline.sh here and through the cluster, at the same time (the cluster's jobs leave a core
+    idle between stages)."""
+    local, remote = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("cluster")
+    cmd = [str(REPO / "run_pipeline.sh"), "--config", str(config_file), "--output-dir", str(local), *FLAGS]
+    with subprocess.Popen(cmd, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as here:
+        r = _pipeline(config_file, remote, "--slurm", "--wait", env=env)
+        _, err = here.communicate(timeout=600)
+    assert here.returncode == 0, err[-3000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return local, remote, r
 
 
 @pytest.fixture(scope="module")
-def cluster_run(config_file, tmp_path_factory, env):
-    out = tmp_path_factory.mktemp("cluster")
-    t0 = time.time()
-    r = _pipeline(config_file, out, "--slurm", "--wait", env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out, r, time.time() - t0
+def local_run(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def cluster_run(runs):
+    return runs[1], runs[2]
 
 
 def _latest_jobs(run_dir):
@@ -162,7 +171,7 @@ def _chunks(run_dir, shard):
 # -- the pipeline on the cluster equals the local run ----------------------------------------
 
 def test_pipeline_on_the_cluster_equals_a_local_run(local_run, cluster_run, cluster):
-    out, result, _ = cluster_run
+    out, result = cluster_run
     jobs = _latest_jobs(out)
     assert list(jobs) == ["memorization_score", "memorization_score.merge", "contrastive_dataset", "kfac_edit",
                           "kfac_edit.merge", "training_dynamics", "training_dynamics.merge", "report"]
@@ -305,7 +314,7 @@ def test_preempted_and_signalled_shards_are_requeued_and_resume(config_file, loc
 # -- the experiment grid on the cluster ------------------------------------------------------
 
 def test_grid_runs_the_experiment_templates(config_file, cluster_run, env):
-    out, _, _ = cluster_run
+    out, _ = cluster_run
     r = subprocess.run([sys.executable, "-m", "memcirc.slurm", "grid", "--config", str(config_file),
                         "--output-dir", str(out), "--experiments", "branch_decision", "ablations", "--wait",
                         "--num-shards", "1",   # memorization is complete: one no-op job is enough
