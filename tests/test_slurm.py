@@ -285,7 +285,8 @@ def test_preempted_and_signalled_shards_are_requeued_and_resume(config_file, loc
     cluster.sh("scancel", "--signal=TERM", "--batch", f"{array}_1")
     _wait_for(lambda: _tasks(cluster, array)[1][2] >= 1, "shard 1 to be requeued")
     # a high-priority job that needs the whole node: SLURM pre-empts shard 0 (SIGTERM) and requeues it
-    high = cluster.sh("sbatch", "--parsable", "-p", "high", "-c", "16", "--wrap", "sleep 1").stdout.strip()
+    high = cluster.sh("sbatch", "--parsable", "-p", "high", "-c", "16", "--output", str(tmp_path / "high.out"),
+                      "--wrap", "sleep 1").stdout.strip()
     _wait_for(lambda: _tasks(cluster, array)[0][2] >= 1, "shard 0 to be pre-empted")
 
     # SLURM holds a requeued job ~2 min (BeginTime); release the hold so the test does not wait it out
