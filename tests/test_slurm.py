@@ -392,11 +392,13 @@ def test_stage_runner_requeues_only_a_running_job(tmp_path):
     # a SIGTERM to the job script is passed on to the stage, whose exit code (143) the script returns
     script = slurm.RUNNER + "run_stage " + sys.executable + " -c " + \
         "'import signal,sys,time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); time.sleep(60)'\n"
-    proc = subprocess.Popen(["bash", "-c", script], env={**env, "STATE": "RUNNING"}, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143 and "requeueing job 70_3" in err, err
+    for sig in (signal.SIGTERM, signal.SIGUSR1):   # USR1: the time-limit warning of --signal=B:USR1@SECONDS
+        proc = subprocess.Popen(["bash", "-c", script], env={**env, "STATE": "RUNNING"}, stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and "requeueing job 70_3" in err, (sig, err)
 
 
 def test_slurm_section_is_read_and_checked(config_file, tmp_path):

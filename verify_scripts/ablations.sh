@@ -12,6 +12,7 @@
 # memcirc: run_stage
 set -euo pipefail
 [[ -n ${SLURM_JOB_ID:-} ]] || cd "$(dirname "$0")/.."
+EXPERIMENT=ablations
 source verify_scripts/common.sh
 
 for e in $(circuit_experiments); do

@@ -14,6 +14,7 @@
 # memcirc: run_stage
 set -euo pipefail
 [[ -n ${SLURM_JOB_ID:-} ]] || cd "$(dirname "$0")/.."
+EXPERIMENT=branch_decision
 source verify_scripts/common.sh
 
 run_stage "$PY" memorization_score.py --config "$CONFIG" --output-dir "$OUT" "${FLAGS[@]}"

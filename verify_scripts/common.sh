@@ -17,7 +17,7 @@ while [[ $# -gt 0 ]]; do
     --python) PY=$2; shift 2 ;;
     --experiments) shift; EXPERIMENTS=(); while [[ $# -gt 0 && $1 != --* ]]; do EXPERIMENTS+=("$1"); shift; done ;;
     --) shift; FLAGS=("$@"); break ;;
-    *) echo "$(basename "$0"): unknown option '$1' (flags: --config --output-dir --python --experiments -- STAGE FLAGS)" >&2
+    *) echo "${EXPERIMENT:-$(basename "$0")}: unknown option '$1' (flags: --config --output-dir --python --experiments -- STAGE FLAGS)" >&2
        exit 2 ;;
   esac
 done
@@ -28,7 +28,7 @@ circuit_experiments() {
   local e
   for e in "${EXPERIMENTS[@]}"; do
     if [[ -f $OUT/$e/circuits/manifest.json ]]; then echo "$e"
-    else echo "$(basename "$0"): no finished circuit in $OUT/$e/circuits; run verify_scripts/$e.sh first, skipping" >&2
+    else echo "${EXPERIMENT:-$(basename "$0")}: no finished circuit in $OUT/$e/circuits; run verify_scripts/$e.sh first, skipping" >&2
     fi
   done
 }
