@@ -284,6 +284,7 @@ run_stage() {
   trap - TERM USR1
   if (( rc == 143 )) && [[ -n $me ]]; then
     state=$(squeue -h -j "$me" -o %T 2>/dev/null)
+    [[ -n $state ]] || { sleep 2; state=$(squeue -h -j "$me" -o %T 2>/dev/null); }   # a busy controller
     if [[ $state == RUNNING ]]; then
       echo "memcirc: stopped by SIGTERM; requeueing job $me, it resumes from its finished chunks" >&2
       scontrol requeue "$me"
@@ -367,6 +368,13 @@ def submit(jobs: list[Job], settings: Settings, run_dir: Path, *, dry_run: bool 
             print(render(job, settings, run_dir, [f"<{a}>" for a in job.after]), end="")
         return jobs
     record = read_jobs(run_dir) if _jobs_file(run_dir).is_file() else {"run_dir": str(run_dir), "submissions": []}
+    if record["submissions"]:   # two submissions at once would write the same folders
+        active = [f"{j['name']} {j['job_id']}" for j in record["submissions"][-1]["jobs"]
+                  if any(t.state in ACTIVE and t.reason not in NEVER for t in query(j))]
+        if active:
+            raise InputError(f"jobs of the previous submission to {run_dir} are still queued or running "
+                             f"({', '.join(active)}): wait for them (python -m memcirc.slurm wait {run_dir}) "
+                             "or scancel them, then submit again")
     number = len(record["submissions"]) + 1
     scripts = run_dir / SLURM_DIR / f"submission-{number:03d}"
     created = next((p for p in (run_dir, run_dir / SLURM_DIR) if not p.exists()), None)
@@ -433,7 +441,10 @@ def _task_ids(spec: str) -> list[int]:
 
 def query(job: dict[str, Any]) -> list[Task]:
     """The tasks of one recorded job: scontrol, else sacct, else [] (the cluster forgot it)."""
-    r = subprocess.run(["scontrol", "-o", "show", "job", str(job["job_id"])], capture_output=True, text=True)
+    try:
+        r = subprocess.run(["scontrol", "-o", "show", "job", str(job["job_id"])], capture_output=True, text=True)
+    except FileNotFoundError:   # not on a SLURM host: only the run folder can tell
+        return []
     tasks: list[Task] = []
     if r.returncode == 0:
         for rec in _records(r.stdout):
@@ -444,8 +455,11 @@ def query(job: dict[str, Any]) -> list[Task]:
                 tasks.append(Task(i, rec.get("JobId", str(job["job_id"])), state, rec.get("Reason", ""),
                                   rec.get("ExitCode", ""), int(rec.get("Restarts", 0) or 0), log))
         return tasks
-    r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job["job_id"]), "-o", "JobID,JobIDRaw,State,ExitCode"],
-                       capture_output=True, text=True)
+    try:
+        r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(job["job_id"]), "-o",
+                            "JobID,JobIDRaw,State,ExitCode"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return []
     if r.returncode == 0:
         for line in r.stdout.splitlines():
             job_spec, raw, state, code = (line.split("|") + ["", "", "", ""])[:4]
@@ -492,7 +506,11 @@ class JobStatus:
 
     @property
     def ok(self) -> bool:
-        return bool(self.tasks) and all(t.state == SUCCESS for t in self.tasks)
+        return bool(self.tasks) and all(t.state == SUCCESS or self.untraceable(t) for t in self.tasks)
+
+    def untraceable(self, task: Task) -> bool:
+        """A job the cluster forgot that leaves no stage folder of its own (the report, an experiment)."""
+        return task.state == "UNKNOWN" and self.job.get("stage") is None
 
 
 def job_status(run_dir: Path, job: dict[str, Any]) -> JobStatus:
@@ -522,6 +540,13 @@ def status_report(run_dir: Path) -> tuple[str, bool, bool]:
             if t.state in ACTIVE and t.reason not in NEVER or t.state == SUCCESS:
                 continue
             log = _log_of(job, t)
+            if st.untraceable(t):
+                lines.append(f"    (job {t.job_id} is no longer known to SLURM; see its log: {log})")
+                continue
+            if t.state == "UNKNOWN":
+                failures.append(f"{name}: job {t.job_id} is no longer known to SLURM and its outputs are not in "
+                                f"{run_dir}: it did not finish; log: {log}")
+                continue
             if t.reason in NEVER or (t.state == "CANCELLED" and any(not statuses[a].ok for a in job["after"]
                                                                      if a in statuses)):
                 failures.append(f"{name} (job {t.job_id}) did not run ({t.state}, {t.reason or 'cancelled'}): it "

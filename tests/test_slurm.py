@@ -164,6 +164,14 @@ def _alive(cluster, job_id, run_dir):
     return True
 
 
+def _restarted(cluster, job_id, run_dir, task):
+    """True once `task` was requeued; an assertion error (with its log) if it ended without."""
+    _, state, restarts, _ = _tasks(cluster, job_id)[task]
+    log = run_dir / "slurm" / "logs" / f"memorization_score-{job_id}_{task}.out"
+    assert restarts or state in ("RUNNING", "PENDING"), f"task {task} {state}, not requeued: {log.read_text()[-2000:]}"
+    return _alive(cluster, job_id, run_dir) and restarts >= 1
+
+
 def _chunks(run_dir, shard):
     return len(list((run_dir / "memorization" / "shards" / f"{shard:05d}" / "chunks").glob("*.jsonl")))
 
@@ -236,6 +244,9 @@ def test_killed_shard_blocks_the_merge_and_resubmission_finishes_the_run(config_
     first = _pipeline(config_file, out, *args, env=env)
     assert first.returncode == 0, first.stderr
     array = _latest_jobs(out)["memorization_score"]["job_id"]
+    again = _pipeline(config_file, out, *args, env=env)   # while those jobs run: refused, nothing submitted
+    assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
+    assert len(json.loads((out / "slurm" / "jobs.json").read_text())["submissions"]) == 1
     _wait_for(lambda: _alive(cluster, array, out) and _chunks(out, 2) >= 2, "shard 2 to write two chunks")
     task_job = _tasks(cluster, array)[2][0]
     pids = cluster.sh("scontrol", "listpids", task_job).stdout.split()
@@ -283,11 +294,11 @@ def test_preempted_and_signalled_shards_are_requeued_and_resume(config_file, loc
     _wait_for(lambda: running(0) and running(1), "both shards to write two chunks")
     # shard 1: SIGTERM to the job's processes; the job script requeues the job itself
     cluster.sh("scancel", "--signal=TERM", "--batch", f"{array}_1")
-    _wait_for(lambda: _tasks(cluster, array)[1][2] >= 1, "shard 1 to be requeued")
+    _wait_for(lambda: _restarted(cluster, array, out, 1), "shard 1 to be requeued")
     # a high-priority job that needs the whole node: SLURM pre-empts shard 0 (SIGTERM) and requeues it
     high = cluster.sh("sbatch", "--parsable", "-p", "high", "-c", "16", "--output", str(tmp_path / "high.out"),
                       "--wrap", "sleep 1").stdout.strip()
-    _wait_for(lambda: _tasks(cluster, array)[0][2] >= 1, "shard 0 to be pre-empted")
+    _wait_for(lambda: _restarted(cluster, array, out, 0), "shard 0 to be pre-empted")
 
     # SLURM holds a requeued job ~2 min (BeginTime); release the hold so the test does not wait it out
     def released():
