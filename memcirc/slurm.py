@@ -285,7 +285,8 @@ run_stage() {
   if (( rc == 143 )) && [[ -n $me ]]; then
     state=$(squeue -h -j "$me" -o %T 2>/dev/null)
     [[ -n $state ]] || { sleep 2; state=$(squeue -h -j "$me" -o %T 2>/dev/null); }   # a busy controller
-    if [[ $state == RUNNING ]]; then
+    # RUNNING (SIGNALING while the signal is being delivered): nobody else requeues this job
+    if [[ $state == RUNNING || $state == SIGNALING ]]; then
       echo "memcirc: stopped by SIGTERM; requeueing job $me, it resumes from its finished chunks" >&2
       scontrol requeue "$me"
     else

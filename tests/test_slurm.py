@@ -392,7 +392,8 @@ def test_stage_runner_requeues_only_a_running_job(tmp_path):
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
            "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3"}   # an array task: addressed as 70_3
-    for state, rc, requeued in (("RUNNING", 143, True), ("COMPLETING", 143, False), ("RUNNING", 3, False)):
+    for state, rc, requeued in (("RUNNING", 143, True), ("SIGNALING", 143, True), ("COMPLETING", 143, False),
+                                ("CANCELLED", 143, False), ("", 143, False), ("RUNNING", 3, False)):
         (tmp_path / "calls").unlink(missing_ok=True)
         script = slurm.RUNNER + f"run_stage sh -c 'exit {rc}'\n"
         r = subprocess.run(["bash", "-c", script], env={**env, "STATE": state}, capture_output=True, text=True)
