@@ -136,18 +136,24 @@ def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _hub_documents(source: str, columns: Columns, split: str, dataset_config: str | None,
-                   streaming: bool) -> Iterator[Document]:
+def load_hub_dataset(source: str, split: str, dataset_config: str | None = None, streaming: bool = False,
+                     what: str = "dataset") -> Any:
+    """`datasets.load_dataset` (Hub or local cache); a missing or unreadable dataset is an InputError."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, dataset_config, split=split, streaming=streaming)
+        return datasets.load_dataset(source, dataset_config, split=split, streaming=streaming)
     except FileNotFoundError:
-        raise InputError(f"dataset {source!r} is neither a local file or folder nor a dataset "
+        raise InputError(f"{what} {source!r} is neither a local file or folder nor a dataset "
                          "found on the Hub or in the local cache") from None
     except (ConnectionError, OSError, ValueError) as e:
-        raise InputError(f"could not load dataset {source!r} (split {split!r}): "
+        raise InputError(f"could not load {what} {source!r} (split {split!r}): "
                          f"{str(e).splitlines()[0]}") from None
+
+
+def _hub_documents(source: str, columns: Columns, split: str, dataset_config: str | None,
+                   streaming: bool) -> Iterator[Document]:
+    dataset = load_hub_dataset(source, split, dataset_config, streaming)
     return _rows_to_documents(iter(dataset), columns, source)
 
 

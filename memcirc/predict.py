@@ -53,7 +53,7 @@ import torch
 
 from memcirc import artifacts as art
 from memcirc.config import PredictConfig
-from memcirc.data import Columns, Window, load_documents
+from memcirc.data import Columns, Window, load_documents, load_hub_dataset
 from memcirc.errors import InputError
 from memcirc.logs import attach_log_file, progress, release_logs
 from memcirc.models import LoadedModel, ModelSpec, load
@@ -191,17 +191,7 @@ def table_rows(source: str, split: str) -> Iterator[dict[str, Any]]:
         return
     if path.suffix in TABLE_SUFFIXES or source.startswith((".", "/")) and not path.exists():
         raise InputError(f"label table not found: {source}")
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(source, split=split)
-    except FileNotFoundError:
-        raise InputError(f"label table {source!r} is neither a local file or folder nor a dataset found on the "
-                         "Hub or in the local cache") from None
-    except (ConnectionError, OSError, ValueError) as e:
-        raise InputError(f"could not load label table {source!r} (split {split!r}): "
-                         f"{str(e).splitlines()[0]}") from None
-    yield from dataset
+    yield from load_hub_dataset(source, split, what="label table")
 
 
 def _pick(row: dict[str, Any], names: Sequence[str]) -> str | None:
