@@ -371,6 +371,11 @@ class ContrastiveConfig(StageConfig):
 
 
 ABLATIONS = ("resample", "zero", "mean")
+# Circuit settings shared by find_circuits and training_dynamics (one list of valid values each).
+GRAD_FUNCTIONS = ("logit", "prob", "logprob", "logit_exp")
+LOSSES = ("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong")
+FAITHFULNESS_METRICS = ("logit_diff", "answer_logit", "wrong_logit", "answer_logprob")
+WEIGHT_PROCESSING = ("none", "tl_default")
 
 
 @register
@@ -383,19 +388,19 @@ class CircuitsConfig(StageConfig):
 
     ig_steps: int = option(5, "integrated-gradient samples (0 = plain EAP)", aliases=("--ig",), minimum=0)
     grad_function: str = option("logit", "what the gradient is taken of", aliases=("--grad_function",),
-                                choices=("logit", "prob", "logprob", "logit_exp"))
+                                choices=GRAD_FUNCTIONS)
     loss: str = option("avg_diff", "attribution loss: avg_diff (answer - wrong), neg_avg_diff, avg_val "
                        "(answer), avg_val_wrong (wrong)", aliases=("--loss_function",),
-                       choices=("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong"))
+                       choices=LOSSES)
     ablation: str = option("resample", "what an ablated edge carries: the corrupt run (resample), zero, "
                            "or the mean over the pairs", aliases=("--ablation_type",), choices=ABLATIONS)
     faithfulness_metric: str = option("logit_diff", "metric M in (M(circuit) - M(empty)) / (M(full) - "
                                       "M(empty))", aliases=("--optimize_metric",),
-                                      choices=("logit_diff", "answer_logit", "wrong_logit", "answer_logprob"))
+                                      choices=FAITHFULNESS_METRICS)
     target: float = option(0.85, "faithfulness the minimal circuit must reach",
                            aliases=("--target_performance",))
     weight_processing: str = option("none", "TransformerLens weight processing: none (HF-identical "
-                                    "logits) or tl_default", choices=("none", "tl_default"))
+                                    "logits) or tl_default", choices=WEIGHT_PROCESSING)
     curve_points: int = option(16, "log-spaced edge counts on the faithfulness curve", minimum=2)
     batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
 
@@ -563,13 +568,13 @@ class DynamicsConfig(StageConfig):
                                    "<output-dir>/contrastive)")
     ig_steps: int = option(5, "integrated-gradient samples (0 = plain EAP)", aliases=("--ig",), minimum=0)
     grad_function: str = option("logit", "what the gradient is taken of",
-                                choices=("logit", "prob", "logprob", "logit_exp"))
-    loss: str = option("avg_diff", "attribution loss", choices=("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong"))
+                                choices=GRAD_FUNCTIONS)
+    loss: str = option("avg_diff", "attribution loss", choices=LOSSES)
     ablation: str = option("resample", "what an ablated edge carries", choices=ABLATIONS)
     faithfulness_metric: str = option("logit_diff", "metric of the faithfulness ratio",
-                                      choices=("logit_diff", "answer_logit", "wrong_logit", "answer_logprob"))
+                                      choices=FAITHFULNESS_METRICS)
     target: float = option(0.85, "faithfulness the minimal circuit must reach")
-    weight_processing: str = option("none", "TransformerLens weight processing", choices=("none", "tl_default"))
+    weight_processing: str = option("none", "TransformerLens weight processing", choices=WEIGHT_PROCESSING)
     curve_points: int = option(16, "log-spaced edge counts on the faithfulness curve", minimum=2)
     checkpoint_index: int | None = option(None, "run only this checkpoint's unit (default: SLURM_ARRAY_TASK_ID "
                                           "in a job array, else every checkpoint)", minimum=0, hashed=False)
