@@ -50,7 +50,7 @@ from memcirc.config import DynamicsConfig
 from memcirc.data import Window
 from memcirc.errors import InputError
 from memcirc.logs import attach_log_file, progress, release_logs
-from memcirc.testbed import GROUND_TRUTH, MODEL_DIR, TESTBED_DIR, TESTBED_NAME
+from memcirc.testbed import MODEL_DIR, TESTBED_NAME, checkpoint_folders
 
 if TYPE_CHECKING:
     from memcirc.circuits import Pair
@@ -166,15 +166,9 @@ def schedule_steps(name: str, start: int, end: int, every: int = 1000, points: i
 
 def _testbed_checkpoints() -> list[tuple[str, str, int]]:
     """(label, name_or_path, step) of the testbed's checkpoints, then its final model ('testbed')."""
-    truth = art.read_json(GROUND_TRUTH)
-    out = []
-    for entry in truth.get("checkpoints", []):
-        folder = (TESTBED_DIR / entry["dir"]).resolve()
-        name = TESTBED_NAME if folder == MODEL_DIR.resolve() else str(folder)
-        out.append((folder.name, name, int(entry["step"])))
-    if not out:
-        raise InputError(f"{GROUND_TRUTH} lists no checkpoints; rebuild the testbed (make testbed)")
-    return out
+    final = MODEL_DIR.resolve()
+    return [(folder.name, TESTBED_NAME if folder == final else str(folder), step)
+            for step, folder in checkpoint_folders()]
 
 
 def resolve_checkpoints(cfg: DynamicsConfig) -> list[Checkpoint]:

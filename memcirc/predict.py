@@ -58,7 +58,7 @@ from memcirc.errors import InputError
 from memcirc.logs import attach_log_file, progress, release_logs
 from memcirc.models import LoadedModel, ModelSpec, load
 from memcirc.scoring import pad_batch, score_windows
-from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, GROUND_TRUTH, TESTBED_NAME
+from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, GROUND_TRUTH, TESTBED_NAME, checkpoint_folders
 
 log = logging.getLogger(__name__)
 
@@ -906,9 +906,10 @@ def _labelled(cfg: PredictConfig) -> tuple[list[Example], list[dict[str, Any]], 
 
 
 def _testbed_checkpoints() -> list[Path]:
-    found = sorted(CHECKPOINTS_DIR.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The testbed's intermediate checkpoint folders in training order (the final model left out)."""
+    found = [folder for _, folder in checkpoint_folders()[:-1]]
     if not found:
-        raise InputError(f"the testbed has no checkpoints in {CHECKPOINTS_DIR}: run `make testbed`")
+        raise InputError(f"the testbed has no intermediate checkpoints in {CHECKPOINTS_DIR}: run `make testbed`")
     return found
 
 

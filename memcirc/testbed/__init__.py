@@ -5,6 +5,7 @@ the model memorized is known by construction. `make testbed` rebuilds everything
 committed corpus slice (see build.py); the trained weights are committed so nothing needs training.
 """
 
+import json
 from pathlib import Path
 
 TESTBED_DIR = Path(__file__).resolve().parent
@@ -16,3 +17,14 @@ GROUND_TRUTH = TESTBED_DIR / "ground_truth.json"       # canaries: text, token i
 
 # The name that models.load and data.load_documents resolve to the folders above.
 TESTBED_NAME = "testbed"
+
+
+def checkpoint_folders() -> list[tuple[int, Path]]:
+    """(training step, folder) of every checkpoint ground_truth.json lists, in training order; the
+    last is the final model (MODEL_DIR). Raises InputError when the testbed lists none."""
+    from memcirc.errors import InputError
+
+    entries = json.loads(GROUND_TRUTH.read_text()).get("checkpoints", []) if GROUND_TRUTH.is_file() else []
+    if not entries:
+        raise InputError(f"{GROUND_TRUTH} lists no checkpoints; rebuild the testbed (make testbed)")
+    return [(int(e["step"]), (TESTBED_DIR / e["dir"]).resolve()) for e in entries]
