@@ -13,9 +13,7 @@ examples:
       --output-dir runs/neo --lm-eval-tasks lambada_openai
 """
 
-from memcirc.bypass import run
 from memcirc.cli import main
-from memcirc.config import BypassConfig
 
 if __name__ == "__main__":
-    raise SystemExit(main(BypassConfig, run, doc=__doc__))
+    raise SystemExit(main("attention_bypass", doc=__doc__))

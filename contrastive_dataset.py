@@ -12,8 +12,6 @@ examples:
 """
 
 from memcirc.cli import main
-from memcirc.config import ContrastiveConfig
-from memcirc.contrastive import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(ContrastiveConfig, run, doc=__doc__))
+    raise SystemExit(main("contrastive_dataset", doc=__doc__))

@@ -13,9 +13,7 @@ examples:
       --ablation resample --faithfulness-metric logit_diff --target 0.85 --dtype float32
 """
 
-from memcirc.circuits import run
 from memcirc.cli import main
-from memcirc.config import CircuitsConfig
 
 if __name__ == "__main__":
-    raise SystemExit(main(CircuitsConfig, run, doc=__doc__))
+    raise SystemExit(main("find_circuits", doc=__doc__))

@@ -14,8 +14,6 @@ examples:
 """
 
 from memcirc.cli import main
-from memcirc.config import KfacConfig
-from memcirc.kfac import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(KfacConfig, run, doc=__doc__))
+    raise SystemExit(main("kfac_edit", doc=__doc__))

@@ -14,8 +14,6 @@ examples:
 """
 
 from memcirc.cli import main
-from memcirc.config import ScoreConfig
-from memcirc.scoring import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(ScoreConfig, run, doc=__doc__))
+    raise SystemExit(main("memorization_score", doc=__doc__))

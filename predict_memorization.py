@@ -21,8 +21,6 @@ examples:
 """
 
 from memcirc.cli import main
-from memcirc.config import PredictConfig
-from memcirc.predict import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(PredictConfig, run, doc=__doc__))
+    raise SystemExit(main("predict_memorization", doc=__doc__))

@@ -26,7 +26,7 @@ FROM_STAGE=
 TO_STAGE=
 COMMON=()        # flags every stage accepts
 SLURM=() USE_SLURM=0   # --slurm: flags of memcirc.slurm submit
-MEM=() CON=() CIR=() VER=() BYP=() KFA=() PRE=() DYN=()   # stage-specific flags
+# stage-specific flags: ARGS_<stage> (an array per stage, created on first use)
 
 usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
@@ -50,37 +50,35 @@ while [[ $# -gt 0 ]]; do
     --device|--dtype|--log-level|--limit|--seed|--revision) need "$@"; COMMON+=("$1" "$2"); shift 2 ;;
     --model|--model_name) need "$@"; COMMON+=(--model "$2"); shift 2 ;;
     # stage-specific, in the predecessor's spelling or ours
-    --dataset) need "$@"; MEM+=(--dataset "$2"); shift 2 ;;
-    --prompt_tokens|--prefix-len) need "$@"; MEM+=(--prefix-len "$2"); shift 2 ;;
-    --generation_tokens|--suffix-len) need "$@"; MEM+=(--suffix-len "$2"); shift 2 ;;
-    --mem_batch_size) need "$@"; MEM+=(--batch-size "$2"); shift 2 ;;
+    --dataset) need "$@"; ARGS_memorization_score+=(--dataset "$2"); shift 2 ;;
+    --prompt_tokens|--prefix-len) need "$@"; ARGS_memorization_score+=(--prefix-len "$2"); shift 2 ;;
+    --generation_tokens|--suffix-len) need "$@"; ARGS_memorization_score+=(--suffix-len "$2"); shift 2 ;;
+    --mem_batch_size) need "$@"; ARGS_memorization_score+=(--batch-size "$2"); shift 2 ;;
     --threshold)  # the predecessor thresholded its per-token match score
-      need "$@"; MEM+=(--metrics exact lcp tf_accuracy suffix_nll suffix_entropy token_match bleu4)
-      CON+=(--memorized-by token_match --threshold "$2"); shift 2 ;;
-    --metric) need "$@"; CON+=(--metric "$2"); shift 2 ;;
-    --contrastive_mode|--contrastive-mode) need "$@"; CON+=(--contrastive-mode "$2"); shift 2 ;;
-    --contrastive_batch_size) need "$@"; CON+=(--batch-size "$2"); shift 2 ;;
-    --eap_batch_size) need "$@"; CIR+=(--batch-size "$2"); VER+=(--batch-size "$2"); shift 2 ;;
+      need "$@"; ARGS_memorization_score+=(--metrics exact lcp tf_accuracy suffix_nll suffix_entropy token_match bleu4)
+      ARGS_contrastive_dataset+=(--memorized-by token_match --threshold "$2"); shift 2 ;;
+    --metric) need "$@"; ARGS_contrastive_dataset+=(--metric "$2"); shift 2 ;;
+    --contrastive_mode|--contrastive-mode) need "$@"; ARGS_contrastive_dataset+=(--contrastive-mode "$2"); shift 2 ;;
+    --contrastive_batch_size) need "$@"; ARGS_contrastive_dataset+=(--batch-size "$2"); shift 2 ;;
+    --eap_batch_size) need "$@"; ARGS_find_circuits+=(--batch-size "$2"); ARGS_verify_circuit+=(--batch-size "$2"); shift 2 ;;
     --global_batch_size)
-      need "$@"; MEM+=(--batch-size "$2"); CON+=(--batch-size "$2"); shift 2 ;;
+      need "$@"; ARGS_memorization_score+=(--batch-size "$2"); ARGS_contrastive_dataset+=(--batch-size "$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 [[ -f $CONFIG ]] || die "config file not found: $CONFIG"
-# The stage list comes from the config's `pipeline:` key (default: the four circuit stages).
-listed=$("$PYTHON" -m memcirc.config pipeline "$CONFIG") || exit 2
+# The stage list comes from the config's `pipeline:` key (default: the four circuit stages), in the
+# registry's order (memcirc/stages/registry.py).
+listed=$("$PYTHON" -m memcirc.stages.registry pipeline "$CONFIG") || exit 2
 mapfile -t STAGES <<< "$listed"
 first=$(index_of "${FROM_STAGE:-${STAGES[0]}}"); last=$(index_of "${TO_STAGE:-${STAGES[-1]}}")
 (( first <= last )) || die "--from-stage $FROM_STAGE comes after --to-stage $TO_STAGE"
 
-stage_flags() {
-  case $1 in
-    memorization_score) echo MEM ;; contrastive_dataset) echo CON ;;
-    find_circuits) echo CIR ;; verify_circuit) echo VER ;;
-    attention_bypass) echo BYP ;; kfac_edit) echo KFA ;;
-    predict_memorization) echo PRE ;; training_dynamics) echo DYN ;;
-  esac
+stage_flags() {  # point `extra` at the stage's flag array (declared empty when no flag went to it)
+  unset -n extra 2>/dev/null || true
+  declare -g -a "ARGS_$1"
+  declare -g -n extra="ARGS_$1"
 }
 
 if (( USE_SLURM )); then
@@ -89,8 +87,7 @@ if (( USE_SLURM )); then
   args=(--config "$CONFIG" --output-dir "$OUTPUT_DIR" --python "$PYTHON" --stages "${STAGES[@]:first:last-first+1}")
   for a in "${COMMON[@]}"; do [[ $a == --dry-run ]] || args+=("--common-arg=$a"); done
   for stage in "${STAGES[@]:first:last-first+1}"; do
-    unset -n extra 2>/dev/null || true
-    declare -n extra="$(stage_flags "$stage")"
+    stage_flags "$stage"
     for a in "${extra[@]}"; do args+=("--stage-arg=$stage=$a"); done
   done
   rc=0
@@ -105,8 +102,7 @@ fi
 echo "memcirc pipeline: config=$CONFIG output=$OUTPUT_DIR stages=${STAGES[*]:first:last-first+1}"
 for stage in "${STAGES[@]:first:last-first+1}"; do
   echo "== $stage"
-  unset -n extra 2>/dev/null || true
-  declare -n extra="$(stage_flags "$stage")"
+  stage_flags "$stage"
   "$PYTHON" "$stage.py" --config "$CONFIG" --output-dir "$OUTPUT_DIR" "${COMMON[@]}" "${extra[@]}"
 done
 # The headline numbers last, so they end the log.

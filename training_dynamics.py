@@ -21,8 +21,6 @@ examples:
 """
 
 from memcirc.cli import main
-from memcirc.config import DynamicsConfig
-from memcirc.dynamics import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(DynamicsConfig, run, doc=__doc__))
+    raise SystemExit(main("training_dynamics", doc=__doc__))

@@ -14,8 +14,6 @@ examples:
 """
 
 from memcirc.cli import main
-from memcirc.config import VerifyConfig
-from memcirc.verify import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(VerifyConfig, run, doc=__doc__))
+    raise SystemExit(main("verify_circuit", doc=__doc__))

@@ -26,14 +26,15 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import BypassConfig
 from memcirc.data import Columns, Window, load_documents
 from memcirc.errors import InputError
 from memcirc.evaluation import check_same_model, heldout_blocks, memorization, memorized_windows, perplexity
-from memcirc.logs import attach_log_file, progress, release_logs
+from memcirc.logs import progress
+from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import arch as A
 from memcirc.models import load
 from memcirc.scoring import pad_batch
+from memcirc.stages.attention_bypass import BypassConfig
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +294,13 @@ def _memorized(cfg: BypassConfig) -> tuple[list[Window], list[dict[str, Any]], d
     if cfg.memorized_file:
         upstream = None
         if upstream_dir is not None and (upstream_dir / art.MANIFEST).is_file():
-            upstream = art.read_manifest(upstream_dir, what="memorization")
+            upstream = read_manifest(upstream_dir, what="memorization")
         prefix_len = (upstream or {}).get("config", {}).get("prefix_len")
         windows = windows_from_file(cfg.memorized_file, prefix_len)
         inputs = [{"path": cfg.memorized_file, "sha256": art.sha256_file(Path(cfg.memorized_file)),
                    "prefix_len": windows[0].prefix_len}]
         return windows, inputs, upstream
-    upstream = art.read_manifest(upstream_dir, what="memorization")
+    upstream = read_manifest(upstream_dir, what="memorization")
     windows = memorized_windows(upstream_dir)
     return windows, [{"path": str(upstream_dir), "run_id": upstream["run_id"]}], upstream
 
@@ -336,12 +337,10 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     if cfg.heldout != "testbed" and Path(cfg.heldout).is_file():
         inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
     identity = loaded.identity()
-    stage = art.StageRun.for_config(cfg, STAGE, inputs, model=loaded.results_identity())
-    release_logs()
-    if (done := stage.completed_summary(cfg.force)) is not None:
+    stage = StageRun.for_config(cfg, inputs, model=loaded.results_identity())
+    if (done := stage.open(cfg.force)) is not None:
         print(format_table(done))
         return done
-    art.ensure_writable(Path(cfg.output_dir))
     lm_eval_tasks: list[str] = list(cfg.lm_eval_tasks)
     note = None
     if lm_eval_tasks:
@@ -352,8 +351,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
             log.warning("%s: %s", note, ", ".join(lm_eval_tasks))
             lm_eval_tasks = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stage.begin(cfg.force)  # every input check is behind us: bad input leaves nothing behind
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    stage.start(cfg.force)
     log.info("%d memorized windows; %d held-out blocks of %d tokens; mode %s; %d blocks + %d sets",
              len(windows), len(blocks), A.n_ctx(model), cfg.mode, A.n_layers(model), len(layer_sets))
     summary = sweep(model, arch, windows, blocks, pad_id=pad, batch_size=cfg.batch_size, mode=cfg.mode,

@@ -46,11 +46,12 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import CircuitsConfig
 from memcirc.errors import InputError
-from memcirc.logs import attach_log_file, progress, release_logs
+from memcirc.logs import progress
+from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import n_ctx
+from memcirc.stages.find_circuits import CircuitsConfig
 
 if TYPE_CHECKING:  # auto-circuit and TransformerLens take seconds to import: imported lazily
     from auto_circuit.data import PromptPairBatch
@@ -621,7 +622,7 @@ def check_pairs_model(recorded: dict[str, Any] | None, loaded: LoadedModel, wher
 
 def pairs_input(stage_dir: Path, what: str = "contrastive") -> tuple[Path, dict[str, Any], str]:
     """(pairs.jsonl path, its stage manifest, its sha256), checked against the manifest."""
-    manifest = art.read_manifest(stage_dir, what)
+    manifest = read_manifest(stage_dir, what)
     path = stage_dir / PAIRS_JSONL
     recorded = {o["path"]: o.get("sha256") for o in manifest.get("outputs", [])}
     if PAIRS_JSONL not in recorded or not path.is_file():
@@ -697,15 +698,13 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     key = model_key(loaded)
     fingerprint = art.sha256_json({"method": METHOD_VERSION, "config": cfg.hashed_dict(),
                                    "pairs_sha256": pairs_sha, "model": key})
-    stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
-    if (done := stage.completed_summary(cfg.force)) is not None:
+    stage = StageRun.for_config(cfg, fingerprint=fingerprint)
+    if (done := stage.open(cfg.force)) is not None:
         return done
     graph = build_graph(loaded, cfg.weight_processing)
     batches = make_batches(pairs, cfg.batch_size, loaded.device)
     evaluator = FaithfulnessEvaluator(graph, batches, cfg.ablation, cfg.faithfulness_metric)
-    stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
-    release_logs()
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    stage.start(cfg.force)
     if dtype_warning:
         log.warning(dtype_warning)
     if loaded.dtype != torch.float32:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from memcirc.config import StageConfig, build_config, resolved_yaml
+from memcirc.config import build_config, resolved_yaml
 from memcirc.errors import InputError
 from memcirc.logs import discard_held_logs, release_logs, setup_logging
 from memcirc.models.device import set_threads_from_env
+from memcirc.stages.registry import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,12 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def main(config_cls: type[StageConfig], run: Callable[[StageConfig], Any], argv: list[str] | None = None,
-         doc: str | None = None) -> int:
+def main(stage_name: str, argv: list[str] | None = None, doc: str | None = None) -> int:
+    """Run the registered stage `stage_name` with command-line arguments `argv` (default: sys.argv)."""
+    stage = STAGES[stage_name]
     description, _, epilog = (doc or "").strip().partition("\n\n")
     try:
-        cfg = build_config(config_cls, argv, description=description, epilog=epilog)
+        cfg = build_config(stage.config, argv, description=description, epilog=epilog)
         setup_logging(cfg.log_level)
         if cfg.dry_run:
             print(resolved_yaml(cfg), end="")
@@ -43,7 +44,7 @@ def main(config_cls: type[StageConfig], run: Callable[[StageConfig], Any], argv:
             return 0
         signal.signal(signal.SIGTERM, _raise_terminated)
         set_threads_from_env()
-        run(cfg)
+        stage.run(cfg)
         release_logs()
         return 0
     except InputError as e:

@@ -34,12 +34,13 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import ContrastiveConfig
 from memcirc.errors import InputError
 from memcirc.evaluation import check_same_model
-from memcirc.logs import attach_log_file, progress, release_logs
+from memcirc.logs import progress
+from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
 from memcirc.scoring import bleu4, greedy_generate, pad_batch
+from memcirc.stages.contrastive_dataset import ContrastiveConfig
 
 log = logging.getLogger(__name__)
 
@@ -305,17 +306,15 @@ def split_by_document(docs: Sequence[str], heldout_fraction: float, seed: int) -
 def run(cfg: ContrastiveConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     upstream_dir = cfg.upstream_dir
-    upstream = art.read_manifest(upstream_dir, what="memorization")
+    upstream = read_manifest(upstream_dir, what="memorization")
     rows = list(art.read_jsonl(upstream_dir / art.SCORES_JSONL))
     memorized, low = _select(rows, cfg)
     loaded = load(cfg.model_spec())
     check_same_model(upstream.get("model", {}), loaded)
     inputs = [{"path": str(upstream_dir), "run_id": upstream["run_id"]}]
-    stage = art.StageRun.for_config(cfg, STAGE, inputs)
-    release_logs()  # inputs are fine; from here on progress is worth seeing
-    if (done := stage.completed_summary(cfg.force)) is not None:
+    stage = StageRun.for_config(cfg, inputs)
+    if (done := stage.open(cfg.force)) is not None:
         return done
-    art.ensure_writable(Path(cfg.output_dir))
     pad = loaded.tokenizer.pad_token_id
     log.info("%d memorized windows (%s >= %s) of %d; finding where memorization breaks", len(memorized),
              cfg.memorized_by, cfg.threshold, len(rows))
@@ -335,8 +334,7 @@ def run(cfg: ContrastiveConfig) -> dict[str, Any]:
     if not pairs:  # checked before the stage folder exists: nothing partial is left behind
         raise InputError(f"no contrastive pairs from {len(memorized)} memorized windows ({skipped}); "
                          "score more data or lower --threshold")
-    stage.begin(cfg.force)
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    stage.start(cfg.force)
     n = art.write_jsonl(cfg.stage_dir / PAIRS_JSONL, pairs)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     _plot(divergences, cfg.stage_dir / DIVERGENCE_PNG)

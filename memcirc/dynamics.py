@@ -46,10 +46,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memcirc import artifacts as art
-from memcirc.config import DynamicsConfig
 from memcirc.data import Window
 from memcirc.errors import InputError
-from memcirc.logs import attach_log_file, progress, release_logs
+from memcirc.logs import progress
+from memcirc.manifest import StageRun, read_manifest
+from memcirc.stages.training_dynamics import DynamicsConfig
 from memcirc.testbed import MODEL_DIR, TESTBED_NAME, checkpoint_folders
 
 if TYPE_CHECKING:
@@ -426,7 +427,7 @@ class Plan:
 
 
 def _read_windows(stage_dir: Path, limit: int | None) -> tuple[list[Window], list[str], dict[str, Any]]:
-    manifest = art.read_manifest(stage_dir, what="memorization")
+    manifest = read_manifest(stage_dir, what="memorization")
     rows = list(art.read_jsonl(stage_dir / art.SCORES_JSONL))[:limit]
     if not rows:
         raise InputError(f"{stage_dir}/{art.SCORES_JSONL} holds no windows; re-run memorization_score")
@@ -890,9 +891,9 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     final = len(checkpoints) - 1
     check = [] if cfg.merge else [index] if index is not None else list(range(final))
     p = plan(cfg, checkpoints, check)
-    stage = art.StageRun.for_config(cfg, STAGE, p.inputs, units=p.unit_fingerprints,
+    stage = StageRun.for_config(cfg, p.inputs, units=p.unit_fingerprints,
                                     checkpoints=[c.as_dict() for c in checkpoints])
-    if (done := stage.completed_summary(cfg.force)) is not None:
+    if (done := stage.open(cfg.force)) is not None:
         print(format_table(done))
         return done if index is None else None
     status = [unit_status(unit_dir(cfg.stage_dir, c.index), fp) for c, fp in zip(checkpoints, p.unit_fingerprints,
@@ -908,13 +909,8 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     if other and not cfg.force:
         raise InputError(f"checkpoint units {other} in {cfg.stage_dir / UNITS_DIR} hold results of another config "
                          "or input; pass --force to replace them, or choose another --output-dir")
-    release_logs()
-    if index is not None:
-        ensure = unit_dir(cfg.stage_dir, index)
-        art.ensure_writable(ensure)
-        if cfg.force:  # the aggregate of another config is stale once a unit changes
-            (cfg.stage_dir / art.MANIFEST).unlink(missing_ok=True)
-        attach_log_file(ensure / art.LOG_TXT)
+    if index is not None:   # with --force the aggregate of another config goes: it is stale once a unit changes
+        stage.start(cfg.force, task_dir=unit_dir(cfg.stage_dir, index))
         if status[index] == "done":
             log.info("checkpoint unit %d (%s) is complete for this config; nothing to do", index,
                      checkpoints[index].label)
@@ -923,8 +919,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
             log.info("checkpoint unit %d of %d done; run with --merge once all units are done", index,
                      len(checkpoints))
         return None
-    stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    stage.start(cfg.force)
     if len(todo) < len(checkpoints) and not cfg.merge:
         log.info("resuming: %d of %d checkpoint units already done", len(checkpoints) - len(todo), len(checkpoints))
     for i in progress(todo, "checkpoints", total=len(todo)):
@@ -937,7 +932,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     return _finish(cfg, p, stage, markers)
 
 
-def _finish(cfg: DynamicsConfig, p: Plan, stage: art.StageRun, markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _finish(cfg: DynamicsConfig, p: Plan, stage: StageRun, markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summary, onset_rows, overlap = aggregate(cfg, p, markers)
     d = cfg.stage_dir
     n = art.write_jsonl(d / ONSETS_JSONL, onset_rows)

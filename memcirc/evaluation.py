@@ -14,6 +14,7 @@ import torch
 from memcirc import artifacts as art
 from memcirc.data import Columns, Window, load_documents
 from memcirc.errors import InputError
+from memcirc.manifest import read_manifest
 from memcirc.models import LoadedModel
 from memcirc.scoring import pad_batch, score_windows, summarize
 from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
@@ -23,7 +24,7 @@ HELDOUT_TESTBED = CORPUS_DIR / "heldout.txt"
 
 def memorized_windows(stage_dir: Path, memorized_by: str = "exact", threshold: float = 1.0) -> list[Window]:
     """The memorized windows of a finished memorization stage (an empty set is an InputError)."""
-    art.read_manifest(stage_dir, what="memorization")
+    read_manifest(stage_dir, what="memorization")
     rows = list(art.read_jsonl(stage_dir / art.SCORES_JSONL))
     if rows and memorized_by not in rows[0]:
         raise InputError(f"{stage_dir}/scores.jsonl has no '{memorized_by}' column")

@@ -37,13 +37,14 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import KfacConfig
 from memcirc.errors import InputError
 from memcirc.evaluation import check_same_model, heldout_blocks, memorization, memorized_windows, perplexity
-from memcirc.logs import attach_log_file, progress, release_logs
+from memcirc.logs import progress
+from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import ArchSpec, dims, get_module
 from memcirc.sharding import resolve_shards, shard_bounds
+from memcirc.stages.kfac_edit import KfacConfig
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +540,7 @@ def _saved_setting(cfg: KfacConfig, results: list[dict[str, Any]]) -> float:
 def run(cfg: KfacConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     upstream_dir = cfg.upstream_dir
-    upstream = art.read_manifest(upstream_dir, what="memorization")
+    upstream = read_manifest(upstream_dir, what="memorization")
     windows = memorized_windows(upstream_dir)
     if cfg.limit:
         windows = windows[:cfg.limit]
@@ -564,7 +565,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     if cfg.factors_file:
         inputs.append({"path": str(cfg.factors_file), "sha256": art.sha256_file(Path(cfg.factors_file))})
     identity = loaded.identity()
-    stage = art.StageRun.for_config(cfg, STAGE, inputs, model=loaded.results_identity(),
+    stage = StageRun.for_config(cfg, inputs, model=loaded.results_identity(),
                                     factor_sampling=FACTOR_SAMPLING)
     num_shards, shard_index = (1, 0) if cfg.merge else resolve_shards(cfg.num_shards, cfg.shard_index)
     if reused is not None and (num_shards > 1 or cfg.merge):
@@ -572,19 +573,13 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
                          "none: run kfac_edit as one job")
     block_len = min(n_ctx, MAX_FACTOR_BLOCK)
     batches = [] if reused else token_blocks(factor_ids, block_len, cfg.factor_tokens, cfg.batch_size)
-    release_logs()
-    if (done := stage.completed_summary(cfg.force)) is not None:
+    if (done := stage.open(cfg.force)) is not None:
         print(format_table(done))
         return done
     shard_sums, n_merged = _finished_shards(cfg, stage.fingerprint) if cfg.merge else (None, 1)
-    art.ensure_writable(Path(cfg.output_dir))
-    # only now, after every input check: bad input leaves nothing behind
     shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
-    if num_shards == 1:
-        stage.begin(cfg.force)
-    else:   # the other factor shards write next to this one at the same time
-        stage.begin_shard(shard_dir, cfg.force)
-    attach_log_file((cfg.stage_dir if num_shards == 1 else shard_dir) / art.LOG_TXT)
+    # the other factor shards write next to this one at the same time
+    stage.start(cfg.force, task_dir=shard_dir if num_shards > 1 else None)
     timings: dict[str, float] = {}
     import time
 

@@ -52,12 +52,13 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import PredictConfig
 from memcirc.data import Columns, Window, load_documents, load_hub_dataset
 from memcirc.errors import InputError
-from memcirc.logs import attach_log_file, progress, release_logs
+from memcirc.logs import progress
+from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, ModelSpec, load
 from memcirc.scoring import pad_batch, score_windows
+from memcirc.stages.predict_memorization import PredictConfig
 from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, GROUND_TRUTH, TESTBED_NAME, checkpoint_folders
 
 log = logging.getLogger(__name__)
@@ -818,7 +819,7 @@ def memorized_table_tokens(source: str, split: str, length: int) -> set[tuple[in
 def onset_targets(dynamics_dir: Path, examples: Sequence[Example], folds: int) -> tuple[dict[str, Any], np.ndarray,
                                                                                          np.ndarray, list[int]]:
     """(dynamics manifest, example indices with an onset, their onset steps, the checkpoint steps)."""
-    manifest = art.read_manifest(dynamics_dir, what="training_dynamics")
+    manifest = read_manifest(dynamics_dir, what="training_dynamics")
     onsets = {r["id"]: r.get("onset_step") for r in art.read_jsonl(dynamics_dir / ONSETS_JSONL)}
     steps = sorted({int(c["step"]) for c in art.read_json(dynamics_dir / art.SUMMARY_JSON).get("checkpoints", [])
                     if c.get("step") is not None})
@@ -899,7 +900,7 @@ def _labelled(cfg: PredictConfig) -> tuple[list[Example], list[dict[str, Any]], 
     if cfg.controls_file:
         raise InputError("--controls-file goes with --labels-file (the memorized table)")
     upstream_dir = cfg.upstream_dir
-    upstream = art.read_manifest(upstream_dir, what="memorization")
+    upstream = read_manifest(upstream_dir, what="memorization")
     testbed_data = upstream.get("config", {}).get("dataset") == TESTBED_NAME
     examples = examples_from_scores(upstream_dir, cfg.memorized_by, cfg.threshold, cfg.domain_column, testbed_data)
     return examples, [{"path": str(upstream_dir), "run_id": upstream["run_id"]}], upstream, f"{upstream_dir}"
@@ -1018,14 +1019,11 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
              "baseline": (baseline.results_identity() if baseline else
                           {"table": base_table, "sha256": art.sha256_file(Path(base_table))} if base_table else
                           {"column": cfg.baseline_column})}
-    stage = art.StageRun.for_config(cfg, STAGE, inputs, **parts)
-    release_logs()
-    if (done := stage.completed_summary(cfg.force)) is not None:
+    stage = StageRun.for_config(cfg, inputs, **parts)
+    if (done := stage.open(cfg.force)) is not None:
         print(format_table(done))
         return done
-    art.ensure_writable(Path(cfg.output_dir))
-    stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    stage.start(cfg.force)
     import time
 
     timings: dict[str, float] = {}

@@ -28,14 +28,14 @@ import torch
 from rapidfuzz.distance import Levenshtein
 
 from memcirc import artifacts as art
-from memcirc.config import ScoreConfig
 from memcirc.data import Columns, Window, WindowSet, load_documents, make_windows, validate_windows
 from memcirc.errors import InputError
-from memcirc.logs import attach_log_file, release_logs
+from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import n_ctx
 from memcirc.plots import score_histogram
 from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked
+from memcirc.stages.memorization_score import ScoreConfig
 from memcirc.testbed import EVAL_DOCUMENTS, TESTBED_NAME
 
 log = logging.getLogger(__name__)
@@ -374,19 +374,15 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     loaded = load(cfg.model_spec())
     windows, inputs = _stage_windows(cfg, loaded)
     identity = loaded.identity()
-    stage = art.StageRun.for_config(cfg, STAGE, inputs, model=loaded.results_identity())
+    stage = StageRun.for_config(cfg, inputs, model=loaded.results_identity())
     fingerprint = stage.fingerprint
-    if (summary := stage.completed_summary(cfg.force)) is not None:
+    if (summary := stage.open(cfg.force)) is not None:
         print(format_summary(summary))
         return summary
     # only now, after every input check: bad input leaves nothing behind
     shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
-    if num_shards == 1:
-        stage.begin(cfg.force)
-    else:   # the other shards write next to this one at the same time
-        stage.begin_shard(shard_dir, cfg.force)
-    release_logs()
-    attach_log_file((cfg.stage_dir if num_shards == 1 else shard_dir) / art.LOG_TXT)
+    # the other shards write next to this one at the same time
+    stage.start(cfg.force, task_dir=shard_dir if num_shards > 1 else None)
 
     def work(batch: Sequence[Window]) -> list[dict[str, Any]]:
         return score_windows(loaded.model, batch, pad_id=loaded.tokenizer.pad_token_id,
@@ -424,7 +420,7 @@ def shard_done(shard_dir: Path, fingerprint: str, num_shards: int) -> bool:
     return done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards
 
 
-def _finish(cfg: ScoreConfig, stage: art.StageRun, data: bytes, context: dict[str, Any]) -> dict[str, Any]:
+def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, Any]) -> dict[str, Any]:
     """Write scores.jsonl, summary.json and the histogram, then the manifest, then drop chunks."""
     rows = [json.loads(line) for line in data.splitlines()]
     art.atomic_write_bytes(cfg.stage_dir / art.SCORES_JSONL, data)
@@ -462,9 +458,10 @@ def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
     missing = sorted(set(range(num_shards)) - {d["shard_index"] for d in done})
     if missing:
         raise InputError(f"shards {missing} of {num_shards} have not finished; re-run them, then --merge")
-    stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), done[0]["fingerprint"])
-    if (summary := stage.completed_summary(cfg.force)) is not None:
+    stage = StageRun.for_config(cfg, fingerprint=done[0]["fingerprint"])
+    if (summary := stage.open(cfg.force)) is not None:
         return summary
+    stage.start(cfg.force)
     data = b"".join((shards_dir / f"{i:05d}" / art.SCORES_JSONL).read_bytes() for i in range(num_shards))
     context = dict(done[0]["context"])
     context["num_shards"] = num_shards   # in the manifest only: the outputs equal a one-job run's
@@ -474,7 +471,7 @@ def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
 def _stage_windows(cfg: ScoreConfig, loaded: LoadedModel) -> tuple[WindowSet, list[dict[str, Any]]]:
     """The windows to score and the input descriptors the fingerprint covers."""
     if cfg.input_dir:  # re-score the windows of an earlier memorization run (e.g. another checkpoint)
-        upstream = art.read_manifest(Path(cfg.input_dir))
+        upstream = read_manifest(Path(cfg.input_dir))
         rows = list(art.read_jsonl(Path(cfg.input_dir) / art.SCORES_JSONL))[:cfg.limit]
         windows = WindowSet([_window_from_row(r) for r in rows], source=str(cfg.input_dir))
         inputs = [{"path": str(cfg.input_dir), "run_id": upstream["run_id"]}]

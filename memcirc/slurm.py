@@ -47,26 +47,17 @@ from pathlib import Path
 from typing import Any
 
 from memcirc import artifacts as art
-from memcirc.config import PIPELINE_STAGES, SLURM_KEY, STAGE_CONFIGS, StageConfig, build_config, load_yaml
+from memcirc.config import SLURM_KEY, StageConfig, build_config, load_yaml
 from memcirc.errors import InputError
+from memcirc.stages.registry import DEFAULT_PIPELINE, DONE_MARKER, STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = "slurm"
 JOBS_JSON = "jobs.json"
 LOGS_DIR = "logs"
 ARRAY_TASK = "$SLURM_ARRAY_TASK_ID"   # the one unquoted word of a rendered command
-STAGE_FOLDERS = {"memorization_score": "memorization", "contrastive_dataset": "contrastive",
-                 "find_circuits": "circuits", "verify_circuit": "verify", "attention_bypass": "bypass",
-                 "kfac_edit": "kfac", "training_dynamics": "dynamics", "predict_memorization": "predict"}
-# The stages a stage reads (its job waits for theirs when they are submitted together).
-NEEDS = {"contrastive_dataset": ("memorization_score",), "find_circuits": ("contrastive_dataset",),
-         "verify_circuit": ("find_circuits",), "attention_bypass": ("memorization_score",),
-         "kfac_edit": ("memorization_score",), "training_dynamics": ("memorization_score", "contrastive_dataset"),
-         "predict_memorization": ("memorization_score", "training_dynamics")}
-ARRAY_STAGES = ("memorization_score", "kfac_edit", "training_dynamics")
-# where an array stage's tasks leave their done markers: (folder under the stage, marker)
-TASK_MARKERS = {"memorization_score": ("shards", "done.json"), "kfac_edit": ("shards", "done.json"),
-                "training_dynamics": ("checkpoints", "done.json")}
+PIPELINE_STAGES = tuple(STAGES)
+ARRAY_STAGES = tuple(s.name for s in STAGES.values() if s.array)
 EXPERIMENTS = ("branch_decision", "memorization_decision", "ablations", "random_baseline")
 EXPERIMENT_NEEDS = {"branch_decision": ("memorization_score",), "memorization_decision": ("memorization_score",),
                     "ablations": ("branch_decision", "memorization_decision"),
@@ -214,7 +205,7 @@ class Job:
 
 
 def _config_class(stage: str) -> type[StageConfig]:
-    return next(c for c in STAGE_CONFIGS if c.stage == STAGE_FOLDERS[stage])
+    return STAGES[stage].config
 
 
 def _stage_config(stage: str, argv: list[str]) -> StageConfig:
@@ -248,7 +239,7 @@ def plan_pipeline(stages: list[str], run_dir: Path, config: str | None, settings
                                                                   *stage_args.get(stage, [])]
         cfg = _stage_config(stage, argv)
         base = [python, str(REPO / f"{stage}.py"), *argv]
-        after = [final[s] for s in NEEDS.get(stage, ()) if s in final]
+        after = [final[s] for s in STAGES[stage].needs if s in final]
         n = _array_size(stage, cfg, settings, num_shards) if stage in ARRAY_STAGES else 1
         if n > 1:
             task = (["--checkpoint-index", ARRAY_TASK] if stage == "training_dynamics"
@@ -482,13 +473,13 @@ def _marker_done(run_dir: Path, stage: str | None, index: int | None) -> bool:
     """An array task's done marker, or the stage's complete manifest, is on disk."""
     if stage is None:
         return False
-    folder = run_dir / STAGE_FOLDERS.get(stage, stage)
+    folder = run_dir / (STAGES[stage].folder if stage in STAGES else stage)
     manifest = folder / art.MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete":
         return True
-    if index is None or stage not in TASK_MARKERS:
+    if index is None or stage not in STAGES or STAGES[stage].tasks_folder is None:
         return False
-    sub, marker = TASK_MARKERS[stage]
+    sub, marker = STAGES[stage].tasks_folder, DONE_MARKER
     return (folder / sub / f"{index:05d}" / marker).is_file()
 
 
@@ -667,7 +658,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true", help="wait for the jobs, then print the status report")
         p.add_argument("--poll", type=float, default=POLL_S, help="seconds between status polls with --wait")
         if name == "submit":
-            p.add_argument("--stages", nargs="+", default=list(PIPELINE_STAGES[:4]), help="stages to submit")
+            p.add_argument("--stages", nargs="+", default=list(DEFAULT_PIPELINE), help="stages to submit")
             p.add_argument("--stage-arg", action="append", default=[], metavar="STAGE=ARG",
                            help="a flag for one stage (repeat; --stage-arg=memorization_score=--prefix-len)")
             p.add_argument("--no-report", action="store_true", help="no final memcirc.report job")

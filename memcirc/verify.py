@@ -37,11 +37,11 @@ from memcirc.circuits import (
     read_pairs,
     top_k,
 )
-from memcirc.config import VerifyConfig
 from memcirc.errors import InputError
-from memcirc.logs import attach_log_file, release_logs
+from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
 from memcirc.models.arch import n_ctx
+from memcirc.stages.verify_circuit import VerifyConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     circuits_dir = cfg.upstream_dir
     assert circuits_dir is not None
-    circuits_manifest = art.read_manifest(circuits_dir, "circuits")
+    circuits_manifest = read_manifest(circuits_dir, "circuits")
     circuits_summary = art.read_json(circuits_dir / art.SUMMARY_JSON)
     ccfg = circuits_manifest.get("config", {})
     if "minimal_edges" not in circuits_summary:
@@ -127,8 +127,8 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
                                    "circuits_run": circuits_manifest["run_id"],
                                    "prune_scores_sha256": art.sha256_file(scores_path),
                                    "pairs_sha256": pairs_sha, "model": key})
-    stage = art.StageRun(cfg.stage_dir, STAGE, cfg.to_dict(), fingerprint)
-    if (done := stage.completed_summary(cfg.force)) is not None:
+    stage = StageRun.for_config(cfg, fingerprint=fingerprint)
+    if (done := stage.open(cfg.force)) is not None:
         return done
 
     graph = build_graph(loaded, weight_processing)
@@ -142,9 +142,7 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     counts = sorted({0, n, k_min, *extra})
     batches = make_batches(pairs, cfg.batch_size, loaded.device)
     evaluators = {a: FaithfulnessEvaluator(graph, batches, a, metric) for a in ablations}
-    stage.begin(cfg.force)  # only now, after every input check: bad input leaves nothing behind
-    release_logs()
-    attach_log_file(cfg.stage_dir / art.LOG_TXT)
+    stage.start(cfg.force)
     stage.add_input(pairs_path, pairs_manifest, split="heldout", n_pairs=len(pairs))
     stage.add_input(scores_path, circuits_manifest)
     log.info("%d held-out pairs in %d batches; circuit of %d of %d edges; ablations %s; %d random circuits "

@@ -42,11 +42,9 @@ def scored(tmp_path_factory):
     """A memorization run over the 112 testbed canaries (k = 0 ... 32). Stages under test may add
     their own folders next to memorization/, never change it."""
     from memcirc.cli import main
-    from memcirc.config import ScoreConfig
-    from memcirc.scoring import run
 
     out = tmp_path_factory.mktemp("scored")
-    assert main(ScoreConfig, run, ["--config", str(REPO / "configs" / "testbed.yaml"), "--output-dir", str(out),
+    assert main("memorization_score", ["--config", str(REPO / "configs" / "testbed.yaml"), "--output-dir", str(out),
                                    "--limit", "112", "--device", "cpu", "--metrics", "exact", "token_match"]) == 0
     return out
 

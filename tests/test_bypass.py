@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from memcirc.bypass import bypass_attention, mean_attention_outputs, sweep
-from memcirc.bypass import run as run_bypass
 from memcirc.cli import main
-from memcirc.config import BypassConfig
 from memcirc.data import Window
 from memcirc.models import ModelSpec, load
 from memcirc.models import arch as A
@@ -229,7 +227,7 @@ def test_sweep_runs_on_every_family(tiny_loaded, family):
 # -- the stage on the testbed -----------------------------------------------------------------
 
 def bypass(argv):
-    return main(BypassConfig, run_bypass, argv)
+    return main("attention_bypass", argv)
 
 
 def test_stage_outputs_and_rerun(scored, capsys):

@@ -34,12 +34,10 @@ from memcirc.circuits import (
     read_pairs,
     top_k,
 )
-from memcirc.circuits import run as run_circuits_stage
 from memcirc.cli import main
-from memcirc.config import CircuitsConfig, VerifyConfig
 from memcirc.errors import InputError
+from memcirc.manifest import StageRun
 from memcirc.testbed import GROUND_TRUTH
-from memcirc.verify import run as run_verify_stage
 
 ABLATIONS = ("resample", "zero", "mean")
 
@@ -49,8 +47,9 @@ ABLATIONS = ("resample", "zero", "mean")
 def write_pairs_stage(out: Path, rows: list[dict], identity: dict) -> Path:
     """A complete contrastive/ folder holding `rows`, as the contrastive stage would leave it."""
     stage_dir = out / "contrastive"
-    stage = art.StageRun(stage_dir, "contrastive_dataset", {"fixture": True}, art.sha256_json(rows))
-    stage.begin(force=True)
+    stage = StageRun(stage_dir, "contrastive_dataset", {"fixture": True}, art.sha256_json(rows), run_root=out)
+    stage.open(force=True)
+    stage.start(force=True)
     n = art.write_jsonl(stage_dir / "pairs.jsonl", rows)
     stage.finish({"pairs.jsonl": n}, model=identity)
     return stage_dir
@@ -319,11 +318,11 @@ FAST_VERIFY = ["--device", "cpu", "--ablations", "resample", "zero", "--random-c
 
 
 def circuits(argv):
-    return main(CircuitsConfig, run_circuits_stage, argv)
+    return main("find_circuits", argv)
 
 
 def verify(argv):
-    return main(VerifyConfig, run_verify_stage, argv)
+    return main("verify_circuit", argv)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 import pytest
 
-from memcirc.config import ScoreConfig, build_config, load_yaml
+from memcirc.config import build_config, load_yaml
 from memcirc.errors import InputError
+from memcirc.stages.memorization_score import ScoreConfig
 
 
 def write(tmp_path, text):
@@ -83,7 +84,7 @@ def test_testbed_yaml_is_valid():
 
 
 def test_pipeline_stage_list(tmp_path):
-    from memcirc.config import DEFAULT_PIPELINE, pipeline_stages
+    from memcirc.stages.registry import DEFAULT_PIPELINE, pipeline_stages
 
     assert pipeline_stages(write(tmp_path, "model: testbed\n")) == list(DEFAULT_PIPELINE)
     listed = write(tmp_path, "pipeline: [kfac_edit, memorization_score]\nprefix_len: 8\n")

@@ -6,14 +6,12 @@ import json
 import pytest
 
 from memcirc.cli import main
-from memcirc.config import ContrastiveConfig
 from memcirc.contrastive import (
     divergence_pairs,
     find_divergences,
     find_divergences_bruteforce,
     split_by_document,
 )
-from memcirc.contrastive import run as run_contrastive
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,7 @@ def test_split_by_document_is_disjoint_and_deterministic():
 
 
 def contrastive(argv):
-    return main(ContrastiveConfig, run_contrastive, argv)
+    return main("contrastive_dataset", argv)
 
 
 def test_stage_outputs_splits_and_rerun(scored, capsys):

@@ -19,7 +19,6 @@ from conftest import REPO, build_tiny_model, build_tiny_tokenizer
 
 from memcirc import artifacts as art
 from memcirc.cli import main
-from memcirc.config import CircuitsConfig, ContrastiveConfig, DynamicsConfig
 from memcirc.dynamics import (
     PYTHIA_STEPS,
     UNIT_DONE,
@@ -35,8 +34,9 @@ from memcirc.dynamics import (
     unit_dir,
     weighted_jaccard,
 )
-from memcirc.dynamics import run as run_dynamics
 from memcirc.errors import InputError
+from memcirc.manifest import read_manifest
+from memcirc.stages.training_dynamics import DynamicsConfig
 from memcirc.testbed import CHECKPOINTS_DIR, GROUND_TRUTH, MODEL_DIR
 
 CONFIG = str(REPO / "configs" / "testbed.yaml")
@@ -206,7 +206,7 @@ def test_checkpoints_of_different_models_are_refused(tmp_path, capsys, differ):
         other.add_tokens(["<extra-token>"])
         second = _save_model(tmp_path / "step-2", other)
     out = tmp_path / "run"
-    code = main(DynamicsConfig, run_dynamics, ["--output-dir", str(out), "--checkpoints", first, second,
+    code = main("training_dynamics", ["--output-dir", str(out), "--checkpoints", first, second,
                                                "--no-circuits", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
@@ -218,17 +218,16 @@ def test_checkpoints_of_different_models_are_refused(tmp_path, capsys, differ):
 # -- the stage on the testbed checkpoints ------------------------------------------------------
 
 def _dynamics(out: Path, scored: Path, *extra: str) -> int:
-    return main(DynamicsConfig, run_dynamics, ["--config", CONFIG, "--output-dir", str(out), "--input-dir",
+    return main("training_dynamics", ["--config", CONFIG, "--output-dir", str(out), "--input-dir",
                                                str(scored / "memorization"), "--device", "cpu", *extra])
 
 
 @pytest.fixture(scope="module")
 def pairs_run(scored, tmp_path_factory):
     """Contrastive pairs from the 112 scored canaries (made with the final model), in a run folder of its own."""
-    from memcirc.contrastive import run as run_contrastive
 
     out = tmp_path_factory.mktemp("dynamics")
-    assert main(ContrastiveConfig, run_contrastive, ["--config", CONFIG, "--output-dir", str(out), "--input-dir",
+    assert main("contrastive_dataset", ["--config", CONFIG, "--output-dir", str(out), "--input-dir",
                                                      str(scored / "memorization"), "--device", "cpu"]) == 0
     return out
 
@@ -282,7 +281,7 @@ def test_circuit_metrics_for_every_checkpoint(dynamics_run):
     assert final["jaccard_final"] == final["weighted_final"] == 1.0 and not final["ill_conditioned"]
     for name in ("memorization_over_training.png", "circuit_over_training.png", "overlap_heatmap.png"):
         assert (dynamics_run / name).read_bytes()[:4] == b"\x89PNG"
-    manifest = art.read_manifest(dynamics_run)
+    manifest = read_manifest(dynamics_run)
     assert manifest["stage"] == "training_dynamics" and len(manifest["checkpoints"]) == 5
 
 
@@ -301,9 +300,8 @@ def test_overlap_matrices_match_the_unit_circuits(dynamics_run):
 
 def test_final_unit_equals_find_circuits(dynamics_run, pairs_run):
     """The final checkpoint's unit and find_circuits on the same model and pairs: same scores, same circuit."""
-    from memcirc.circuits import run as run_circuits
 
-    assert main(CircuitsConfig, run_circuits, ["--config", CONFIG, "--output-dir", str(pairs_run),
+    assert main("find_circuits", ["--config", CONFIG, "--output-dir", str(pairs_run),
                                                "--device", "cpu"]) == 0
     ours = art.load_tensors(unit_dir(dynamics_run, 4) / "prune_scores.safetensors")
     theirs = art.load_tensors(pairs_run / "circuits" / "prune_scores.safetensors")

@@ -10,7 +10,6 @@ import torch
 from conftest import REPO, TINY_CONFIGS
 
 from memcirc.cli import main
-from memcirc.config import KfacConfig, ScoreConfig
 from memcirc.evaluation import memorization, memorized_windows
 from memcirc.kfac import (
     apply_edit,
@@ -23,9 +22,8 @@ from memcirc.kfac import (
     select_product,
     weight_of,
 )
-from memcirc.kfac import run as run_kfac
 from memcirc.models import ModelSpec, load
-from memcirc.scoring import run as run_scoring
+from memcirc.stages.kfac_edit import KfacConfig
 
 
 def _batches(vocab, n=4, seed=0):
@@ -174,7 +172,7 @@ QUICK = ["--factor-tokens", "2000", "--rhos", "1.0", "0.6", "--ppl-blocks", "4",
 @pytest.fixture(scope="module")
 def edited(scored):
     args = ["--config", "configs/testbed.yaml", "--output-dir", str(scored), "--limit", "12", *QUICK]
-    assert main(KfacConfig, run_kfac, args) == 0
+    assert main("kfac_edit", args) == 0
     return scored / "kfac", args
 
 
@@ -227,10 +225,10 @@ def test_edited_folder_reloads_and_scores_like_the_in_memory_edit(edited, scored
 def test_rerun_is_a_no_op_and_factors_can_be_reused(edited, scored, tmp_path):
     stage, args = edited
     before = (stage / "manifest.json").read_bytes()
-    assert main(KfacConfig, run_kfac, args) == 0
+    assert main("kfac_edit", args) == 0
     assert (stage / "manifest.json").read_bytes() == before
     out = tmp_path / "reuse"
-    assert main(KfacConfig, run_kfac, [*args[:2], "--output-dir", str(out), "--input-dir",
+    assert main("kfac_edit", [*args[:2], "--output-dir", str(out), "--input-dir",
                                        str(scored / "memorization"), "--limit", "12", *QUICK,
                                        "--factors-file", str(stage / "factors.safetensors")]) == 0
     a = json.loads((stage / "summary.json").read_text())["results"]
@@ -272,7 +270,7 @@ def test_bad_input_exits_2_one_line_nothing_written(scored, edited, tmp_path, ti
     assert "factors" in r.stderr and not other.exists()
     # an empty memorized set: the first 4 testbed windows are never-trained k=0 canaries
     empty = tmp_path / "empty"
-    assert main(ScoreConfig, run_scoring, ["--config", "configs/testbed.yaml", "--output-dir", str(empty),
+    assert main("memorization_score", ["--config", "configs/testbed.yaml", "--output-dir", str(empty),
                                            "--limit", "4", "--device", "cpu", "--metrics", "exact"]) == 0
     r = _script(["--output-dir", str(empty), *QUICK])
     assert r.returncode == 2 and "no memorized windows" in r.stderr and len(r.stderr.strip().splitlines()) == 1

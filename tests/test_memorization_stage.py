@@ -12,14 +12,12 @@ import pytest
 from conftest import REPO
 
 from memcirc.cli import main
-from memcirc.config import ScoreConfig
-from memcirc.scoring import run
 
 FAST = ["--limit", "120", "--prefix-len", "32", "--suffix-len", "32", "--device", "cpu"]
 
 
 def score(argv):
-    return main(ScoreConfig, run, argv)
+    return main("memorization_score", argv)
 
 
 def read_rows(path):

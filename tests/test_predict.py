@@ -14,15 +14,13 @@ from conftest import REPO, build_tiny_model, build_tiny_tokenizer
 
 from memcirc import predict as P
 from memcirc.cli import main
-from memcirc.config import PredictConfig, ScoreConfig
-from memcirc.scoring import run as run_scoring
 from memcirc.testbed import CHECKPOINTS_DIR, GROUND_TRUTH
 
 CONFIG = ["--config", str(REPO / "configs" / "testbed.yaml"), "--device", "cpu"]
 
 
 def predict(argv):
-    return main(PredictConfig, P.run, [*CONFIG, *argv])
+    return main("predict_memorization", [*CONFIG, *argv])
 
 
 def _jsonl(path):
@@ -335,12 +333,10 @@ def test_labels_and_baseline_from_score_columns(scored, tmp_path):
 
 
 def test_when_the_onset_checkpoint_is_predicted_from_a_dynamics_run(scored, tmp_path):
-    from memcirc.config import DynamicsConfig
-    from memcirc.dynamics import run as run_dynamics
 
     out = tmp_path / "when"
     mem = ["--input-dir", str(scored / "memorization")]
-    assert main(DynamicsConfig, run_dynamics, [*CONFIG, "--output-dir", str(out), *mem, "--no-circuits"]) == 0
+    assert main("training_dynamics", [*CONFIG, "--output-dir", str(out), *mem, "--no-circuits"]) == 0
     assert predict(["--output-dir", str(out), *mem, "--dynamics-dir", str(out / "dynamics"),
                     "--classifiers", "logistic_regression"]) == 0
     summary = json.loads((out / "predict" / "summary.json").read_text())
@@ -372,7 +368,7 @@ def _tiny_scored(tmp_path):
     data.write_text("".join(json.dumps({"doc": f"d{i}", "tokens": rng.integers(1, 300, 64).tolist()}) + "\n"
                             for i in range(20)))
     out = tmp_path / "tiny-run"
-    assert main(ScoreConfig, run_scoring, ["--model", str(folder), "--dataset", str(data), "--output-dir", str(out),
+    assert main("memorization_score", ["--model", str(folder), "--dataset", str(data), "--output-dir", str(out),
                                            "--prefix-len", "32", "--suffix-len", "32", "--device", "cpu",
                                            "--metrics", "exact"]) == 0
     scores = out / "memorization" / "scores.jsonl"

@@ -23,8 +23,9 @@ from minislurm import MiniSlurm, ensure_slurm
 
 from memcirc import slurm
 from memcirc.cli import Terminated, main
-from memcirc.config import KfacConfig, ScoreConfig, build_config
+from memcirc.config import build_config
 from memcirc.errors import InputError
+from memcirc.stages.memorization_score import ScoreConfig
 
 # The testbed pipeline, reduced: scoring (4 shards) -> contrastive pairs, K-FAC (2 factor shards) and
 # training dynamics (one array task per testbed checkpoint, circuits included).
@@ -185,8 +186,8 @@ def test_pipeline_on_the_cluster_equals_a_local_run(local_run, cluster_run, clus
     assert list(jobs) == ["memorization_score", "memorization_score.merge", "contrastive_dataset", "kfac_edit",
                           "kfac_edit.merge", "training_dynamics", "training_dynamics.merge", "report"]
     assert jobs["memorization_score"]["tasks"] == 4 and jobs["kfac_edit"]["tasks"] == 2
-    from memcirc.config import DynamicsConfig
     from memcirc.dynamics import resolve_checkpoints
+    from memcirc.stages.training_dynamics import DynamicsConfig
 
     checkpoints = resolve_checkpoints(DynamicsConfig())   # the testbed's checkpoints, then the final model
     assert jobs["training_dynamics"]["tasks"] == len(checkpoints) == 5
@@ -486,21 +487,20 @@ KFAC = ["--config", "configs/testbed.yaml", "--limit", "12", "--factor-tokens", 
 
 
 def test_kfac_two_factor_shards_merged_equal_one_job(scored, tmp_path):
-    from memcirc.kfac import run as run_kfac
 
     mem = ["--input-dir", str(scored / "memorization")]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(KfacConfig, run_kfac, [*KFAC, *mem, "--output-dir", str(one)]) == 0
+    assert main("kfac_edit", [*KFAC, *mem, "--output-dir", str(one)]) == 0
     for i in (1, 0):   # any order
-        assert main(KfacConfig, run_kfac, [*KFAC, *mem, "--output-dir", str(two), "--num-shards", "2",
+        assert main("kfac_edit", [*KFAC, *mem, "--output-dir", str(two), "--num-shards", "2",
                                            "--shard-index", str(i)]) == 0
     assert not (two / "kfac" / "manifest.json").exists()
     shard = two / "kfac" / "shards" / "00001" / "done.json"
     before = shard.read_bytes(), shard.stat().st_mtime_ns
-    assert main(KfacConfig, run_kfac, [*KFAC, *mem, "--output-dir", str(two), "--num-shards", "2",
+    assert main("kfac_edit", [*KFAC, *mem, "--output-dir", str(two), "--num-shards", "2",
                                        "--shard-index", "1"]) == 0          # a finished shard: no-op
     assert (shard.read_bytes(), shard.stat().st_mtime_ns) == before
-    assert main(KfacConfig, run_kfac, [*KFAC, *mem, "--output-dir", str(two), "--merge", "--num-shards", "2"]) == 0
+    assert main("kfac_edit", [*KFAC, *mem, "--output-dir", str(two), "--merge", "--num-shards", "2"]) == 0
     # exact: labels are drawn per factor block, sums are float64 over the same batches, so the
     # shard sums added in shard order round to the same float32 factors as the one-job run
     assert (one / "kfac" / "factors.safetensors").read_bytes() == (two / "kfac" / "factors.safetensors").read_bytes()
@@ -511,7 +511,7 @@ def test_kfac_two_factor_shards_merged_equal_one_job(scored, tmp_path):
     assert not (two / "kfac" / "shards").exists()
     # a merge with a shard missing is refused, naming it
     three = tmp_path / "three"
-    assert main(KfacConfig, run_kfac, [*KFAC, *mem, "--output-dir", str(three), "--num-shards", "2",
+    assert main("kfac_edit", [*KFAC, *mem, "--output-dir", str(three), "--num-shards", "2",
                                        "--shard-index", "0"]) == 0
     r = subprocess.run([sys.executable, "kfac_edit.py", *KFAC, *mem, "--output-dir", str(three), "--merge",
                         "--num-shards", "2"], cwd=REPO, capture_output=True, text=True)

@@ -1,0 +1,1 @@
+"""One orchestrator per stage (`run(cfg)`, its summary, table, headline and figures) and the registry."""

@@ -1,0 +1,122 @@
+"""The stages of memcirc: one record each, and the only list of them.
+
+"Stage" is the script name everywhere (`find_circuits`, also the manifest's `stage`); the folder
+it writes under the run root (`circuits/`) is its *folder*, which also names its YAML section.
+`run_pipeline.sh`, `memcirc.slurm`, `memcirc.report`, the root scripts and the tests read this
+table; adding a stage is one record here plus the stage's own files (README, "Adding a stage").
+
+The table is cheap to import: a stage's module (its `Config`, `run` and `headline`, with the
+heavy libraries they need) is imported only when one of those is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from memcirc.errors import InputError
+
+if TYPE_CHECKING:
+    from memcirc.config import StageConfig
+
+ArrayKind = Literal["shards", "checkpoints"]
+DONE_MARKER = "done.json"   # what an array task writes last in its own folder
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    Attributes:
+        name: the script (`<name>.py` at the repository root) and the manifest's `stage`.
+        folder: where it writes under the run root; also its YAML section.
+        needs: the stages it reads; the first is what `--input-dir` defaults to.
+        array: how SLURM splits it into array tasks: "shards" (one slice of the work each, then
+            `--merge`), "checkpoints" (one training checkpoint each, then `--merge`), or None.
+        tasks_folder: the sub-folder of `folder` holding one folder per array task, each of which
+            holds `DONE_MARKER` once the task has finished.
+    """
+
+    name: str
+    folder: str
+    needs: tuple[str, ...] = ()
+    array: ArrayKind | None = None
+    tasks_folder: str | None = None
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"memcirc.stages.{self.name}")
+
+    @property
+    def config(self) -> type[StageConfig]:
+        return self.module.Config
+
+    def run(self, cfg: StageConfig) -> Any:
+        return self.module.run(cfg)
+
+    def headline(self, summary: dict[str, Any], stage_dir: Path) -> str:
+        """The stage's lines in the run report, from its summary.json."""
+        return self.module.headline(summary, stage_dir)
+
+    @property
+    def script(self) -> str:
+        return f"{self.name}.py"
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("memorization_score", "memorization", array="shards", tasks_folder="shards"),
+    Stage("contrastive_dataset", "contrastive", needs=("memorization_score",)),
+    Stage("find_circuits", "circuits", needs=("contrastive_dataset",)),
+    Stage("verify_circuit", "verify", needs=("find_circuits",)),
+    Stage("attention_bypass", "bypass", needs=("memorization_score",)),
+    Stage("kfac_edit", "kfac", needs=("memorization_score",), array="shards", tasks_folder="shards"),
+    Stage("training_dynamics", "dynamics", needs=("memorization_score", "contrastive_dataset"),
+          array="checkpoints", tasks_folder="checkpoints"),
+    Stage("predict_memorization", "predict", needs=("memorization_score", "training_dynamics")),
+)}
+DEFAULT_PIPELINE = ("memorization_score", "contrastive_dataset", "find_circuits", "verify_circuit")
+PIPELINE_KEY = "pipeline"   # the YAML key listing the stages run_pipeline.sh runs
+
+
+def stage_of_folder(folder: str) -> Stage:
+    return next(s for s in STAGES.values() if s.folder == folder)
+
+
+def config_classes() -> list[type[StageConfig]]:
+    """Every stage's config class, in pipeline order (one YAML file is checked against all)."""
+    return [s.config for s in STAGES.values()]
+
+
+def pipeline_stages(path: str | Path) -> list[str]:
+    """The stages run_pipeline.sh runs for a config file: its `pipeline:` list, in pipeline order."""
+    from memcirc.config import load_yaml
+
+    listed = load_yaml(str(path)).get(PIPELINE_KEY, list(DEFAULT_PIPELINE))
+    if not isinstance(listed, list) or any(s not in STAGES for s in listed):
+        raise InputError(f"config key '{PIPELINE_KEY}' in {path} must list stages from "
+                         f"{', '.join(STAGES)}; got {listed!r}")
+    return [s for s in STAGES if s in listed]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m memcirc.stages.registry pipeline FILE`: the stages to run, one per line."""
+    import sys
+
+    if len(argv) != 2 or argv[0] != PIPELINE_KEY:
+        print("usage: python -m memcirc.stages.registry pipeline CONFIG.yaml", file=sys.stderr)
+        return 2
+    try:
+        print("\n".join(pipeline_stages(argv[1])))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
