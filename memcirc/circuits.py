@@ -48,9 +48,10 @@ import torch
 from memcirc import artifacts as art
 from memcirc.errors import InputError
 from memcirc.logs import progress
-from memcirc.manifest import StageRun, read_manifest
+from memcirc.manifest import StageRun
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import n_ctx
+from memcirc.pairs import Pair, pairs_input, read_pairs
 from memcirc.stages.find_circuits import CircuitsConfig
 
 if TYPE_CHECKING:  # auto-circuit and TransformerLens take seconds to import: imported lazily
@@ -61,12 +62,10 @@ log = logging.getLogger(__name__)
 
 STAGE = "find_circuits"
 METHOD_VERSION = 1
-PAIRS_JSONL = "pairs.jsonl"
 PRUNE_SCORES = "prune_scores.safetensors"
 CIRCUIT_JSON = "circuit.json"
 CURVE_PNG = "faithfulness_curve.png"
 CIRCUIT_PNG = "circuit.png"
-SPLITS = ("discovery", "heldout")
 ABLATION_NAMES = {"resample": "RESAMPLE", "zero": "ZERO", "mean": "TOKENWISE_MEAN_CORRUPT (any length)"}
 METRICS = {
     "logit_diff": "logit[answer] - logit[wrong] at the last prompt position",
@@ -97,69 +96,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
 # -- pairs -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Pair:
-    """One contrastive pair: token ids of equal length, single-token answer and wrong answer."""
-
-    id: str
-    doc: str
-    split: str
-    clean: tuple[int, ...]
-    corrupt: tuple[int, ...]
-    answer: int
-    wrong: int
-
-
-def _ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value)
-
-
-def read_pairs(path: Path, *, vocab_size: int, max_len: int, split: str | None = None,
-               limit: int | None = None) -> list[Pair]:
-    """Read and check every row of a contrastive `pairs.jsonl`; keep one split (and `limit` rows).
-
-    Every row is checked, not only the kept ones: ids must fit the model's vocabulary (a pairs file
-    from another tokenizer fails here), clean and corrupt must have equal length, and no document
-    may appear in both splits.
-
-    Raises:
-        InputError: naming the row and the problem.
-    """
-    pairs: list[Pair] = []
-    doc_split: dict[str, str] = {}
-    for i, row in enumerate(art.read_jsonl(path), 1):
-        where = f"{path} row {i}"
-        missing = [k for k in ("id", "doc", "split", "clean", "corrupt", "answer", "wrong") if k not in row]
-        if missing:
-            raise InputError(f"{where}: missing {', '.join(missing)}; is this a contrastive pairs.jsonl?")
-        clean, corrupt, answer, wrong = row["clean"], row["corrupt"], row["answer"], row["wrong"]
-        if not (_ids(clean) and _ids(corrupt)):
-            raise InputError(f"{where}: clean and corrupt must be non-empty lists of token ids")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (answer, wrong)):
-            raise InputError(f"{where}: answer and wrong must be single token ids")
-        if len(clean) != len(corrupt):
-            raise InputError(f"{where}: clean has {len(clean)} tokens, corrupt {len(corrupt)}; pairs must "
-                             "have equal length")
-        if len(clean) > max_len:
-            raise InputError(f"{where}: {len(clean)} tokens exceed the model's context of {max_len}")
-        ids = [*clean, *corrupt, answer, wrong]
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            bad = max(ids) if max(ids) >= vocab_size else min(ids)
-            raise InputError(f"{where}: token id {bad} is outside the model's vocabulary "
-                             f"(0..{vocab_size - 1}); "
-                             "the pairs were built with another tokenizer or model")
-        if row["split"] not in SPLITS:
-            raise InputError(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
-        doc = str(row["doc"])
-        if doc_split.setdefault(doc, row["split"]) != row["split"]:
-            raise InputError(f"{where}: document {doc!r} is in both splits; rebuild the pairs "
-                             "(splits must be disjoint by document)")
-        if split is None or row["split"] == split:
-            pairs.append(Pair(str(row["id"]), doc, row["split"], tuple(clean), tuple(corrupt), answer, wrong))
-    return pairs[:limit] if limit is not None else pairs
-
 
 def make_batches(pairs: Sequence[Pair], batch_size: int, device: torch.device | str) -> list[PromptPairBatch]:
     """auto-circuit batches of at most `batch_size` pairs, each holding prompts of ONE length.
@@ -618,20 +554,6 @@ def check_pairs_model(recorded: dict[str, Any] | None, loaded: LoadedModel, wher
         return (f"the pairs were built in {recorded['dtype']}, this run uses {here['dtype']}: memorized "
                 "status can differ between precisions")
     return None
-
-
-def pairs_input(stage_dir: Path, what: str = "contrastive") -> tuple[Path, dict[str, Any], str]:
-    """(pairs.jsonl path, its stage manifest, its sha256), checked against the manifest."""
-    manifest = read_manifest(stage_dir, what)
-    path = stage_dir / PAIRS_JSONL
-    recorded = {o["path"]: o.get("sha256") for o in manifest.get("outputs", [])}
-    if PAIRS_JSONL not in recorded or not path.is_file():
-        raise InputError(f"{what} folder {stage_dir} has no {PAIRS_JSONL}: re-run contrastive_dataset")
-    sha = art.sha256_file(path)
-    if recorded[PAIRS_JSONL] and recorded[PAIRS_JSONL] != sha:
-        raise InputError(f"{path} changed after its stage wrote it (sha256 differs from its manifest); "
-                         "re-run contrastive_dataset")
-    return path, manifest, sha
 
 
 # -- stage outputs -----------------------------------------------------------------------------

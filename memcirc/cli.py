@@ -24,7 +24,7 @@ class Terminated(BaseException):
     """SIGTERM (SLURM preemption, scancel) turned into an exception so `finally` blocks run."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
+def _raise_terminated(_signum: int, _frame: Any) -> None:
     # SLURM signals every process of a job and its batch script forwards the signal too: a second
     # SIGTERM must not interrupt the clean-up the first one started.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

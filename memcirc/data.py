@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memcirc.artifacts import read_jsonl
+from memcirc.artifacts import SCORES_JSONL, read_jsonl
 from memcirc.errors import InputError
+
+if TYPE_CHECKING:
+    from memcirc.config import MemorizedRule
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +250,49 @@ def validate_windows(windows: WindowSet, vocab_size: int, n_ctx: int | None) -> 
         if bad.size:
             raise InputError(f"window {w.id} has token id {int(bad[0])} outside the model vocabulary "
                              f"(size {vocab_size}): data and model tokenizers differ?")
+
+
+# -- scored windows (a memorization stage's scores.jsonl) --------------------------------------
+
+WINDOW_KEYS = ("id", "tokens", "prefix_len", "source", "doc", "offset")
+
+
+@dataclass(frozen=True)
+class ScoredWindow(Window):
+    """A window as a memorization stage scored it: the Window plus its scores.jsonl row."""
+
+    row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def score(self, column: str) -> Any:
+        return self.row[column]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], where: str = "scores.jsonl") -> ScoredWindow:
+        missing = [k for k in WINDOW_KEYS if k not in row]
+        if missing:
+            raise InputError(f"{where}: row {row.get('id', '?')!r} lacks {', '.join(missing)}; is this a "
+                             "memorization stage's scores.jsonl?")
+        return cls(id=row["id"], tokens=np.asarray(row["tokens"], np.int64), prefix_len=row["prefix_len"],
+                   source=row["source"], doc=row["doc"], offset=row["offset"], group=row.get("group"), row=row)
+
+
+def read_scores(stage_dir: Path, limit: int | None = None) -> list[ScoredWindow]:
+    """The scored windows of a finished memorization stage folder (its manifest is checked first)."""
+    from memcirc.manifest import read_manifest
+
+    read_manifest(stage_dir, what="memorization")
+    path = Path(stage_dir) / SCORES_JSONL
+    rows = []
+    for row in read_jsonl(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        rows.append(ScoredWindow.from_row(row, str(path)))
+    return rows
+
+
+def memorized(windows: list[ScoredWindow], rule: MemorizedRule, where: str = "scores.jsonl") -> list[bool]:
+    """For each window: is it memorized by `rule` (`rule.memorized_by >= rule.threshold`)?"""
+    if windows and rule.memorized_by not in windows[0].row:
+        raise InputError(f"{where} has no '{rule.memorized_by}' column; re-run memorization_score with "
+                         f"--metrics ... {rule.memorized_by}, or use --memorized-by exact")
+    return [float(w.row[rule.memorized_by]) >= rule.threshold for w in windows]

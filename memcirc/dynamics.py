@@ -54,8 +54,8 @@ from memcirc.stages.training_dynamics import DynamicsConfig
 from memcirc.testbed import MODEL_DIR, TESTBED_NAME, checkpoint_folders
 
 if TYPE_CHECKING:
-    from memcirc.circuits import Pair
     from memcirc.models import LoadedModel, ModelSpec
+    from memcirc.pairs import Pair
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +487,7 @@ def plan(cfg: DynamicsConfig, checkpoints: list[Checkpoint], check: Sequence[int
     inputs = [{"path": str(upstream), "run_id": manifest["run_id"]}]
     pairs = pairs_sha = None
     if cfg.circuits:
-        from memcirc.circuits import pairs_input, read_pairs
+        from memcirc.pairs import pairs_input, read_pairs
 
         pairs_dir = Path(cfg.pairs_dir) if cfg.pairs_dir else Path(cfg.output_dir) / "contrastive"
         pairs_path, pairs_manifest, pairs_sha = pairs_input(pairs_dir)

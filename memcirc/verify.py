@@ -23,7 +23,6 @@ from memcirc import artifacts as art
 from memcirc.circuits import (
     FAITHFULNESS_DEFINITION,
     METRICS,
-    PAIRS_JSONL,
     PRUNE_SCORES,
     FaithfulnessEvaluator,
     build_graph,
@@ -33,14 +32,13 @@ from memcirc.circuits import (
     make_batches,
     model_key,
     n_pairs,
-    pairs_input,
-    read_pairs,
     top_k,
 )
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
 from memcirc.models.arch import n_ctx
+from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
 from memcirc.stages.verify_circuit import VerifyConfig
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from memcirc import artifacts as art
 from memcirc.circuits import (
     Ablation,
     FaithfulnessEvaluator,
-    Pair,
     attribute_edges,
     build_graph,
     circuit_outputs,
@@ -31,12 +30,12 @@ from memcirc.circuits import (
     load_prune_scores,
     make_batches,
     minimal_circuit,
-    read_pairs,
     top_k,
 )
 from memcirc.cli import main
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun
+from memcirc.pairs import Pair, read_pairs
 from memcirc.testbed import GROUND_TRUTH
 
 ABLATIONS = ("resample", "zero", "mean")

@@ -35,7 +35,7 @@ def run(cfg: BypassConfig) -> Any:
     return _run(cfg)
 
 
-def headline(summary: dict[str, Any], stage_dir: Path) -> str:
+def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     blocks = ", ".join(f"{e['layer']}: {e['exact']:.2f}/{e['ppl']:.1f}" for e in summary["layers"])
     return (f"attention bypass: baseline exact {summary['baseline']['exact']:.2f}, ppl "

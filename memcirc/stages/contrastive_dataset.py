@@ -51,7 +51,7 @@ def run(cfg: ContrastiveConfig) -> Any:
     return _run(cfg)
 
 
-def headline(summary: dict[str, Any], stage_dir: Path) -> str:
+def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     return (f"contrastive ({summary['mode']}): {summary['n_pairs']} pairs ({summary['n_discovery']} discovery, "
             f"{summary['n_heldout']} held-out) from {summary['n_memorized']} memorized windows")

@@ -27,7 +27,7 @@ def run(cfg: CircuitsConfig) -> Any:
     return _run(cfg)
 
 
-def headline(summary: dict[str, Any], stage_dir: Path) -> str:
+def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     return (f"circuit: {summary['minimal_edges']} of {summary['edges_total']} edges reach faithfulness "
             f"{summary['faithfulness']:.3f} on discovery pairs (target {summary['target']})")

@@ -55,7 +55,7 @@ def run(cfg: KfacConfig) -> Any:
     return _run(cfg)
 
 
-def headline(summary: dict[str, Any], stage_dir: Path) -> str:
+def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's lines in the run report: one per importance formula."""
     lines = []
     for formula in dict.fromkeys(r["formula"] for r in summary["results"]):

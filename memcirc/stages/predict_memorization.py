@@ -63,7 +63,7 @@ def run(cfg: PredictConfig) -> Any:
     return _run(cfg)
 
 
-def headline(summary: dict[str, Any], stage_dir: Path) -> str:
+def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     from memcirc.predict import headline as _headline
 

@@ -51,7 +51,7 @@ def run(cfg: DynamicsConfig) -> Any:
     return _run(cfg)
 
 
-def headline(summary: dict[str, Any], stage_dir: Path) -> str:
+def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's lines in the run report: onsets, and the circuit at each checkpoint."""
     onset = ", ".join(f"{g}: {v if v is not None else 'never'}" for g, v in summary["onset_by_group"].items())
     lines = [f"training dynamics ({summary['n_checkpoints']} checkpoints): memorization onset (median step) "

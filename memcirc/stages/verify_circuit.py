@@ -30,7 +30,7 @@ def run(cfg: VerifyConfig) -> Any:
     return _run(cfg)
 
 
-def headline(summary: dict[str, Any], stage_dir: Path) -> str:
+def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     return (f"held-out: faithfulness {summary['faithfulness_heldout']:.3f}; random circuits of the same size "
             f"{summary['random_faithfulness_mean']:.3f} ± {summary['random_faithfulness_sd']:.3f}")
