@@ -30,6 +30,7 @@ pipeline: install
 
 test: install
 	$(BIN)/python -m ruff check memcirc tests bench *.py
+	$(BIN)/pyright
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # The SLURM tests alone: a real single-node cluster (the Debian packages are installed when missing

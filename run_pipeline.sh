@@ -8,9 +8,8 @@
 #   (the predecessor's flags work too: --model_name, --prompt_tokens, --generation_tokens, --dataset,
 #    --output_dir, --threshold, --metric, --contrastive_mode, --mem_batch_size,
 #    --contrastive_batch_size, --eap_batch_size, --global_batch_size)
-# Which stages run is the config's `pipeline:` list (memorization_score, contrastive_dataset,
-# find_circuits, verify_circuit, attention_bypass, kfac_edit, training_dynamics,
-# predict_memorization); default: the first four.
+# Which stages run is the config's `pipeline:` list, run in the order of memcirc/stages/registry.py
+# (`python -m memcirc.stages.registry pipeline CONFIG` prints it); default: the four circuit stages.
 #   ./run_pipeline.sh --slurm --config my.yaml --output-dir runs/x [--num-shards 8] [--dry-run] [--wait]
 # --slurm submits the same stages to SLURM instead (resources from the config's slurm: section):
 # scoring, K-FAC factors and training_dynamics checkpoints as job arrays, each merge and stage
@@ -28,7 +27,7 @@ COMMON=()        # flags every stage accepts
 SLURM=() USE_SLURM=0   # --slurm: flags of memcirc.slurm submit
 # stage-specific flags: ARGS_<stage> (an array per stage, created on first use)
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_pipeline.sh: $*" >&2; exit 2; }
 index_of() {
   local i; for i in "${!STAGES[@]}"; do [[ ${STAGES[$i]} == "$1" ]] && { echo "$i"; return; }; done

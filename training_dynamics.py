@@ -6,9 +6,10 @@ built by --schedule linear|log|exp_plus_detail; local checkpoint folders; the te
 checkpoints by default) re-scores the windows of <output-dir>/memorization/ and, with the pairs of
 <output-dir>/contrastive/, runs attribution, the minimal circuit and its held-out faithfulness.
 Each checkpoint is one unit, <output-dir>/dynamics/checkpoints/<index>/ (scores.jsonl,
-prune_scores.safetensors, circuit.json, done.json last), so it can be a SLURM array task; the
-aggregate writes onsets.jsonl, overlap.json, summary.json, memorization_over_training.png,
-circuit_over_training.png, overlap_heatmap.png and manifest.json (last) into <output-dir>/dynamics/.
+prune_scores.safetensors, circuit.json, done.json last), so it can be a SLURM array task. Once
+every unit is done, the merge (merge_units; --merge runs only this step) merges the finished units
+into onsets.jsonl, overlap.json, summary.json, memorization_over_training.png,
+circuit_over_training.png, overlap_heatmap.png and manifest.json (last) in <output-dir>/dynamics/.
 
 examples:
   python training_dynamics.py --config configs/testbed.yaml --output-dir runs/testbed
@@ -17,7 +18,7 @@ examples:
   python training_dynamics.py --output-dir runs/x --checkpoints ckpts/step-100 ckpts/step-200 ckpts/final \
       --steps 100 200 300 --no-circuits
   sbatch --array=0-9 ... python training_dynamics.py --output-dir runs/p160 --schedule log   # one unit each
-  python training_dynamics.py --output-dir runs/p160 --schedule log --merge                  # then aggregate
+  python training_dynamics.py --output-dir runs/p160 --schedule log --merge                  # then merge
 """
 
 from memcirc.cli import main

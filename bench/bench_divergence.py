@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 import torch
+from baselines import find_divergences_bruteforce  # bench/baselines.py
 
-from memcirc.contrastive import find_divergences, find_divergences_bruteforce
+from memcirc.contrastive import find_divergences
 from memcirc.data import Columns, load_documents, make_windows
 from memcirc.models import ModelSpec, load
 from memcirc.scoring import score_windows
@@ -34,7 +35,7 @@ def main() -> None:
     loaded = load(ModelSpec("testbed", device=args.device, dtype="float32"))
     windows = make_windows(load_documents("testbed", Columns()), loaded.tokenizer, "testbed", 32, 32).windows
     rows = score_windows(loaded.model, windows, pad_id=loaded.tokenizer.pad_token_id, batch_size=64)
-    memorized = [r for r in rows if r["exact"]]
+    memorized = [w for w, r in zip(windows, rows) if r["exact"]]
 
     def timed(fn):
         start = time.perf_counter()

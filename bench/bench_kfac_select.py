@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark: K-FAC component selection, ours vs the original code's heap, on a 2048 x 8192 layer.
 
-Ours (`memcirc.kfac.select_product`, the `original` formula): bisection over the boundary value
+Ours (`memcirc.kfac.edit.select_product`, the `original` formula): bisection over the boundary value
 of λ_i μ_j with one vectorized `searchsorted` per step, then the kept mask. Baseline: the
 selection of goodfire-ai/memorization_kfac (KFACTreatmentPairwise.apply_kfac_by_product): a lazy
 k-way merge over λ_i μ_j with a max-heap seeded at (0, 0), pushing (i+1, j) and (i, j+1), a `seen`
-set and `.item()` per element on torch tensors, until the mass reaches ρ (Σλ)(Σμ).
+set and `.item()` per element on torch tensors, until the mass reaches ρ (Σλ)(Σμ)
+(`bench/baselines.py select_heap`).
 
 Both produce the dense 0/1 mask (the original builds it from the heap's pairs); the heap
 always runs in full, no extrapolation. The heap's cost grows with the number of kept pairs K
@@ -26,35 +27,13 @@ case of the grid, same (every case: ours == heap == full sort), and the whole gr
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import time
 
 import torch
+from baselines import select_heap  # bench/baselines.py
 
-from memcirc.kfac import select_mask, select_product
-
-
-def heap_select(lam: torch.Tensor, mu: torch.Tensor, rho: float, max_pairs: int | None = None) -> set:
-    """The original selection: tensors indexed and `.item()`-ed per element, as in the original."""
-    target = rho * (lam.sum() * mu.sum()).item()
-    heap = [(-(lam[0] * mu[0]).item(), 0, 0)]
-    seen = {(0, 0)}
-    kept = set()
-    mass = 0.0
-    while heap and mass < target:
-        neg, i, j = heapq.heappop(heap)
-        kept.add((i, j))
-        mass += -neg
-        if max_pairs is not None and len(kept) >= max_pairs:
-            break
-        if i + 1 < len(lam) and (i + 1, j) not in seen:
-            seen.add((i + 1, j))
-            heapq.heappush(heap, (-(lam[i + 1] * mu[j]).item(), i + 1, j))
-        if j + 1 < len(mu) and (i, j + 1) not in seen:
-            seen.add((i, j + 1))
-            heapq.heappush(heap, (-(lam[i] * mu[j + 1]).item(), i, j + 1))
-    return kept
+from memcirc.kfac.edit import select_mask, select_product
 
 
 def spectra(kind: str, d_out: int, d_in: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +74,7 @@ def one(kind: str, rho: float, args: argparse.Namespace) -> dict:
     sort_same = torch.equal(select_mask(lam[:, None] * mu[None, :], rho), mask)
     sort_s = time.perf_counter() - start
     start = time.perf_counter()
-    heap_mask = to_mask(heap_select(lam, mu, rho), mask.shape)
+    heap_mask = to_mask(select_heap(lam, mu, rho), mask.shape)
     baseline_s = time.perf_counter() - start
     same = torch.equal(heap_mask, mask)
     print(f"{kind:>9} rho={rho}: kept {kept} of {mask.numel()} ({kept / mask.numel():.2%}); ours {ours_s:.4f} s, "

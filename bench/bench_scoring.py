@@ -22,10 +22,11 @@ import time
 
 import numpy as np
 import torch
+from baselines import full_generation_scores  # bench/baselines.py
 
 from memcirc.data import Columns, Window, load_documents, make_windows
 from memcirc.models import ModelSpec, load
-from memcirc.scoring import full_generation_scores, score_windows
+from memcirc.scoring import score_windows
 
 
 def best_of(repeats: int, fn):

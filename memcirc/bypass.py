@@ -1,5 +1,6 @@
-"""Attention bypass (the attention_bypass stage): per-block attention interventions, memorization of
-the memorized windows against general ability (held-out perplexity, optional lm-eval tasks).
+"""Attention bypass, the library behind the attention_bypass stage: per-block attention interventions
+and the sweep that measures memorization of the memorized windows against general ability
+(held-out perplexity, optional lm-eval tasks).
 
 `self` is llm-memorization's "short-circuiting" (arXiv 2501.05078): the attention pattern of the
 block is the identity, so the attention output at position t is out_proj(v_t) — per query head the
@@ -17,7 +18,6 @@ by the original module, and nothing reads it in a bypassed block).
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,45 +25,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from memcirc import artifacts as art
 from memcirc.data import Columns, Window, load_documents
 from memcirc.errors import InputError
-from memcirc.evaluation import check_same_model, heldout_blocks, memorization, memorized_windows, perplexity
+from memcirc.evaluation import memorization, perplexity
 from memcirc.logs import progress
-from memcirc.manifest import StageRun, read_manifest
-from memcirc.models import arch as A
-from memcirc.models import load
+from memcirc.models.arch import ArchSpec, d_model, dims, get_module, n_layers
 from memcirc.scoring import pad_batch
-from memcirc.stages.attention_bypass import BypassConfig
 
-log = logging.getLogger(__name__)
-
-STAGE = "attention_bypass"
-TRADEOFF_PNG = "tradeoff.png"
 MODES = ("self", "zero", "mean")
 METRICS = ("exact", "token_match", "levenshtein")
-TABLE_COLUMNS = ("exact", "lcp", "token_match", "loose_match")
 
 
 # -- the intervention ------------------------------------------------------------------------
 
-def self_attention_output(model: torch.nn.Module, arch: A.ArchSpec, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+def self_attention_output(model: torch.nn.Module, arch: ArchSpec, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     """The attention output of block `layer` when every token attends only to itself:
     out_proj(concat_h v_{kv(h)}(hidden)), from the module's own projections (biases kept)."""
-    d = A.dims(model)
+    d = dims(model)
     if arch.attn_qkv:
-        fused = A.get_module(model, arch, "attn_qkv", layer)(hidden)
+        fused = get_module(model, arch, "attn_qkv", layer)(hidden)
         if arch.qkv_interleaved:  # per head [q | k | v] (GPT-NeoX)
             value = fused.view(*hidden.shape[:-1], d.n_heads, 3 * d.d_head)[..., 2 * d.d_head:]
         else:                     # [all q | all k | all v] (GPT-2)
             q, kv = d.n_heads * d.d_head, d.n_kv_heads * d.d_head
             value = fused[..., q + kv:q + 2 * kv].reshape(*hidden.shape[:-1], d.n_kv_heads, d.d_head)
     else:
-        value = A.get_module(model, arch, "attn_v", layer)(hidden)
+        value = get_module(model, arch, "attn_v", layer)(hidden)
         value = value.view(*hidden.shape[:-1], d.n_kv_heads, d.d_head)
     if value.shape[-2] != d.n_heads:  # GQA: query head h reads kv head h // (n_heads / n_kv_heads)
         value = value.repeat_interleave(d.n_heads // value.shape[-2], dim=-2)
-    return A.get_module(model, arch, "attn_out", layer)(value.reshape(*hidden.shape[:-1], d.n_heads * d.d_head))
+    return get_module(model, arch, "attn_out", layer)(value.reshape(*hidden.shape[:-1], d.n_heads * d.d_head))
 
 
 def _replace_hidden(output: Any, new: torch.Tensor) -> Any:
@@ -77,14 +68,14 @@ def _hidden_of(output: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def bypass_attention(model: torch.nn.Module, arch: A.ArchSpec, layers: Sequence[int], mode: str = "self",
+def bypass_attention(model: torch.nn.Module, arch: ArchSpec, layers: Sequence[int], mode: str = "self",
                      mean_outputs: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Within the block, the attention of every block in `layers` is bypassed (`mode`: self, zero,
     mean; mean needs `mean_outputs[layer]`, a [d_model] vector, e.g. from `mean_attention_outputs`).
     The hooks are removed on exit, whatever happens: the model is unchanged afterwards."""
     if mode not in MODES:
         raise InputError(f"bypass mode must be one of {', '.join(MODES)}, got {mode!r}")
-    n = A.n_layers(model)
+    n = n_layers(model)
     bad = [i for i in layers if not 0 <= int(i) < n]
     if bad:
         raise InputError(f"blocks {bad} are outside the model (blocks 0..{n - 1})")
@@ -97,6 +88,7 @@ def bypass_attention(model: torch.nn.Module, arch: A.ArchSpec, layers: Sequence[
             if mode == "zero":
                 return _replace_hidden(output, torch.zeros_like(current))
             if mode == "mean":
+                assert mean_outputs is not None, "checked above: mode 'mean' has mean outputs"
                 mean = mean_outputs[layer].to(device=current.device, dtype=current.dtype)
                 return _replace_hidden(output, mean.expand_as(current).clone())
             hidden = args[0] if args else kwargs[arch.attn_input]
@@ -106,7 +98,7 @@ def bypass_attention(model: torch.nn.Module, arch: A.ArchSpec, layers: Sequence[
     handles = []
     try:
         for layer in sorted({int(i) for i in layers}):
-            module = A.get_module(model, arch, "attn", layer)
+            module = get_module(model, arch, "attn", layer)
             handles.append(module.register_forward_hook(hook_for(layer), with_kwargs=True))
         yield
     finally:
@@ -115,11 +107,11 @@ def bypass_attention(model: torch.nn.Module, arch: A.ArchSpec, layers: Sequence[
 
 
 @torch.inference_mode()
-def mean_attention_outputs(model: torch.nn.Module, arch: A.ArchSpec, blocks: Sequence[np.ndarray], *, pad_id: int,
+def mean_attention_outputs(model: torch.nn.Module, arch: ArchSpec, blocks: Sequence[np.ndarray], *, pad_id: int,
                            batch_size: int) -> dict[int, torch.Tensor]:
     """Per block, the mean attention output (fp32, [d_model]) over every real token of `blocks`."""
-    n = A.n_layers(model)
-    sums = {i: torch.zeros(A.d_model(model), dtype=torch.float64) for i in range(n)}
+    n = n_layers(model)
+    sums = {i: torch.zeros(d_model(model), dtype=torch.float64) for i in range(n)}
     count = 0
     mask_now: list[torch.Tensor] = []
 
@@ -129,7 +121,7 @@ def mean_attention_outputs(model: torch.nn.Module, arch: A.ArchSpec, blocks: Seq
             sums[layer] += (_hidden_of(output).to(torch.float64) * m).sum((0, 1)).cpu()
         return hook
 
-    handles = [A.get_module(model, arch, "attn", i).register_forward_hook(hook_for(i)) for i in range(n)]
+    handles = [get_module(model, arch, "attn", i).register_forward_hook(hook_for(i)) for i in range(n)]
     device = next(model.parameters()).device
     try:
         for b in range(0, len(blocks), batch_size):
@@ -146,7 +138,7 @@ def mean_attention_outputs(model: torch.nn.Module, arch: A.ArchSpec, blocks: Seq
 
 # -- the sweep -------------------------------------------------------------------------------
 
-def parse_layer_sets(specs: Sequence[str], n_layers: int) -> list[list[int]]:
+def parse_layer_sets(specs: Sequence[str], n_blocks: int) -> list[list[int]]:
     """'0,1' -> [0, 1]; every index must be a block of the model."""
     out = []
     for spec in specs:
@@ -154,10 +146,10 @@ def parse_layer_sets(specs: Sequence[str], n_layers: int) -> list[list[int]]:
             layers = sorted({int(x) for x in str(spec).replace(" ", "").split(",") if x != ""})
         except ValueError:
             raise InputError(f"layer set {spec!r} is not a comma-separated list of block indices") from None
-        bad = [i for i in layers if not 0 <= i < n_layers]
+        bad = [i for i in layers if not 0 <= i < n_blocks]
         if not layers or bad:
             raise InputError(f"layer set {spec!r}: blocks {bad or '(none)'} are outside the model "
-                             f"(blocks 0..{n_layers - 1})")
+                             f"(blocks 0..{n_blocks - 1})")
         out.append(layers)
     return out
 
@@ -167,8 +159,8 @@ def _lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], batch
     if not tasks:
         return None
     try:
-        from lm_eval import evaluator
-        from lm_eval.models.huggingface import HFLM
+        from lm_eval import evaluator  # pyright: ignore[reportMissingImports]  (optional extra: lm-eval)
+        from lm_eval.models.huggingface import HFLM  # pyright: ignore[reportMissingImports]  (optional extra)
     except ImportError:
         return None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -188,7 +180,7 @@ def _measure(model: torch.nn.Module, windows: Sequence[Window], blocks: Sequence
     return row
 
 
-def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], blocks: Sequence[np.ndarray], *,
+def sweep(model: torch.nn.Module, arch: ArchSpec, windows: Sequence[Window], blocks: Sequence[np.ndarray], *,
           pad_id: int, batch_size: int = 32, mode: str = "self", layer_sets: Sequence[Sequence[int]] = (),
           levenshtein_threshold: float = 0.75, tokenizer: Any = None, lm_eval_tasks: Sequence[str] = (),
           reference_blocks: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
@@ -197,7 +189,7 @@ def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], b
     over `reference_blocks` (default: `blocks` themselves) on the unmodified model."""
     if not windows:
         raise InputError("no memorized windows to measure the bypass on")
-    n = A.n_layers(model)
+    n = n_layers(model)
     runs: list[list[int]] = [[i] for i in range(n)] + [sorted({int(i) for i in s}) for s in layer_sets]
     for layers in runs:
         if not layers or any(not 0 <= i < n for i in layers):
@@ -206,8 +198,8 @@ def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], b
     reference = blocks if reference_blocks is None else reference_blocks
     means = (mean_attention_outputs(model, arch, reference, pad_id=pad_id, batch_size=batch_size)
              if mode == "mean" else None)
-    kw = dict(pad_id=pad_id, batch_size=batch_size, levenshtein_threshold=levenshtein_threshold,
-              tokenizer=tokenizer, lm_eval_tasks=lm_eval_tasks)
+    kw: dict[str, Any] = dict(pad_id=pad_id, batch_size=batch_size, levenshtein_threshold=levenshtein_threshold,
+                              tokenizer=tokenizer, lm_eval_tasks=lm_eval_tasks)
     baseline = _measure(model, windows, blocks, **kw)
     entries = []
     for layers in progress(runs, desc=f"bypass ({mode})", total=len(runs)):
@@ -218,52 +210,6 @@ def sweep(model: torch.nn.Module, arch: A.ArchSpec, windows: Sequence[Window], b
     return {"mode": mode, "n_windows": len(windows), "n_ppl_blocks": len(blocks),
             "n_mean_reference_blocks": len(reference) if mode == "mean" else None,
             "ppl_tokens": int(sum(len(b) - 1 for b in blocks)), "baseline": baseline, "layers": entries}
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    cols = [c for c in TABLE_COLUMNS if c in summary["baseline"]] + ["ppl"]
-    lines = [f"{'bypassed':<10} " + " ".join(f"{c:>12}" for c in cols)]
-
-    def line(label: str, row: dict[str, Any]) -> str:
-        return f"{label:<10} " + " ".join(f"{row[c]:>12.4f}" if c != "ppl" else f"{row[c]:>12.3f}" for c in cols)
-
-    lines.append(line("none", summary["baseline"]))
-    for entry in summary["layers"]:
-        layer = entry["layer"]
-        lines.append(line(",".join(map(str, layer)) if isinstance(layer, list) else str(layer), entry))
-    return "\n".join(lines)
-
-
-def tradeoff_figure(summary: dict[str, Any], path: Path) -> None:
-    """Exact-match rate of the memorized windows against held-out perplexity, one point per run."""
-    import matplotlib.pyplot as plt
-
-    from memcirc.plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    base = summary["baseline"]
-    ax.scatter([base["ppl"]], [base["exact"]], color="black", marker="*", s=140, label="baseline", zorder=3)
-    singles = [e for e in summary["layers"] if not isinstance(e["layer"], list)]
-    sets = [e for e in summary["layers"] if isinstance(e["layer"], list)]
-    if singles:
-        colors = plt.cm.viridis(np.linspace(0, 0.9, len(singles)))
-        ax.scatter([e["ppl"] for e in singles], [e["exact"] for e in singles], c=colors, s=50,
-                   label="one block", zorder=2)
-    if sets:
-        ax.scatter([e["ppl"] for e in sets], [e["exact"] for e in sets], marker="s", color="#c44e52", s=50,
-                   label="block set", zorder=2)
-    for e in summary["layers"]:
-        label = ",".join(map(str, e["layer"])) if isinstance(e["layer"], list) else str(e["layer"])
-        ax.annotate(label, (e["ppl"], e["exact"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if max(e["ppl"] for e in summary["layers"] + [base]) > 10 * base["ppl"]:
-        ax.set_xscale("log")
-    ax.set_xlabel("held-out perplexity")
-    ax.set_ylabel("exact match (memorized windows)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"attention bypass ({summary['mode']}): memorization vs perplexity")
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -286,87 +232,3 @@ def windows_from_file(path: str, prefix_len: int | None) -> list[Window]:
     if not windows:
         raise InputError(f"the memorized file {path} holds no rows")
     return windows
-
-
-def _memorized(cfg: BypassConfig) -> tuple[list[Window], list[dict[str, Any]], dict[str, Any] | None]:
-    """(windows, fingerprint inputs, upstream manifest or None)."""
-    upstream_dir = cfg.upstream_dir
-    if cfg.memorized_file:
-        upstream = None
-        if upstream_dir is not None and (upstream_dir / art.MANIFEST).is_file():
-            upstream = read_manifest(upstream_dir, what="memorization")
-        prefix_len = (upstream or {}).get("config", {}).get("prefix_len")
-        windows = windows_from_file(cfg.memorized_file, prefix_len)
-        inputs = [{"path": cfg.memorized_file, "sha256": art.sha256_file(Path(cfg.memorized_file)),
-                   "prefix_len": windows[0].prefix_len}]
-        return windows, inputs, upstream
-    upstream = read_manifest(upstream_dir, what="memorization")
-    windows = memorized_windows(upstream_dir)
-    return windows, [{"path": str(upstream_dir), "run_id": upstream["run_id"]}], upstream
-
-
-def _check_vocab(windows: Sequence[Window], model: torch.nn.Module) -> None:
-    vocab = model.get_input_embeddings().weight.shape[0]
-    high = max(int(w.tokens.max()) for w in windows)
-    if high >= vocab or min(int(w.tokens.min()) for w in windows) < 0:
-        raise InputError(f"memorized windows hold token ids outside the model's vocabulary (0..{vocab - 1}): "
-                         "were they tokenized for another model?")
-
-
-# -- the stage -------------------------------------------------------------------------------
-
-def run(cfg: BypassConfig) -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
-    windows, inputs, upstream = _memorized(cfg)
-    if cfg.limit:
-        windows = windows[:cfg.limit]
-    loaded = load(cfg.model_spec())
-    model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
-    if upstream is not None and not cfg.memorized_file:
-        check_same_model(upstream.get("model", {}), loaded)
-    _check_vocab(windows, model)
-    layer_sets = parse_layer_sets(cfg.layer_sets, A.n_layers(model))
-    # Mode mean: the reference mean comes from the held-out blocks after the perplexity blocks, so
-    # perplexity is never measured on the text the replacement was averaged over (unless too short).
-    every = heldout_blocks(cfg.heldout, tok, A.n_ctx(model), 2 * cfg.ppl_blocks)
-    blocks, reference = every[:cfg.ppl_blocks], every[cfg.ppl_blocks:]
-    if cfg.mode == "mean" and not reference:
-        log.warning("held-out text %s has no blocks beyond the %d perplexity blocks: the mean attention "
-                    "outputs are averaged over the perplexity blocks themselves", cfg.heldout, len(blocks))
-        reference = blocks
-    if cfg.heldout != "testbed" and Path(cfg.heldout).is_file():
-        inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
-    identity = loaded.identity()
-    stage = StageRun.for_config(cfg, inputs, model=loaded.results_identity())
-    if (done := stage.open(cfg.force)) is not None:
-        print(format_table(done))
-        return done
-    lm_eval_tasks: list[str] = list(cfg.lm_eval_tasks)
-    note = None
-    if lm_eval_tasks:
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            note = "lm-evaluation-harness is not installed (pip install lm-eval): tasks skipped"
-            log.warning("%s: %s", note, ", ".join(lm_eval_tasks))
-            lm_eval_tasks = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stage.start(cfg.force)
-    log.info("%d memorized windows; %d held-out blocks of %d tokens; mode %s; %d blocks + %d sets",
-             len(windows), len(blocks), A.n_ctx(model), cfg.mode, A.n_layers(model), len(layer_sets))
-    summary = sweep(model, arch, windows, blocks, pad_id=pad, batch_size=cfg.batch_size, mode=cfg.mode,
-                    layer_sets=layer_sets, levenshtein_threshold=cfg.levenshtein_threshold, tokenizer=tok,
-                    lm_eval_tasks=lm_eval_tasks, reference_blocks=reference)
-    summary["heldout"] = cfg.heldout
-    summary["ppl_block_len"] = A.n_ctx(model)
-    if note:
-        summary["lm_eval_note"] = note
-    art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    tradeoff_figure(summary, cfg.stage_dir / TRADEOFF_PNG)
-    stage.finish({art.SUMMARY_JSON: None, TRADEOFF_PNG: None}, model=identity, seed=cfg.seed,
-                 metric={"memorization": list(METRICS), "levenshtein_threshold": cfg.levenshtein_threshold,
-                         "ppl": "exp(total NLL / total predicted tokens) over held-out blocks, padding masked"})
-    print(format_table(summary))
-    return summary
-
-

@@ -153,7 +153,8 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 def _field_type(f: dataclasses.Field) -> tuple[Any, bool]:
     # Annotations are strings under `from __future__ import annotations`; resolve them once.
-    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing), {})  # noqa: S307
+    # `typing.__dict__` is `vars(typing)`; spelled so because typeshed types vars() as a mappingproxy.
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, typing.__dict__, {})  # noqa: S307
     return _base_type(tp)
 
 
@@ -256,7 +257,12 @@ def build_parser(cls: type[StageConfig], description: str = "", epilog: str = ""
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         tp, _ = _field_type(f)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name} has no default; declare config fields with option()")
         help_text = f"{f.metadata['help']} (default: {default})"
         if tp is bool:
             # --force and --dry-run are one-shot actions (no config file sets them, so no --no-force)

@@ -1,4 +1,6 @@
-"""Contrastive pairs for circuit discovery (the contrastive_dataset stage).
+"""Contrastive pairs for circuit discovery: the divergence finder and the pair builders behind the
+contrastive_dataset stage. They read scored windows (`memcirc.data.Window`) and build
+`memcirc.pairs.Pair`s.
 
 `divergence` mode (the branch decision): for each memorized window, shorten the context one token
 at a time from the end (L = P, P-1, ..., 1) and let the model regenerate the rest; memorization
@@ -22,32 +24,20 @@ similarity of mean-pooled last hidden states (or Jaccard token overlap).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from memcirc import artifacts as art
-from memcirc.errors import InputError
-from memcirc.evaluation import check_same_model
+from memcirc.data import Window
 from memcirc.logs import progress
-from memcirc.manifest import StageRun, read_manifest
-from memcirc.models import load
+from memcirc.pairs import Pair
 from memcirc.scoring import bleu4, greedy_generate, pad_batch
-from memcirc.stages.contrastive_dataset import ContrastiveConfig
-
-log = logging.getLogger(__name__)
-
-STAGE = "contrastive_dataset"
-PAIRS_JSONL = "pairs.jsonl"
-DIVERGENCE_PNG = "divergence.png"
-
 
 # -- scores that drive detection -------------------------------------------------------------
 
@@ -63,7 +53,7 @@ SCORERS: dict[str, Callable[[Sequence[int], Sequence[int]], float]] = {
 class Divergence:
     """Where memorization of one window breaks. `position` is the context length L."""
 
-    window: dict[str, Any]          # the scores.jsonl row
+    window: Window
     position: int
     score_before: float
     score_after: float
@@ -74,7 +64,8 @@ class Divergence:
 # -- the fast divergence finder --------------------------------------------------------------
 
 @torch.inference_mode()
-def argmax_path(model: torch.nn.Module, sequences: Sequence[Sequence[int]], batch_size: int) -> list[np.ndarray]:
+def argmax_path(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.ndarray],
+                batch_size: int) -> list[np.ndarray]:
     """pred[t] = greedy next token after sequence[:t+1], for every t (one teacher-forced pass)."""
     device = next(model.parameters()).device
     out: list[np.ndarray] = []
@@ -88,8 +79,8 @@ def argmax_path(model: torch.nn.Module, sequences: Sequence[Sequence[int]], batc
 
 
 @dataclass
-class _Search:
-    """Per-window state of the descending-L loop."""
+class _BreakSearch:
+    """The search for where one window's memorization breaks: the state of its descending-L loop."""
 
     whole: np.ndarray
     pred: np.ndarray
@@ -116,25 +107,29 @@ class _Search:
         return self.whole[L:j].tolist() + self.memo[j]
 
 
-def find_divergences(model: torch.nn.Module, windows: Sequence[dict[str, Any]], *, metric: str = "bleu",
+def find_divergences(model: torch.nn.Module, windows: Sequence[Window], *, metric: str = "bleu",
                      drop: float = 0.3, batch_size: int = 32, pad_id: int = 0) -> list[Divergence]:
     """The predecessor's divergence rule, computed with one teacher-forced pass per window and
     greedy generation only at candidate lengths (see the module docstring)."""
     score = SCORERS[metric]
-    wholes = [np.asarray(w["tokens"], dtype=np.int64) for w in windows]
-    preds = argmax_path(model, wholes, batch_size)
-    searches = [_Search(whole, pred, w["prefix_len"], L=w["prefix_len"])
-                for w, whole, pred in zip(windows, wholes, preds)]
+    preds = argmax_path(model, [w.tokens for w in windows], batch_size)
+    searches = [_BreakSearch(w.tokens, pred, w.prefix_len, L=w.prefix_len) for w, pred in zip(windows, preds)]
     while True:
         requests = _advance(searches, score, drop, windows)
         if not requests:
             break
         _generate_candidates(model, requests, batch_size, pad_id)
-    return [s.result for s in searches]
+    return [_finished(s) for s in searches]
 
 
-def _advance(searches: list[_Search], score: Callable, drop: float,
-             windows: Sequence[dict[str, Any]]) -> list[tuple[_Search, int]]:
+def _finished(search: _BreakSearch) -> Divergence:
+    """The result of a search `_advance` has run to the end (it stops only when every search has one)."""
+    assert search.result is not None, "no more candidate requests: every search has its result"
+    return search.result
+
+
+def _advance(searches: list[_BreakSearch], score: Callable, drop: float,
+             windows: Sequence[Window]) -> list[tuple[_BreakSearch, int]]:
     """Run each unresolved window's loop until it needs a continuation nobody has generated yet."""
     requests = []
     for search, window in zip(searches, windows):
@@ -157,7 +152,7 @@ def _advance(searches: list[_Search], score: Callable, drop: float,
     return requests
 
 
-def _generate_candidates(model: torch.nn.Module, requests: list[tuple[_Search, int]], batch_size: int,
+def _generate_candidates(model: torch.nn.Module, requests: list[tuple[_BreakSearch, int]], batch_size: int,
                          pad_id: int) -> None:
     """Continuations at candidate lengths j: the (known) greedy token after whole[:j], then greedy."""
     requests.sort(key=lambda r: r[1])
@@ -171,46 +166,17 @@ def _generate_candidates(model: torch.nn.Module, requests: list[tuple[_Search, i
             s.memo[j] = [int(s.pred[j - 1])] + tail
 
 
-def find_divergences_bruteforce(model: torch.nn.Module, windows: Sequence[dict[str, Any]], *,
-                                metric: str = "bleu", drop: float = 0.3, batch_size: int = 32,
-                                pad_id: int = 0) -> list[Divergence]:
-    """The predecessor's implementation: at every L, regenerate the whole remainder greedily for
-    every unresolved window (batched per L, as it did). The reference for tests and bench/."""
-    score = SCORERS[metric]
-    wholes = [np.asarray(w["tokens"], dtype=np.int64) for w in windows]
-    prev = [1.0] * len(windows)
-    results: list[Divergence | None] = [None] * len(windows)
-    for L in range(max(w["prefix_len"] for w in windows), 0, -1):
-        todo = [i for i, w in enumerate(windows) if results[i] is None and L <= w["prefix_len"]]
-        for b in range(0, len(todo), batch_size):
-            idx = todo[b:b + batch_size]
-            n_new = max(len(wholes[i]) - L for i in idx)
-            generated = greedy_generate(model, [wholes[i][:L] for i in idx], n_new, pad_id)
-            for row, i in enumerate(idx):
-                gen = generated[row, :len(wholes[i]) - L].tolist()
-                current = score(gen, wholes[i][L:].tolist())
-                relative = (prev[i] - current) / prev[i] if prev[i] > 0 else 0.0
-                if relative > drop and gen[0] != wholes[i][L]:
-                    results[i] = Divergence(windows[i], L, prev[i], current, gen, True)
-                else:
-                    prev[i] = current
-    for i, w in enumerate(windows):
-        if results[i] is None:
-            P = w["prefix_len"]
-            results[i] = Divergence(w, P, 1.0, 1.0, wholes[i][P:].tolist(), False)
-    return results  # type: ignore[return-value]
-
-
 # -- pairs -----------------------------------------------------------------------------------
 
-def divergence_pairs(divergences: Sequence[Divergence]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """(clean = context + true token, corrupt = context + model token) -> (next true, next model)."""
+def divergence_pairs(divergences: Sequence[Divergence]) -> tuple[list[Pair], dict[str, int]]:
+    """(clean = context + true token, corrupt = context + model token) -> (next true, next model).
+    The pairs have no split yet (`split` is empty)."""
     pairs, skipped = [], {"unresolved": 0, "same_next_token": 0, "too_short": 0}
     for d in divergences:
         if not d.resolved:
             skipped["unresolved"] += 1
             continue
-        whole, L, gen = d.window["tokens"], d.position, d.generated
+        whole, L, gen = d.window.tokens.tolist(), d.position, d.generated   # lists: + concatenates
         truth = whole[L:]
         if len(truth) < 2:
             skipped["too_short"] += 1
@@ -224,12 +190,23 @@ def divergence_pairs(divergences: Sequence[Divergence]) -> tuple[list[dict[str, 
     return pairs, skipped
 
 
-def _pair(window: dict[str, Any], mode: str, clean: list[int], corrupt: list[int], *, answer: int, wrong: int,
-          **extra: Any) -> dict[str, Any]:
+def _pair(window: Window, mode: str, clean: list[int], corrupt: list[int], *, answer: int, wrong: int,
+          **extra: Any) -> Pair:
     assert len(clean) == len(corrupt), "pairs are equal length by construction"
-    return {"id": f"{window['id']}#{mode}", "window_id": window["id"], "source": window["source"],
-            "doc": window["doc"], "group": window.get("group"), "mode": mode, "clean": clean,
-            "corrupt": corrupt, "answer": int(answer), "wrong": int(wrong), **extra}
+    return Pair(id=f"{window.id}#{mode}", doc=window.doc, split="", clean=tuple(int(t) for t in clean),
+                corrupt=tuple(int(t) for t in corrupt), answer=int(answer), wrong=int(wrong), window_id=window.id,
+                source=window.source, group=window.group, mode=mode, extra=extra)
+
+
+def with_splits(pairs: Sequence[Pair], split: dict[str, str]) -> list[Pair]:
+    """The pairs, each in its document's split, without duplicates (same tokens, answer and wrong)."""
+    seen, out = set(), []
+    for p in pairs:
+        key = (p.clean, p.corrupt, p.answer, p.wrong)
+        if key not in seen:
+            seen.add(key)
+            out.append(dataclasses.replace(p, split=split[p.doc]))
+    return out
 
 
 @torch.inference_mode()
@@ -248,37 +225,41 @@ def pooled_states(model: torch.nn.Module, sequences: Sequence[Sequence[int]], le
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def dataset_pairs(model: torch.nn.Module, divergences: Sequence[Divergence], low: Sequence[dict[str, Any]],
-                  split_of: Callable[[str], str], similarity: str, batch_size: int) -> tuple[list[dict], dict]:
+def dataset_pairs(model: torch.nn.Module, divergences: Sequence[Divergence], non_memorized: Sequence[Window],
+                  split_of: Callable[[str], str], similarity: str,
+                  batch_size: int) -> tuple[list[Pair], dict[str, int]]:
     """Memorized context[:d] vs a non-memorized context[:d] with the same token at d that the model
     predicts there. Candidates come from a (position, token) index, never a pairwise scan, and
-    only from documents of the same split (so no document lands in both splits)."""
+    only from documents of the same split (so no document lands in both splits). The pairs have no
+    split yet (`split` is empty)."""
     skipped = {"unresolved": 0, "no_candidate": 0}
     resolved = [d for d in divergences if d.resolved]
     skipped["unresolved"] = len(divergences) - len(resolved)
     positions = sorted({d.position for d in resolved})
+    candidate_tokens = [w.tokens.tolist() for w in non_memorized]
     index: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, w in enumerate(low):
+    for i, tokens in enumerate(candidate_tokens):
         for d in positions:
-            if d < len(w["tokens"]):
-                index[(d, w["tokens"][d])].append(i)
-    low_pred = argmax_path(model, [w["tokens"] for w in low], batch_size) if low else []
+            if d < len(tokens):
+                index[(d, tokens[d])].append(i)
+    candidate_pred = argmax_path(model, candidate_tokens, batch_size) if non_memorized else []
     pairs = []
     for div in progress(resolved, desc="matching", total=len(resolved)):
-        d, high = div.position, div.window
-        target = high["tokens"][d]
+        d, memorized, tokens = div.position, div.window, div.window.tokens.tolist()
+        target = tokens[d]
         candidates = [i for i in index.get((d, target), [])
-                      if low[i]["doc"] != high["doc"] and split_of(low[i]["doc"]) == split_of(high["doc"])
-                      and low_pred[i][d - 1] == target]   # the model predicts the target there
+                      if non_memorized[i].doc != memorized.doc
+                      and split_of(non_memorized[i].doc) == split_of(memorized.doc)
+                      and candidate_pred[i][d - 1] == target]   # the model predicts the target there
         if not candidates:
             skipped["no_candidate"] += 1
             continue
-        sims = _similarities(model, high["tokens"][:d], [low[i]["tokens"][:d] for i in candidates], similarity,
+        sims = _similarities(model, tokens[:d], [candidate_tokens[i][:d] for i in candidates], similarity,
                              batch_size)
         best = candidates[int(np.argmax(sims))]
-        pairs.append(_pair(high, "dataset", high["tokens"][:d], low[best]["tokens"][:d],
+        pairs.append(_pair(memorized, "dataset", tokens[:d], candidate_tokens[best][:d],
                            answer=div.generated[0], wrong=target, position=d,
-                           corrupt_window_id=low[best]["id"], corrupt_doc=low[best]["doc"],
+                           corrupt_window_id=non_memorized[best].id, corrupt_doc=non_memorized[best].doc,
                            similarity=round(float(np.max(sims)), 6)))
     return pairs, skipped
 
@@ -299,95 +280,3 @@ def split_by_document(docs: Sequence[str], heldout_fraction: float, seed: int) -
     if len(unique) >= 2:
         n_heldout = min(max(n_heldout, 1), len(unique) - 1)
     return {d: ("heldout" if i < n_heldout else "discovery") for i, d in enumerate(unique)}
-
-
-# -- the stage -------------------------------------------------------------------------------
-
-def run(cfg: ContrastiveConfig) -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
-    upstream_dir = cfg.upstream_dir
-    upstream = read_manifest(upstream_dir, what="memorization")
-    rows = list(art.read_jsonl(upstream_dir / art.SCORES_JSONL))
-    memorized, low = _select(rows, cfg)
-    loaded = load(cfg.model_spec())
-    check_same_model(upstream.get("model", {}), loaded)
-    inputs = [{"path": str(upstream_dir), "run_id": upstream["run_id"]}]
-    stage = StageRun.for_config(cfg, inputs)
-    if (done := stage.open(cfg.force)) is not None:
-        return done
-    pad = loaded.tokenizer.pad_token_id
-    log.info("%d memorized windows (%s >= %s) of %d; finding where memorization breaks", len(memorized),
-             cfg.memorized_by, cfg.threshold, len(rows))
-    divergences = find_divergences(loaded.model, memorized, metric=cfg.metric, drop=cfg.drop,
-                                   batch_size=cfg.batch_size, pad_id=pad)
-    if cfg.contrastive_mode == "divergence":
-        pairs, skipped = divergence_pairs(divergences)
-        # Split the documents that have pairs, so the held-out fraction is a fraction of pairs.
-        split = split_by_document([p["doc"] for p in pairs], cfg.heldout_fraction, cfg.seed)
-    else:
-        # A dataset pair holds two documents; candidates come from the high document's split.
-        split = split_by_document([r["doc"] for r in rows], cfg.heldout_fraction, cfg.seed)
-        pairs, skipped = dataset_pairs(loaded.model, divergences, low, split.__getitem__, cfg.similarity,
-                                       cfg.batch_size)
-    pairs = _dedup([{**p, "split": split[p["doc"]]} for p in pairs])
-    summary = _summary(cfg, rows, memorized, divergences, pairs, skipped)
-    if not pairs:  # checked before the stage folder exists: nothing partial is left behind
-        raise InputError(f"no contrastive pairs from {len(memorized)} memorized windows ({skipped}); "
-                         "score more data or lower --threshold")
-    stage.start(cfg.force)
-    n = art.write_jsonl(cfg.stage_dir / PAIRS_JSONL, pairs)
-    art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    _plot(divergences, cfg.stage_dir / DIVERGENCE_PNG)
-    stage.finish({PAIRS_JSONL: n, art.SUMMARY_JSON: None, DIVERGENCE_PNG: None}, model=loaded.identity(),
-                 seed=cfg.seed, tokenizer={"name_or_path": loaded.tokenizer.name_or_path,
-                                           "vocab_size": len(loaded.tokenizer)})
-    print(f"contrastive ({cfg.contrastive_mode}): {n} pairs ({summary['n_discovery']} discovery, "
-          f"{summary['n_heldout']} held-out) from {len(memorized)} memorized windows")
-    return summary
-
-
-def _select(rows: list[dict[str, Any]], cfg: ContrastiveConfig) -> tuple[list[dict], list[dict]]:
-    """(memorized windows, non-memorized candidates for dataset mode)."""
-    if rows and cfg.memorized_by not in rows[0]:
-        raise InputError(f"scores.jsonl has no '{cfg.memorized_by}' column; re-run memorization_score "
-                         f"with --metrics ... {cfg.memorized_by}, or use --memorized-by exact")
-    memorized = [r for r in rows if float(r[cfg.memorized_by]) >= cfg.threshold]
-    if cfg.limit:
-        memorized = memorized[:cfg.limit]
-    if not memorized:
-        raise InputError(f"no memorized windows: none of the {len(rows)} scored windows has "
-                         f"{cfg.memorized_by} >= {cfg.threshold}; lower --threshold or score more data")
-    low = [r for r in rows if not r["exact"] and r["lcp"] <= cfg.low_max_lcp]
-    return memorized, low
-
-
-def _dedup(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen, out = set(), []
-    for p in pairs:
-        key = (tuple(p["clean"]), tuple(p["corrupt"]), p["answer"], p["wrong"])
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
-def _summary(cfg: ContrastiveConfig, rows: list[dict], memorized: list[dict], divergences: list[Divergence],
-             pairs: list[dict], skipped: dict[str, int]) -> dict[str, Any]:
-    resolved = [d for d in divergences if d.resolved]
-    return {
-        "mode": cfg.contrastive_mode, "n_windows": len(rows), "n_memorized": len(memorized),
-        "n_resolved": len(resolved), "n_pairs": len(pairs),
-        "n_discovery": sum(p["split"] == "discovery" for p in pairs),
-        "n_heldout": sum(p["split"] == "heldout" for p in pairs),
-        "skipped": skipped,
-        "divergence_position": ({"mean": float(np.mean([d.position for d in resolved])),
-                                 "min": min(d.position for d in resolved),
-                                 "max": max(d.position for d in resolved)} if resolved else None),
-    }
-
-
-def _plot(divergences: Sequence[Divergence], path: Path) -> None:
-    from memcirc.plots import divergence_figure
-
-    divergence_figure([(d.position, d.window["prefix_len"], d.score_before, d.score_after, d.resolved,
-                        d.window.get("group") or "all") for d in divergences], path)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".npy")
-TOKEN_COLUMNS = ("tokens", "input_ids", "token_ids")  # tried in order when none is named
+TOKEN_COLUMNS = ("tokens", "Tokens", "input_ids", "token_ids")  # tried in order when none is named
 DOC_COLUMNS = ("doc", "index", "id")                  # stable document ids, when a source has them
 
 
@@ -111,7 +111,7 @@ def _local_documents(path: Path, columns: Columns) -> Iterator[Document]:
     if path.suffix == ".txt":
         return iter([Document(doc=path.name, text=path.read_text())])
     if path.suffix == ".parquet":
-        return _rows_to_documents(_parquet_rows(path), columns, str(path))
+        return _rows_to_documents(parquet_rows(path), columns, str(path))
     return _rows_to_documents(read_jsonl(path), columns, str(path))
 
 
@@ -128,7 +128,8 @@ def _npy_documents(path: Path) -> Iterator[Document]:
         yield Document(doc=str(i), tokens=row.astype(np.int64).tolist())
 
 
-def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+def parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a Parquet file, batch by batch."""
     import pyarrow.parquet as pq
 
     try:

@@ -12,41 +12,25 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.data import Columns, Window, load_documents
+from memcirc.config import MemorizedRule
+from memcirc.data import Columns, ScoredWindow, Window, load_documents, memorized, read_scores
 from memcirc.errors import InputError
-from memcirc.manifest import read_manifest
-from memcirc.models import LoadedModel
 from memcirc.scoring import pad_batch, score_windows, summarize
 from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
 
 HELDOUT_TESTBED = CORPUS_DIR / "heldout.txt"
 
 
-def memorized_windows(stage_dir: Path, memorized_by: str = "exact", threshold: float = 1.0) -> list[Window]:
-    """The memorized windows of a finished memorization stage (an empty set is an InputError)."""
-    read_manifest(stage_dir, what="memorization")
-    rows = list(art.read_jsonl(stage_dir / art.SCORES_JSONL))
-    if rows and memorized_by not in rows[0]:
-        raise InputError(f"{stage_dir}/scores.jsonl has no '{memorized_by}' column")
-    windows = [Window(id=r["id"], tokens=np.asarray(r["tokens"], np.int64), prefix_len=r["prefix_len"],
-                      source=r["source"], doc=r["doc"], offset=r["offset"], group=r.get("group"))
-               for r in rows if float(r[memorized_by]) >= threshold]
-    if not windows:
-        raise InputError(f"no memorized windows in {stage_dir} ({memorized_by} >= {threshold} in none of "
-                         f"{len(rows)}): score more data or lower the threshold")
-    return windows
-
-
-def check_same_model(recorded: dict[str, Any], loaded: LoadedModel, what: str = "memorization scores") -> None:
-    """Refuse artifacts (scores, factors) that another model produced: `recorded` is the identity
-    stored with them (LoadedModel.identity()); keys it lacks are not compared."""
-    here = loaded.identity()
-    keys = ("name_or_path", "revision", "gguf_file", "model_type", "n_params")
-    diff = [k for k in keys if k in recorded and recorded.get(k) != here.get(k)]
-    if diff:
-        raise InputError(f"the {what} belong to model {recorded.get('name_or_path')!r} "
-                         f"({', '.join(f'{k}={recorded.get(k)!r}' for k in diff)}); this run loads "
-                         f"{here['name_or_path']!r}: use {what} of this model")
+def memorized_windows(stage_dir: Path, rule: MemorizedRule | None = None) -> list[ScoredWindow]:
+    """The memorized windows (by `rule`, default exact match) of a finished memorization stage; an
+    empty set is an InputError."""
+    rule = rule or MemorizedRule()
+    windows = read_scores(stage_dir)
+    chosen = [w for w, m in zip(windows, memorized(windows, rule, f"{stage_dir}/{art.SCORES_JSONL}")) if m]
+    if not chosen:
+        raise InputError(f"no memorized windows in {stage_dir} ({rule.memorized_by} >= {rule.threshold} in none "
+                         f"of {len(windows)}): score more data or lower the threshold")
+    return chosen
 
 
 def memorization(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: int, batch_size: int,

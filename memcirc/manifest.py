@@ -113,7 +113,7 @@ class StageRun:
     def for_config(cls, cfg: Any, inputs: list[dict[str, Any]] | None = None, *, fingerprint: str | None = None,
                    **parts: Any) -> StageRun:
         """The run of `cfg`'s stage. Its fingerprint is `fingerprint` when given, else the hash of the
-        hashed config, `inputs` and `parts` (e.g. model=LoadedModel.results_identity())."""
+        hashed config, `inputs` and `parts` (e.g. model=identity.results_key(loaded))."""
         inputs = list(inputs or [])
         if fingerprint is None:
             fingerprint = art.sha256_json({"config": cfg.hashed_dict(), "inputs": inputs, **parts})
@@ -148,12 +148,13 @@ class StageRun:
         """Step 1, once the stage knows its fingerprint: the summary of a complete run with this
         fingerprint (re-running is a no-op), else None after probing that the run root is writable."""
         self._advance("new", "opened")
-        release_logs()
         if self.is_done(force):
+            release_logs()
             log.info("%s is complete for this config; nothing to do (--force recomputes)", self.stage_dir)
             self.step = "finished"
             return art.read_json(self.stage_dir / art.SUMMARY_JSON)
-        art.ensure_writable(self.run_root)
+        art.ensure_writable(self.run_root)   # bad input (here: an unwritable root) prints one line only
+        release_logs()
         return None
 
     def start(self, force: bool, task_dir: Path | None = None) -> None:

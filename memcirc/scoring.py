@@ -1,4 +1,5 @@
-"""Memorization metrics (DESIGN §5) and the memorization_score stage.
+"""Memorization metrics (DESIGN §5): the library behind memorization_score and the before/after
+measurements of the intervention stages.
 
 For a window with prefix P and true suffix S:
 
@@ -14,34 +15,22 @@ For a window with prefix P and true suffix S:
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from memcirc import artifacts as art
-from memcirc.data import Columns, Window, WindowSet, load_documents, make_windows, validate_windows
-from memcirc.errors import InputError
-from memcirc.manifest import StageRun, read_manifest
-from memcirc.models import LoadedModel, load
-from memcirc.models.arch import n_ctx
-from memcirc.plots import score_histogram
-from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked
-from memcirc.stages.memorization_score import ScoreConfig
-from memcirc.testbed import EVAL_DOCUMENTS, TESTBED_NAME
+from memcirc.data import Window
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
-STAGE = "memorization_score"
-SHARD_DONE = "done.json"   # written by a shard job after its scores.jsonl
 METRIC_VERSION = 1
 TEACHER_FORCED_METRICS = ("exact", "lcp", "tf_accuracy", "suffix_nll", "suffix_entropy")
 GENERATION_METRICS = ("token_match", "bleu4", "levenshtein")
@@ -104,7 +93,7 @@ class WindowScore:
     generated: list[int] | None = None  # greedy continuation (S tokens), where computed
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
+def pad_batch(sequences: Sequence[Sequence[int] | np.ndarray], pad_id: int,
               side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) of a batch of token sequences padded to one width on `side`."""
     width = max(len(s) for s in sequences)
@@ -187,7 +176,7 @@ class _LeftPaddedPrompts(logging.Filter):
         return "right-padding was detected" not in record.getMessage()
 
 
-logging.getLogger("transformers.generation.utils").addFilter(_LeftPaddedPrompts())
+_LEFT_PADDED_PROMPTS = _LeftPaddedPrompts()
 
 
 @torch.inference_mode()
@@ -197,11 +186,15 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[np.ndarray], n_new
     No EOS stopping: a memorized suffix may contain EOS, and stopping (or forbidding EOS with
     min_new_tokens, as the predecessor did) would make the continuation differ from greedy decoding.
     """
+    logging.getLogger("transformers.generation.utils").addFilter(_LEFT_PADDED_PROMPTS)  # no-op if there
     device = next(model.parameters()).device
     ids, mask = pad_batch(prompts, pad_id, "left")
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_new,
-                         do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=pad_id,
-                         temperature=None, top_p=None, top_k=None)
+    # An HF causal LM; torch types a Module's attributes as Tensor | Module. Without
+    # return_dict_in_generate, generate() returns the token ids tensor.
+    generate = cast("GenerationMixin", model).generate
+    out = cast(torch.Tensor, generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      max_new_tokens=n_new, do_sample=False, num_beams=1, eos_token_id=None,
+                                      pad_token_id=pad_id, temperature=None, top_p=None, top_k=None))
     return out[:, ids.shape[1]:].cpu().numpy()
 
 
@@ -216,14 +209,19 @@ def continue_from_divergence(model: torch.nn.Module, scores: Sequence[WindowScor
     todo.sort(key=lambda s: (s.window.prefix_len + s.lcp, s.window.id))
     for b in range(0, len(todo), batch_size):
         batch = todo[b:b + batch_size]
-        prompts = [np.append(s.window.tokens[:s.window.prefix_len + s.lcp], s.first_divergent_token)
-                   for s in batch]
+        prompts = [np.append(s.window.tokens[:s.window.prefix_len + s.lcp], _divergent_token(s)) for s in batch]
         n_new = max(s.window.suffix_len - s.lcp - 1 for s in batch)
         generated = greedy_generate(model, prompts, n_new, pad_id) if n_new > 0 else None
         for i, s in enumerate(batch):
             head = prompts[i][s.window.prefix_len:].tolist()
             tail = generated[i, :s.window.suffix_len - len(head)].tolist() if generated is not None else []
             s.generated = head + tail
+
+
+def _divergent_token(score: WindowScore) -> int:
+    """The greedy token at the first divergence; set for every non-exact score."""
+    assert score.first_divergent_token is not None, "a non-exact score has a first divergent token"
+    return score.first_divergent_token
 
 
 def generation_metrics(score: WindowScore, metrics: Sequence[str], threshold: float) -> dict[str, Any]:
@@ -278,43 +276,6 @@ def _row(score: WindowScore, generation: Sequence[str], threshold: float) -> dic
     return row
 
 
-# -- the predecessor's method (an independent computation for tests and bench/) -------------
-
-@torch.inference_mode()
-def full_generation_scores(model: torch.nn.Module, windows: Sequence[Window], pad_id: int,
-                           batch_size: int = 32) -> list[dict[str, Any]]:
-    """Greedy `generate` of the whole suffix for every window, then compare with the truth.
-
-    This is what memorization_circuits' memorization_score.py did (KV cache, exactly S new
-    tokens, per-token accuracy), with one fix: it forced length with min_new_tokens, which bans
-    EOS and so departs from greedy decoding wherever EOS is the argmax (it is, inside one testbed
-    canary). Here nothing stops generation early and nothing is banned. Windows are grouped by
-    prefix length, so no prompt is padded. Returns per window: generated, exact, lcp, token_match.
-    """
-    device = next(model.parameters()).device
-    rows: dict[int, dict[str, Any]] = {}
-    order = sorted(range(len(windows)), key=lambda i: (windows[i].prefix_len, windows[i].suffix_len))
-    for b in range(0, len(order), batch_size):
-        for (p, s), group in _by_shape([(i, windows[i]) for i in order[b:b + batch_size]]).items():
-            prompts = torch.as_tensor(np.stack([w.tokens[:p] for _, w in group]), device=device)
-            out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
-                                 max_new_tokens=s, eos_token_id=None, do_sample=False, num_beams=1,
-                                 pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-            for (i, w), generated in zip(group, out[:, p:].cpu().numpy()):
-                match = generated == w.tokens[p:]
-                rows[i] = {"generated": generated.tolist(), "exact": bool(match.all()),
-                           "lcp": int(match.argmin()) if not match.all() else s,
-                           "token_match": float(match.mean())}
-    return [rows[i] for i in range(len(windows))]
-
-
-def _by_shape(items: Sequence[tuple[int, Window]]) -> dict[tuple[int, int], list[tuple[int, Window]]]:
-    groups: dict[tuple[int, int], list[tuple[int, Window]]] = {}
-    for i, w in items:
-        groups.setdefault((w.prefix_len, w.suffix_len), []).append((i, w))
-    return groups
-
-
 # -- summaries -------------------------------------------------------------------------------
 
 def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -346,153 +307,3 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "groups": {g: {"n": len(groups[g]), **_means(groups[g], names)}
                    for g in sorted(groups, key=_group_key)},
     }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The per-group table the stage prints last."""
-    cols = [c for c in ("exact", "lcp", "tf_accuracy", "token_match", "loose_match")
-            if c in summary["metrics"]]
-    lines = [f"{'group':<10} {'n':>6} " + " ".join(f"{c:>12}" for c in cols)]
-    for group, stats in summary["groups"].items():
-        lines.append(f"{group:<10} {stats['n']:>6} " + " ".join(f"{stats[c]:>12.3f}" for c in cols))
-    lines.append(f"{'all':<10} {summary['n_windows']:>6} "
-                 + " ".join(f"{summary['metrics'][c]:>12.3f}" for c in cols))
-    return "\n".join(lines)
-
-
-# -- the stage -------------------------------------------------------------------------------
-
-def run(cfg: ScoreConfig) -> dict[str, Any] | None:
-    """memorization_score: score every window, write scores.jsonl, summary.json, a histogram.
-
-    Returns the summary (None for a shard job, whose outputs wait for `--merge`).
-    """
-    torch.manual_seed(cfg.seed)
-    if cfg.merge:
-        return _merge_shards(cfg)
-    num_shards, shard_index = resolve_shards(cfg.num_shards, cfg.shard_index)
-    loaded = load(cfg.model_spec())
-    windows, inputs = _stage_windows(cfg, loaded)
-    identity = loaded.identity()
-    stage = StageRun.for_config(cfg, inputs, model=loaded.results_identity())
-    fingerprint = stage.fingerprint
-    if (summary := stage.open(cfg.force)) is not None:
-        print(format_summary(summary))
-        return summary
-    # only now, after every input check: bad input leaves nothing behind
-    shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
-    # the other shards write next to this one at the same time
-    stage.start(cfg.force, task_dir=shard_dir if num_shards > 1 else None)
-
-    def work(batch: Sequence[Window]) -> list[dict[str, Any]]:
-        return score_windows(loaded.model, batch, pad_id=loaded.tokenizer.pad_token_id,
-                             batch_size=cfg.batch_size, metrics=cfg.metrics, padding_side=cfg.padding_side,
-                             levenshtein_threshold=cfg.levenshtein_threshold)
-
-    context = {"inputs": inputs, "model": identity, "windows": windows.summary()}
-    if num_shards == 1:
-        store = art.ChunkStore(cfg.stage_dir / art.CHUNKS_DIR, fingerprint)
-        return _finish(cfg, stage, run_chunked(windows.windows, work, store, cfg.chunk_size, "scoring"), context)
-    start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
-    if shard_done(shard_dir, fingerprint, num_shards) and not cfg.force:   # a re-submitted finished shard
-        log.info("shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards, shard_dir)
-        return None
-    (shard_dir / SHARD_DONE).unlink(missing_ok=True)
-    store = art.ChunkStore(shard_dir / art.CHUNKS_DIR, fingerprint)
-    data = run_chunked(windows.windows[start:stop], work, store, cfg.chunk_size,
-                       f"scoring shard {shard_index}") if stop > start else b""
-    art.atomic_write_bytes(shard_dir / art.SCORES_JSONL, data)
-    art.write_json(shard_dir / SHARD_DONE, {"fingerprint": fingerprint, "num_shards": num_shards,
-                                            "shard_index": shard_index, "rows": data.count(b"\n"),
-                                            "context": context})
-    art.remove_tree(shard_dir / art.CHUNKS_DIR)
-    log.info("shard %d/%d done (%d windows); run with --merge once all shards are done",
-             shard_index, num_shards, stop - start)
-    return None
-
-
-def shard_done(shard_dir: Path, fingerprint: str, num_shards: int) -> bool:
-    """True when `shard_dir` holds a finished shard of this config and shard count."""
-    marker = shard_dir / SHARD_DONE
-    if not (marker.is_file() and (shard_dir / art.SCORES_JSONL).is_file()):
-        return False
-    done = json.loads(marker.read_text())
-    return done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards
-
-
-def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, Any]) -> dict[str, Any]:
-    """Write scores.jsonl, summary.json and the histogram, then the manifest, then drop chunks."""
-    rows = [json.loads(line) for line in data.splitlines()]
-    art.atomic_write_bytes(cfg.stage_dir / art.SCORES_JSONL, data)
-    summary = summarize(rows)
-    summary.update(prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len, windows=context["windows"])
-    art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    score_histogram(rows, summary, cfg.stage_dir / art.HISTOGRAM_PNG)
-    computed = TEACHER_FORCED_METRICS + tuple(m for m in cfg.metrics if m in GENERATION_METRICS)
-    stage.inputs = context["inputs"]
-    stage.finish({art.SCORES_JSONL: len(rows), art.SUMMARY_JSON: None, art.HISTOGRAM_PNG: None},
-                 model=context["model"], seed=cfg.seed, windows=context["windows"],
-                 num_shards=context.get("num_shards", 1),
-                 metric={"version": METRIC_VERSION, "decoding": "greedy",
-                         "levenshtein_threshold": cfg.levenshtein_threshold,
-                         "definitions": {m: METRIC_DEFINITIONS[m] for m in computed}})
-    art.remove_tree(cfg.stage_dir / art.CHUNKS_DIR)
-    art.remove_tree(cfg.stage_dir / art.SHARDS_DIR)
-    print(format_summary(summary))
-    return summary
-
-
-def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
-    """Concatenate finished shards in order; every shard of one config must be there."""
-    shards_dir = cfg.stage_dir / art.SHARDS_DIR
-    done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{SHARD_DONE}"))]
-    if not done and (cfg.stage_dir / art.MANIFEST).is_file():  # merged before; shards were cleaned up
-        log.info("%s is already merged; nothing to do", cfg.stage_dir)
-        return art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
-    if not done:
-        raise InputError(f"no finished shards in {shards_dir}: run the shard jobs first, then --merge")
-    num_shards = done[0]["num_shards"]
-    if len({d["fingerprint"] for d in done}) != 1 or any(d["num_shards"] != num_shards for d in done):
-        raise InputError(f"shards in {shards_dir} come from different configs or shard counts; "
-                         "re-run them with one config")
-    missing = sorted(set(range(num_shards)) - {d["shard_index"] for d in done})
-    if missing:
-        raise InputError(f"shards {missing} of {num_shards} have not finished; re-run them, then --merge")
-    stage = StageRun.for_config(cfg, fingerprint=done[0]["fingerprint"])
-    if (summary := stage.open(cfg.force)) is not None:
-        return summary
-    stage.start(cfg.force)
-    data = b"".join((shards_dir / f"{i:05d}" / art.SCORES_JSONL).read_bytes() for i in range(num_shards))
-    context = dict(done[0]["context"])
-    context["num_shards"] = num_shards   # in the manifest only: the outputs equal a one-job run's
-    return _finish(cfg, stage, data, context)
-
-
-def _stage_windows(cfg: ScoreConfig, loaded: LoadedModel) -> tuple[WindowSet, list[dict[str, Any]]]:
-    """The windows to score and the input descriptors the fingerprint covers."""
-    if cfg.input_dir:  # re-score the windows of an earlier memorization run (e.g. another checkpoint)
-        upstream = read_manifest(Path(cfg.input_dir))
-        rows = list(art.read_jsonl(Path(cfg.input_dir) / art.SCORES_JSONL))[:cfg.limit]
-        windows = WindowSet([_window_from_row(r) for r in rows], source=str(cfg.input_dir))
-        inputs = [{"path": str(cfg.input_dir), "run_id": upstream["run_id"]}]
-    else:
-        columns = Columns(text=cfg.text_column, tokens=cfg.token_column, group=cfg.group_column)
-        docs = load_documents(cfg.dataset, columns, split=cfg.split, dataset_config=cfg.dataset_config,
-                              streaming=cfg.streaming)
-        windows = make_windows(docs, loaded.tokenizer, cfg.dataset, cfg.prefix_len, cfg.suffix_len,
-                               cfg.windowing, cfg.stride, cfg.limit)
-        local = EVAL_DOCUMENTS if cfg.dataset == TESTBED_NAME else Path(cfg.dataset)
-        entry: dict[str, Any] = {"dataset": cfg.dataset, "split": cfg.split, "config": cfg.dataset_config}
-        if local.is_file():
-            entry["sha256"] = art.sha256_file(local)
-        inputs = [entry]
-    validate_windows(windows, vocab_size=loaded.model.get_input_embeddings().weight.shape[0],
-                     n_ctx=n_ctx(loaded.model))
-    log.info("%d windows from %d documents (%d shorter than a window, skipped)", len(windows.windows),
-             windows.n_documents, windows.n_short_skipped)
-    return windows, inputs
-
-
-def _window_from_row(row: dict[str, Any]) -> Window:
-    return Window(id=row["id"], tokens=np.asarray(row["tokens"], np.int64), prefix_len=row["prefix_len"],
-                  source=row["source"], doc=row["doc"], offset=row["offset"], group=row.get("group"))

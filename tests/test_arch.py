@@ -53,8 +53,6 @@ def test_specs_are_declarative_and_consistent() -> None:
             template = spec.path(role)
             if template is not None:
                 assert ("{layer}" in template) == (role in A.LAYER_ROLES), (family, role)
-        assert spec.gated_mlp == (spec.mlp_gate is not None)
-        assert spec.attn_nested == (".attn.attention." in spec.attn_out)
         assert spec.tl_supported or spec.tl_note
         assert (spec.attn_qkv is None) == (spec.attn_q is not None)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -89,11 +87,17 @@ def test_quirk_flags_match_the_model(tiny_loaded: dict, family: str) -> None:
     assert A.parallel_attn_mlp(loaded.model) == spec.parallel_attn_mlp
     if spec.gqa:  # the fixtures build every GQA-capable family with fewer K/V heads
         assert d.n_kv_heads < d.n_heads
-    assert spec.mlp_in_roles == (("mlp_gate", "mlp_in") if spec.gated_mlp else ("mlp_in",))
     assert len(spec.attn_in_roles) == (1 if spec.attn_qkv else 3)
     norm = A.get_module(loaded.model, spec, "ln_final")
     assert ("RMSNorm" in type(norm).__name__) == (spec.norm == "rmsnorm")
     assert set(A.quirks(spec)) >= {"conv1d_weights", "parallel_attn_mlp", "prepend_bos", "tl_supported"}
+
+
+def test_mlp_and_attention_roles_of_two_families() -> None:
+    llama, gpt_neo = A.SPECS["llama"], A.SPECS["gpt_neo"]
+    assert llama.gated_mlp and llama.mlp_in_roles == ("mlp_gate", "mlp_in")
+    assert not gpt_neo.gated_mlp and gpt_neo.mlp_in_roles == ("mlp_in",)
+    assert gpt_neo.attn_nested and not llama.attn_nested
 
 
 @pytest.mark.parametrize("family", FAMILIES)

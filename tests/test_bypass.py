@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from memcirc.bypass import bypass_attention, mean_attention_outputs, sweep
 from memcirc.cli import main
@@ -288,6 +291,16 @@ def test_bad_input_exits_2_and_writes_nothing(scored, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and needle in err, err
     assert not (out / "bypass").exists() and not (tmp_path / "missing").exists()
     assert not (tmp_path / "empty" / "bypass").exists()
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    """The exit-code wiring through the real script: exit 2, exactly one line on stderr."""
+    done = subprocess.run([sys.executable, str(REPO / "attention_bypass.py"), "--output-dir", str(tmp_path),
+                           "--device", "cpu", "--memorized-file", str(tmp_path / "none.npy")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "memorized file not found" in done.stderr
+    assert not (tmp_path / "bypass").exists()
 
 
 def test_memorized_jsonl_without_upstream_splits_rows_in_half(scored, tmp_path):

@@ -25,14 +25,16 @@ from memcirc.circuits import (
     attribute_edges,
     build_graph,
     circuit_outputs,
+    discover_circuit,
     edge_ranking,
-    faithfulness,
     load_prune_scores,
     make_batches,
     minimal_circuit,
     top_k,
 )
+from memcirc.circuits.faithfulness import faithfulness
 from memcirc.cli import main
+from memcirc.config import CircuitOptions
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun
 from memcirc.pairs import Pair, read_pairs
@@ -288,6 +290,16 @@ def test_minimal_search_equals_a_scan_over_every_k_on_a_tiny_model(neox, ablatio
         assert every_k.minimal_edges == brute
 
 
+def test_discover_circuit_records_undefined_faithfulness(neox):
+    """Pairs whose corrupt prompt is the clean one: attribution is defined, faithfulness is not."""
+    _, graph, pairs = neox
+    same = [Pair(p.id, p.doc, p.split, p.clean, p.clean, p.answer, p.wrong) for p in pairs]
+    found = discover_circuit(graph, make_batches(same, 12, "cpu"), CircuitOptions(ig_steps=1))
+    assert found.evaluator is None and found.search is None and found.edges == []
+    assert found.note is not None and "faithfulness is undefined" in found.note
+    assert found.scores.shape == (graph.n_edges,) and len(found.ranking) == graph.n_edges
+
+
 # -- pairs input checks ------------------------------------------------------------------------
 
 def test_read_pairs_checks_every_row(tmp_path):
@@ -419,7 +431,7 @@ def test_circuits_bad_input(tmp_path, tiny_model_dirs, tiny_loaded, capsys):
         "token id >= vocab": ([{**random_pairs(4, (5,), 300)[0], "answer": 5000}],
                               "outside the model's vocabulary"),
         "another model": ({"model": {**identity, "name_or_path": "EleutherAI/gpt-neo-125m"}},
-                          "were built with model 'EleutherAI/gpt-neo-125m'"),
+                          "contrastive pairs belong to model 'EleutherAI/gpt-neo-125m'"),
         "no discovery pairs": ([{**r, "split": "heldout"} for r in random_pairs(4, (5,), 300)],
                                "no discovery pairs"),
     }
@@ -454,7 +466,7 @@ def test_verify_bad_input(tmp_path, neo_run, tiny_model_dirs, tiny_loaded, capsy
     check(tmp_path / "empty", "has no manifest.json")  # missing upstream stage folder
 
     out = fresh("another_model")  # prune scores computed for another model
-    check(out, "were computed for model", model=str(tiny_model_dirs["gpt_neox"]))
+    check(out, "prune_scores.safetensors belong to model", model=str(tiny_model_dirs["gpt_neox"]))
 
     out = fresh("another_dataset")  # the pairs were rebuilt (consistently) after find_circuits ran
     write_pairs_stage(out, random_pairs(24, (6, 9), vocab=300, seed=1), tiny_loaded["gpt_neo"].identity())
@@ -472,6 +484,12 @@ def test_verify_bad_input(tmp_path, neo_run, tiny_model_dirs, tiny_loaded, capsy
     with open(out / "contrastive" / "pairs.jsonl", "a") as fh:
         fh.write(json.dumps(random_pairs(1, (6,), 300)[0]) + "\n")
     check(out, "changed after its stage wrote it")
+
+    out = fresh("old_manifest")  # a circuits manifest without every circuit setting
+    manifest = json.loads((out / "circuits" / "manifest.json").read_text())
+    del manifest["config"]["curve_points"]
+    art.write_json(out / "circuits" / "manifest.json", manifest)
+    check(out, "records no curve_points in its config (written by an older memcirc); re-run find_circuits")
 
     out = fresh("bad_edge_count")
     code = verify(["--output-dir", str(out), "--model", model, *FAST_VERIFY[:-4], "--edge-counts", "999"])

@@ -92,3 +92,49 @@ def test_pipeline_stage_list(tmp_path):
     assert build_config(ScoreConfig, ["--config", listed]).prefix_len == 8  # stages ignore the key
     with pytest.raises(InputError, match="'pipeline'"):
         pipeline_stages(write(tmp_path, "pipeline: [nope]\n"))
+
+
+# -- every registered stage ------------------------------------------------------------------------
+
+def test_every_registered_config_builds_from_the_testbed_yaml():
+    from conftest import REPO
+
+    from memcirc.stages.registry import STAGES
+
+    for stage in STAGES.values():
+        cfg = build_config(stage.config, ["--config", str(REPO / "configs" / "testbed.yaml")])
+        assert cfg.stage == stage.name and cfg.stage_dir.name == stage.folder
+        assert cfg.model == "testbed" and cfg.seed == 0
+        if stage.needs:   # --input-dir defaults to the first stage it reads
+            assert cfg.upstream_dir == cfg.stage_folder(stage.needs[0])
+
+
+@pytest.mark.parametrize("group, argv, message", [
+    ("CircuitOptions", ["--target", "1.5"], "'target'"),
+    ("CircuitOptions", ["--ablation", "nope"], "'ablation'"),
+    ("MemorizedRule", ["--memorized-by", "nope"], "'memorized_by'"),
+    ("HeldoutEval", ["--ppl-blocks", "0"], "'ppl_blocks'"),
+    ("Sharding", ["--shard-index", "-1"], "'shard_index'"),
+])
+def test_a_shared_option_is_validated_alike_in_every_stage_that_has_it(group, argv, message):
+    """One declaration, one check, at config time: e.g. --target 1.5 is refused by find_circuits and
+    training_dynamics alike (and so by a SLURM pre-flight, which builds every config)."""
+    import dataclasses
+
+    from memcirc import config
+    from memcirc.stages.registry import STAGES
+
+    having = [s for s in STAGES.values() if issubclass(s.config, getattr(config, group))]
+    assert len(having) >= 2
+    for stage in having:
+        with pytest.raises(InputError, match=message):
+            build_config(stage.config, argv)
+        fields = {f.name for f in dataclasses.fields(getattr(config, group))}
+        assert fields <= {f.name for f in dataclasses.fields(stage.config)}
+
+
+def test_dry_run_refuses_what_the_run_would_refuse(capsys):
+    from memcirc.cli import main
+
+    assert main("find_circuits", ["--target", "1.5", "--dry-run"]) == 2
+    assert "'target'" in capsys.readouterr().err

@@ -2,22 +2,23 @@
 invariants, splits, and the stage contract."""
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+from conftest import REPO
 
+from bench.baselines import find_divergences_bruteforce
 from memcirc.cli import main
-from memcirc.contrastive import (
-    divergence_pairs,
-    find_divergences,
-    find_divergences_bruteforce,
-    split_by_document,
-)
+from memcirc.contrastive import divergence_pairs, find_divergences, split_by_document
+from memcirc.data import Window, read_scores
+from memcirc.pairs import Pair
 
 
 @pytest.fixture(scope="module")
 def memorized(scored):
-    rows = [json.loads(line) for line in (scored / "memorization" / "scores.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["exact"]]
+    return [w for w in read_scores(scored / "memorization") if w.score("exact")]
 
 
 def test_fast_finder_equals_brute_force(testbed, memorized):
@@ -26,7 +27,7 @@ def test_fast_finder_equals_brute_force(testbed, memorized):
     fast = find_divergences(testbed.model, memorized, metric="bleu")
     slow = find_divergences_bruteforce(testbed.model, memorized, metric="bleu")
     for a, b in zip(fast, slow):
-        assert (a.position, a.resolved, a.generated) == (b.position, b.resolved, b.generated), a.window["id"]
+        assert (a.position, a.resolved, a.generated) == (b.position, b.resolved, b.generated), a.window.id
         assert a.score_before == pytest.approx(b.score_before, abs=1e-12)
         assert a.score_after == pytest.approx(b.score_after, abs=1e-12)
     assert 0 < sum(d.resolved for d in fast) < len(fast)  # both outcomes were exercised
@@ -35,15 +36,27 @@ def test_fast_finder_equals_brute_force(testbed, memorized):
 def test_divergence_pairs_follow_the_rule(testbed, memorized):
     divergences = find_divergences(testbed.model, memorized[:20], metric="memorization")
     pairs, _ = divergence_pairs(divergences)
-    assert pairs
-    by_id = {d.window["id"]: d for d in divergences}
+    assert pairs and all(isinstance(p, Pair) for p in pairs)
+    by_id = {d.window.id: d for d in divergences}
     for p in pairs:
-        d = by_id[p["window_id"]]
-        L, whole = p["position"], d.window["tokens"]
-        assert len(p["clean"]) == len(p["corrupt"]) == L + 1
-        assert p["clean"][:L] == p["corrupt"][:L] == whole[:L]
-        assert p["clean"][L] == whole[L] != p["corrupt"][L] == d.generated[0]
-        assert (p["answer"], p["wrong"]) == (whole[L + 1], d.generated[1]) and p["answer"] != p["wrong"]
+        d = by_id[p.window_id]
+        L, whole = p.extra["position"], d.window.tokens.tolist()
+        assert len(p.clean) == len(p.corrupt) == L + 1
+        assert list(p.clean[:L]) == list(p.corrupt[:L]) == whole[:L]
+        assert p.clean[L] == whole[L] != p.corrupt[L] == d.generated[0]
+        assert (p.answer, p.wrong) == (whole[L + 1], d.generated[1]) and p.answer != p.wrong
+        assert all(type(t) is int for t in (*p.clean, *p.corrupt, p.answer, p.wrong))   # JSON-ready ids
+
+
+def test_pairs_of_windows_are_token_lists_not_broadcast_arrays():
+    """A Window's tokens are an ndarray: `tokens[:L] + [t]` would add t to every token instead of
+    appending it. The pair builders must concatenate."""
+    from memcirc.contrastive import Divergence
+
+    window = Window(id="w", tokens=np.arange(10, 20, dtype=np.int64), prefix_len=5, source="s", doc="d", offset=0)
+    pairs, _ = divergence_pairs([Divergence(window, 3, 1.0, 0.1, [99, 98, 97, 96, 95, 94, 93], True)])
+    assert pairs[0].clean == (10, 11, 12, 13) and pairs[0].corrupt == (10, 11, 12, 99)
+    assert (pairs[0].answer, pairs[0].wrong) == (14, 98)
 
 
 def test_split_by_document_is_disjoint_and_deterministic():
@@ -109,3 +122,12 @@ def test_bad_input(scored, tmp_path, tiny_model_dirs, capsys):
     assert contrastive(base + ["--memorized-by", "bleu4"]) == 2
     assert "no 'bleu4' column" in _one_error_line(capsys)
     assert not out.exists() and not (tmp_path / "nothing" / "contrastive").exists()
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    """The exit-code wiring through the real script: exit 2, exactly one line on stderr."""
+    done = subprocess.run([sys.executable, str(REPO / "contrastive_dataset.py"), "--output-dir", str(tmp_path),
+                           "--device", "cpu"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "no manifest.json" in done.stderr
+    assert not (tmp_path / "contrastive").exists()

@@ -19,24 +19,26 @@ from conftest import REPO, build_tiny_model, build_tiny_tokenizer
 
 from memcirc import artifacts as art
 from memcirc.cli import main
-from memcirc.dynamics import (
+from memcirc.dynamics.checkpoints import (
     PYTHIA_STEPS,
-    UNIT_DONE,
+    CheckpointList,
+    resolve_checkpoint_index,
+    resolve_checkpoints,
+    schedule_steps,
+)
+from memcirc.dynamics.onsets import (
     Onset,
     group_onset,
     jaccard,
     memorization_onsets,
     onsets_by_group,
     overlap_matrix,
-    resolve_checkpoint_index,
-    resolve_checkpoints,
-    schedule_steps,
-    unit_dir,
     weighted_jaccard,
 )
+from memcirc.dynamics.units import UNIT_DONE, unit_dir
 from memcirc.errors import InputError
 from memcirc.manifest import read_manifest
-from memcirc.stages.training_dynamics import DynamicsConfig
+from memcirc.stages.training_dynamics import DynamicsConfig, array_tasks
 from memcirc.testbed import CHECKPOINTS_DIR, GROUND_TRUTH, MODEL_DIR
 
 CONFIG = str(REPO / "configs" / "testbed.yaml")
@@ -115,25 +117,32 @@ def test_weighted_jaccard_of_hand_made_scores():
 
 # -- checkpoint lists --------------------------------------------------------------------------
 
+def _checkpoints(**values):
+    """The checkpoint list of a training_dynamics config with these values."""
+    return resolve_checkpoints(DynamicsConfig(**values).options(CheckpointList))
+
+
 def test_testbed_checkpoints_come_from_ground_truth_without_importing_torch():
     truth = json.loads(GROUND_TRUTH.read_text())["checkpoints"]
-    cps = resolve_checkpoints(DynamicsConfig())
+    cps = _checkpoints()
     assert [c.step for c in cps] == [t["step"] for t in truth] == [28, 111, 222, 333, 444]
     assert [c.index for c in cps] == list(range(5))
     assert cps[-1].name_or_path == "testbed" and cps[-1].revision is None
     assert [Path(c.name_or_path) for c in cps[:-1]] == [CHECKPOINTS_DIR / f"step-{s}" for s in (28, 111, 222, 333)]
-    code = ("import sys; from memcirc.config import DynamicsConfig; from memcirc.dynamics import resolve_checkpoints;"
-            "n = len(resolve_checkpoints(DynamicsConfig())); print(n, 'torch' in sys.modules)")
+    assert array_tasks(DynamicsConfig()) == 5                 # what memcirc.slurm sizes the job array with
+    code = ("import sys; from memcirc.dynamics import CheckpointList, resolve_checkpoints;"
+            "opts = CheckpointList('testbed', [], [], None, 1000, 143000, 1000, 8);"
+            "n = len(resolve_checkpoints(opts)); print(n, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["5", "False"]
 
 
 def test_revisions_and_schedules():
-    cps = resolve_checkpoints(DynamicsConfig(model="EleutherAI/pythia-160m", checkpoints=["step1000", "step3000"]))
+    cps = _checkpoints(model="EleutherAI/pythia-160m", checkpoints=["step1000", "step3000"])
     assert [(c.label, c.step, c.name_or_path, c.revision) for c in cps] == [
         ("step1000", 1000, "EleutherAI/pythia-160m", "step1000"),
         ("step3000", 3000, "EleutherAI/pythia-160m", "step3000")]
-    cps = resolve_checkpoints(DynamicsConfig(model="EleutherAI/pythia-160m", schedule="log"))
+    cps = _checkpoints(model="EleutherAI/pythia-160m", schedule="log")
     assert [c.revision for c in cps] == [f"step{s}" for s in (1000, 2000, 4000, 8000, 17000, 35000, 70000, 143000)]
     # 500, 1500, 2500 snap to 512, 1000 (a tie: the lower), 2000 (a tie); the end is already there
     assert schedule_steps("linear", 500, 2500, every=1000) == [512, 1000, 2000]
@@ -151,9 +160,9 @@ def test_local_folders_and_bad_lists(tmp_path):
     for name in ("ckpt-100", "ckpt_250", "final"):
         (tmp_path / name).mkdir()
     folders = [str(tmp_path / n) for n in ("ckpt-100", "ckpt_250")]
-    cps = resolve_checkpoints(DynamicsConfig(checkpoints=folders))
+    cps = _checkpoints(checkpoints=folders)
     assert [(c.label, c.step, c.revision) for c in cps] == [("ckpt-100", 100, None), ("ckpt_250", 250, None)]
-    cps = resolve_checkpoints(DynamicsConfig(checkpoints=[*folders, str(tmp_path / "final")], steps=[1, 2, 3]))
+    cps = _checkpoints(checkpoints=[*folders, str(tmp_path / "final")], steps=[1, 2, 3])
     assert [c.step for c in cps] == [1, 2, 3]
     hub = "EleutherAI/pythia-70m"
     bad = {
@@ -171,7 +180,7 @@ def test_local_folders_and_bad_lists(tmp_path):
     }
     for needle, cfg in bad.items():
         with pytest.raises(InputError, match=needle):
-            resolve_checkpoints(cfg)
+            resolve_checkpoints(cfg.options(CheckpointList))
 
 
 def test_checkpoint_index_defaults_from_a_slurm_array(monkeypatch):

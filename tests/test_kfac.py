@@ -8,20 +8,17 @@ import sys
 import pytest
 import torch
 from conftest import REPO, TINY_CONFIGS
+from reference import select_bruteforce
 
+from bench.baselines import select_heap
 from memcirc.cli import main
-from memcirc.evaluation import memorization, memorized_windows
-from memcirc.kfac import (
-    apply_edit,
-    collect_factors,
-    eigenbasis,
-    resolve_targets,
-    select_bruteforce,
-    select_heap,
-    select_mask,
-    select_product,
-    weight_of,
-)
+from memcirc.config import MemorizedRule
+from memcirc.data import memorized, read_scores
+from memcirc.errors import InputError
+from memcirc.evaluation import memorization
+from memcirc.kfac.edit import apply_edit, eigenbasis, select_mask, select_product
+from memcirc.kfac.factors import FactorOptions, collect_factors
+from memcirc.kfac.targets import resolve_targets, weight_of
 from memcirc.models import ModelSpec, load
 from memcirc.stages.kfac_edit import KfacConfig
 
@@ -40,10 +37,11 @@ def test_factors_of_one_run_equal_the_sum_of_two_half_runs(family, labels, tiny_
     roles = [r for r in ("mlp_gate", "mlp_in", "mlp_out") if lm.arch.path(r)]
     targets = resolve_targets(lm.model, lm.arch, [1], roles)
     batches = _batches(lm.model.config.vocab_size)
-    full = collect_factors(lm.model, targets, batches, labels=labels, generator=torch.Generator().manual_seed(3))
-    g = torch.Generator().manual_seed(3)   # the halves continue one random stream, as one run does
-    half = (collect_factors(lm.model, targets, batches[:2], labels=labels, generator=g)
-            + collect_factors(lm.model, targets, batches[2:], labels=labels, generator=g))
+    full = collect_factors(lm.model, targets, batches,
+                           FactorOptions(labels=labels, generator=torch.Generator().manual_seed(3)))
+    halves = FactorOptions(labels=labels, generator=torch.Generator().manual_seed(3))   # the halves continue
+    half = (collect_factors(lm.model, targets, batches[:2], halves)                     # one random stream,
+            + collect_factors(lm.model, targets, batches[2:], halves))                  # as one run does
     assert full.n_tokens == half.n_tokens == 4 * 3 * 11
     for t in targets:
         W = weight_of(lm.model, t)
@@ -60,7 +58,7 @@ def test_factors_match_a_hand_computation(tiny_loaded):
     lm = tiny_loaded["gpt2"]
     (t,) = resolve_targets(lm.model, lm.arch, [0], ["mlp_in"])
     ids = _batches(lm.model.config.vocab_size, n=1)[0]
-    f = collect_factors(lm.model, [t], [ids], labels="data")
+    f = collect_factors(lm.model, [t], [ids], FactorOptions(labels="data"))
     module = lm.model.get_submodule(t.name)
     saved = {}
     h = module.register_forward_hook(lambda m, i, o: saved.update(x=i[0], y=o))
@@ -91,8 +89,8 @@ def test_rho_one_leaves_weights_unchanged(family, tiny_model_dirs):
     lm = load(ModelSpec(str(tiny_model_dirs[family]), device="cpu"))
     roles = [r for r in ("mlp_gate", "mlp_in", "mlp_out") if lm.arch.path(r)]
     targets = resolve_targets(lm.model, lm.arch, [0, 1], roles)
-    f = collect_factors(lm.model, targets, _batches(lm.model.config.vocab_size, 2), labels="sampled",
-                        generator=torch.Generator().manual_seed(0))
+    f = collect_factors(lm.model, targets, _batches(lm.model.config.vocab_size, 2),
+                        FactorOptions(labels="sampled", generator=torch.Generator().manual_seed(0)))
     bases = {t.name: eigenbasis(weight_of(lm.model, t), f.A[t.name], f.G[t.name], f.n_tokens) for t in targets}
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     for formula in ("original", "modified"):
@@ -146,17 +144,16 @@ def test_threshold_search_equals_the_sort(seed):
 
 
 def test_heap_baseline_selects_the_same_set():
+    """bench_kfac_select.py times the original's heap (bench/baselines.py) against select_product."""
     g = torch.Generator().manual_seed(0)
     lam = torch.rand(30, generator=g, dtype=torch.float64).sort(descending=True).values
     mu = torch.rand(40, generator=g, dtype=torch.float64).sort(descending=True).values
     for rho in (0.2, 0.6, 0.95):
         mask = select_product(lam, mu, rho)
-        assert set(map(tuple, mask.nonzero().tolist())) == select_heap(lam.tolist(), mu.tolist(), rho)
+        assert set(map(tuple, mask.nonzero().tolist())) == select_heap(lam, mu, rho)
 
 
 def test_rho_outside_unit_interval_is_refused():
-    from memcirc.errors import InputError
-
     with pytest.raises(InputError):
         select_mask(torch.ones(2, 2), 0.0)
     for bad in ("0", "1.5", "-0.1"):
@@ -208,7 +205,8 @@ def test_stage_outputs(edited, testbed):
 def test_edited_folder_reloads_and_scores_like_the_in_memory_edit(edited, scored):
     stage, _ = edited
     summary = json.loads((stage / "summary.json").read_text())
-    windows = memorized_windows(scored / "memorization")[:12]
+    windows = read_scores(scored / "memorization")
+    windows = [w for w, m in zip(windows, memorized(windows, MemorizedRule())) if m][:12]
     reloaded = load(ModelSpec(str(stage / "edited_model"), device="cpu", dtype="float32"))
     base = load(ModelSpec("testbed", device="cpu", dtype="float32"))
     from memcirc.artifacts import load_tensors
@@ -241,8 +239,17 @@ def _script(args, cwd=REPO):
                           timeout=300)
 
 
-def test_bad_input_exits_2_one_line_nothing_written(scored, edited, tmp_path, tiny_model_dirs):
-    stage, _ = edited
+def _refused(args, capsys):
+    """Run the stage in-process on bad input: exit 2, and its one stderr line."""
+    capsys.readouterr()
+    code = main("kfac_edit", args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_exits_2_one_line_nothing_written(scored, tmp_path, tiny_model_dirs, capsys):
     mem = str(scored / "memorization")
     cases = {
         "projections": ["--projections", "mlp_gate"],         # GPT-NeoX has no gated MLP
@@ -251,27 +258,42 @@ def test_bad_input_exits_2_one_line_nothing_written(scored, edited, tmp_path, ti
     }
     for what, extra in cases.items():
         out = tmp_path / what
-        r = _script(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--input-dir", mem,
-                     *QUICK, *extra])
-        assert r.returncode == 2, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and what.rstrip("s") in r.stderr, r.stderr
+        err = _refused(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--input-dir", mem,
+                        *QUICK, *extra], capsys)
+        assert what.rstrip("s") in err, err
         assert not out.exists()
-    r = _script(["--output-dir", str(tmp_path / "p"), "--input-dir", mem, *QUICK, "--projections", "attn_out"])
-    assert "valid: mlp_in, mlp_out" in r.stderr
+    err = _refused(["--output-dir", str(tmp_path / "p"), "--input-dir", mem, *QUICK, "--projections", "attn_out"],
+                   capsys)
+    assert "valid: mlp_in, mlp_out" in err
     # factors of another model: collected on a tiny GPT-NeoX (same module names) and handed to a testbed run
     tiny = load(ModelSpec(str(tiny_model_dirs["gpt_neox"]), device="cpu"))
     targets = resolve_targets(tiny.model, tiny.arch, [0, 1], ["mlp_in", "mlp_out"])
     foreign = tmp_path / "foreign.safetensors"
-    collect_factors(tiny.model, targets, _batches(64, 1), labels="data").save(foreign, tiny.identity(), targets)
+    collect_factors(tiny.model, targets, _batches(64, 1), FactorOptions(labels="data")).save(
+        foreign, tiny.identity(), targets)
     other = tmp_path / "other"
-    r = _script(["--output-dir", str(other), "--input-dir", mem, *QUICK, "--factors-file", str(foreign),
-                 "--layers", "0", "1"])
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "factors" in r.stderr and not other.exists()
+    err = _refused(["--output-dir", str(other), "--input-dir", mem, *QUICK, "--factors-file", str(foreign),
+                    "--layers", "0", "1"], capsys)
+    assert "factors" in err and not other.exists()
+    # a factors file that is not there
+    missing = tmp_path / "missing"
+    err = _refused(["--output-dir", str(missing), "--input-dir", mem, *QUICK, "--factors-file",
+                    str(tmp_path / "nope.safetensors")], capsys)
+    assert "factors file not found" in err and not missing.exists()
     # an empty memorized set: the first 4 testbed windows are never-trained k=0 canaries
     empty = tmp_path / "empty"
     assert main("memorization_score", ["--config", "configs/testbed.yaml", "--output-dir", str(empty),
-                                           "--limit", "4", "--device", "cpu", "--metrics", "exact"]) == 0
-    r = _script(["--output-dir", str(empty), *QUICK])
-    assert r.returncode == 2 and "no memorized windows" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+                                       "--limit", "4", "--device", "cpu", "--metrics", "exact"]) == 0
+    err = _refused(["--output-dir", str(empty), *QUICK], capsys)
+    assert "no memorized windows" in err
     assert not (empty / "kfac").exists()
+
+
+def test_bad_input_from_the_command_line(scored, tmp_path):
+    """The script's exit-code wiring: a config error exits 2 with one stderr line, nothing written."""
+    out = tmp_path / "rhos"
+    r = _script(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--input-dir",
+                 str(scored / "memorization"), *QUICK, "--rhos", "1.5"])
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "rho" in r.stderr, r.stderr
+    assert not out.exists()

@@ -12,8 +12,32 @@ import numpy as np
 import pytest
 from conftest import REPO, build_tiny_model, build_tiny_tokenizer
 
-from memcirc import predict as P
 from memcirc.cli import main
+from memcirc.predict.evaluate import (
+    average_precision,
+    fit_classifier,
+    fold_statistics,
+    group_permutation_importance,
+    make_classifier,
+    pr_auc_scorer,
+    pr_points,
+    roc_auc,
+    roc_points,
+    t_interval,
+    threshold_metrics,
+)
+from memcirc.predict.features import (
+    CONTROL,
+    duplication_features,
+    rare_tokens,
+    rarity_features,
+    repetition_features,
+    token_logprobs,
+    zlib_ratio,
+)
+from memcirc.predict.labels import doc_kind
+from memcirc.predict.ngram import build_index, load_index, ngram_hashes
+from memcirc.stages.predict_memorization import headline
 from memcirc.testbed import CHECKPOINTS_DIR, GROUND_TRUTH
 
 CONFIG = ["--config", str(REPO / "configs" / "testbed.yaml"), "--device", "cpu"]
@@ -36,24 +60,24 @@ def test_index_counts_equal_a_counter_of_tuples():
             for _ in range(40)] + [rng.integers(0, 50, 2)]          # one document shorter than n
     n = 4
     truth = Counter(tuple(d[i:i + n].tolist()) for d in docs for i in range(len(d) - n + 1))
-    index = P.build_index(iter(docs), n, vocab_size=50)
-    chunked = P.build_index(iter(docs), n, vocab_size=50, flush_every=7)    # merged partial counts
+    index = build_index(iter(docs), n, vocab_size=50)
+    chunked = build_index(iter(docs), n, vocab_size=50, flush_every=7)    # merged partial counts
     queries = list(truth) + [tuple(rng.integers(0, 50, n).tolist()) for _ in range(200)]
-    hashes = P.ngram_hashes(np.array(queries), n)[:, 0]
+    hashes = ngram_hashes(np.array(queries), n)[:, 0]
     expected = np.array([truth.get(q, 0) for q in queries])
     np.testing.assert_array_equal(index.count(hashes), expected)
     np.testing.assert_array_equal(chunked.count(hashes), expected)
     assert index.hashes.size == len(truth) and np.all(np.diff(index.hashes.astype(np.float64)) >= 0)
     np.testing.assert_array_equal(index.unigram, np.bincount(np.concatenate(docs), minlength=50))
-    budget = P.build_index(iter(docs), n, vocab_size=50, token_budget=100)
+    budget = build_index(iter(docs), n, vocab_size=50, token_budget=100)
     assert int(budget.meta["n_tokens"]) == 100 and budget.unigram.sum() == 100
 
 
 def test_index_round_trips_through_safetensors(tmp_path):
-    index = P.build_index(iter([np.arange(20) % 7, np.arange(9)]), 3, vocab_size=10)
+    index = build_index(iter([np.arange(20) % 7, np.arange(9)]), 3, vocab_size=10)
     index.meta.update(tokenizer_sha256="abc", corpus=json.dumps({"corpus": "x"}))
     index.save(tmp_path / "i.safetensors")
-    back = P.load_index(tmp_path / "i.safetensors")
+    back = load_index(tmp_path / "i.safetensors")
     assert back.n == 3 and back.meta["tokenizer_sha256"] == "abc" and back.meta["corpus"] == '{"corpus": "x"}'
     for name in ("hashes", "counts", "unigram"):
         np.testing.assert_array_equal(getattr(back, name), getattr(index, name))
@@ -64,8 +88,8 @@ def test_a_sequence_repeated_in_the_corpus_gets_the_higher_duplication_count():
     rng = np.random.default_rng(1)
     repeated, once, unseen = (rng.integers(0, 200, 24) for _ in range(3))
     corpus = [repeated, rng.integers(0, 200, 50), repeated, once, repeated, rng.integers(0, 200, 50)]
-    index = P.build_index(iter(corpus), 4, vocab_size=200)
-    a, b, c = (P.duplication_features(s, 12, index) for s in (repeated, once, unseen))
+    index = build_index(iter(corpus), 4, vocab_size=200)
+    a, b, c = (duplication_features(s, 12, index) for s in (repeated, once, unseen))
     assert a["dup_min"] == pytest.approx(np.log(4)) and b["dup_min"] == pytest.approx(np.log(2))
     for key in ("dup_mean", "dup_max", "dup_min", "dup_prefix_min"):
         assert a[key] > b[key] > c[key], key
@@ -77,19 +101,19 @@ def test_a_repetitive_sequence_compresses_better_and_repeats_more():
     words = ["castle", "honour", "tempest", "dagger", "crown", "ghost", "island", "storm", "night", "blood"]
     varied = " ".join(rng.choice(words, 40))
     repetitive = " ".join(["the ghost walks"] * 14)
-    assert P.zlib_ratio(repetitive) < P.zlib_ratio(varied)
+    assert zlib_ratio(repetitive) < zlib_ratio(varied)
     loop, mixed = np.tile([5, 6, 7], 20), rng.permutation(60)
-    r_loop, r_mixed = P.repetition_features(loop), P.repetition_features(mixed)
+    r_loop, r_mixed = repetition_features(loop), repetition_features(mixed)
     assert r_loop["distinct_token_share"] == pytest.approx(3 / 60) and r_mixed["distinct_token_share"] == 1.0
     assert r_loop["repeated_bigram_share"] == pytest.approx(1 - 3 / 59) and r_mixed["repeated_bigram_share"] == 0.0
 
 
 def test_rare_tokens_are_the_tail_outside_ninety_percent_of_the_mass():
     unigram = np.array([50, 30, 9, 5, 3, 2, 1, 0])           # total 100
-    rare = P.rare_tokens(unigram, 0.9)
+    rare = rare_tokens(unigram, 0.9)
     # 50 + 30 + 9 = 89 < 90, so the 4th most frequent (5) is still common; the rest are rare
     np.testing.assert_array_equal(rare, [False, False, False, False, True, True, True, True])
-    f = P.rarity_features(np.array([0, 0, 4, 7]), unigram, rare)
+    f = rarity_features(np.array([0, 0, 4, 7]), unigram, rare)
     assert f["rare_token_share"] == 0.5
     assert f["unigram_logfreq_mean"] == pytest.approx(np.mean(np.log((unigram[[0, 0, 4, 7]] + 1) / 108)))
 
@@ -99,7 +123,7 @@ def test_batched_logprobs_equal_one_sequence_at_a_time(testbed):
 
     rng = np.random.default_rng(3)
     seqs = [rng.integers(1, 2048, n) for n in (9, 30, 17, 30)]
-    batched = P.token_logprobs(testbed.model, seqs, pad_id=0, batch_size=3)
+    batched = token_logprobs(testbed.model, seqs, pad_id=0, batch_size=3)
     for s, lp in zip(seqs, batched):
         with torch.no_grad():
             logits = testbed.model(input_ids=torch.as_tensor(s)[None]).logits[0, :-1].double()
@@ -120,13 +144,13 @@ def test_ranking_metrics_equal_sklearn():
     from sklearn import metrics as M
 
     y, score = _fixed_input()
-    assert P.roc_auc(y, score) == pytest.approx(M.roc_auc_score(y, score), abs=1e-12)
-    assert P.average_precision(y, score) == pytest.approx(M.average_precision_score(y, score), abs=1e-12)
-    fpr, tpr = P.roc_points(y, score)
+    assert roc_auc(y, score) == pytest.approx(M.roc_auc_score(y, score), abs=1e-12)
+    assert average_precision(y, score) == pytest.approx(M.average_precision_score(y, score), abs=1e-12)
+    fpr, tpr = roc_points(y, score)
     sk_fpr, sk_tpr, _ = M.roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr)
     np.testing.assert_allclose(tpr, sk_tpr)
-    recall, precision = P.pr_points(y, score)
+    recall, precision = pr_points(y, score)
     sk_p, sk_r, _ = M.precision_recall_curve(y, score)
     np.testing.assert_allclose(recall, sk_r[:-1][::-1])      # sklearn appends (recall 0, precision 1)
     np.testing.assert_allclose(precision, sk_p[:-1][::-1])
@@ -138,7 +162,7 @@ def test_threshold_metrics_equal_sklearn(threshold):
 
     y, score = _fixed_input()
     pred = (score >= threshold).astype(int)
-    ours = P.threshold_metrics(y, score, threshold)
+    ours = threshold_metrics(y, score, threshold)
     assert ours["precision"] == pytest.approx(M.precision_score(y, pred, zero_division=0))
     assert ours["recall"] == pytest.approx(M.recall_score(y, pred, zero_division=0))
     assert ours["f1"] == pytest.approx(M.f1_score(y, pred, zero_division=0))
@@ -149,20 +173,20 @@ def test_t_interval_equals_scipy_and_covers_the_mean():
 
     values = [0.91, 0.97, 0.88, 0.95, 0.93]
     lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
-    assert P.t_interval(values) == pytest.approx((lo, hi))
-    assert P.t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5) and P.t_interval([0.9, 1.0, 1.0])[1] == 1.0   # clipped
+    assert t_interval(values) == pytest.approx((lo, hi))
+    assert t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5) and t_interval([0.9, 1.0, 1.0])[1] == 1.0   # clipped
     rng = np.random.default_rng(5)                                   # coverage over 2000 samples of 5 folds
     samples = 0.6 + 0.05 * rng.standard_normal((2000, 5))
-    covered = np.mean([lo <= 0.6 <= hi for lo, hi in map(P.t_interval, samples)])
+    covered = np.mean([lo <= 0.6 <= hi for lo, hi in map(t_interval, samples)])
     assert 0.93 <= covered <= 0.97
 
 
-def test_aggregate_reports_mean_interval_and_folds():
+def test_fold_statistics_report_mean_interval_and_folds():
     per_fold = [{"auroc": a, "pr_auc": a - 0.1, "precision": 1.0, "recall": 0.5, "f1": 2 / 3}
                 for a in (0.9, 0.8, 1.0)]
-    out = P.aggregate(per_fold)
+    out = fold_statistics(per_fold)
     assert out["auroc"]["mean"] == pytest.approx(0.9) and out["auroc"]["folds"] == [0.9, 0.8, 1.0]
-    assert out["auroc"]["ci95"] == pytest.approx(list(P.t_interval([0.9, 0.8, 1.0])), abs=1e-6)
+    assert out["auroc"]["ci95"] == pytest.approx(list(t_interval([0.9, 0.8, 1.0])), abs=1e-6)
     assert out["precision"]["ci95"] == [1.0, 1.0]
 
 
@@ -172,18 +196,18 @@ def test_grouped_importance_of_single_columns_equals_sklearn():
     rng = np.random.default_rng(6)
     X = rng.standard_normal((120, 4))
     y = (X[:, 0] + 0.5 * X[:, 1] + 0.3 * rng.standard_normal(120) > 0.8).astype(int)
-    model = P.fit_classifier("logistic_regression", P.make_classifier("logistic_regression", 0), X, y)
-    ref = permutation_importance(model, X, y, scoring=P.pr_auc_scorer, n_repeats=5, random_state=7)
-    ours = P.group_permutation_importance(model, X, y, {f"x{j}": [j] for j in range(4)}, 5, 7)
+    model = fit_classifier("logistic_regression", make_classifier("logistic_regression", 0), X, y)
+    ref = permutation_importance(model, X, y, scoring=pr_auc_scorer, n_repeats=5, random_state=7)
+    ours = group_permutation_importance(model, X, y, {f"x{j}": [j] for j in range(4)}, 5, 7)
     for j in range(4):
         np.testing.assert_allclose(ours[f"x{j}"], ref.importances[j], atol=1e-12)
-    both = P.group_permutation_importance(model, X, y, {"x0+x1": [0, 1], "x3": [3]}, 5, 7)
+    both = group_permutation_importance(model, X, y, {"x0+x1": [0, 1], "x3": [3]}, 5, 7)
     assert both["x0+x1"].mean() > ours["x0"].mean() > both["x3"].mean()
 
 
 def test_doc_kind_never_keeps_the_k_of_a_canary_id():
-    assert P.doc_kind("canary-k08-03") == "canary" and P.doc_kind("corpus-0001") == "corpus"
-    assert P.doc_kind("123") == "other"
+    assert doc_kind("canary-k08-03") == "canary" and doc_kind("corpus-0001") == "corpus"
+    assert doc_kind("123") == "other"
 
 
 # -- the stage on the testbed canaries -------------------------------------------------------
@@ -207,7 +231,7 @@ def test_stage_separates_memorized_windows_and_ranks_the_control_below_duplicati
         assert groups["duplication"] > 0.1 and groups["duplication"] > groups["control"] + 0.1, name
         assert abs(groups["control"]) < 0.05, name
     lr = {r["feature"]: r["mean"] for r in summary["classifiers"]["logistic_regression"]["importance"]}
-    assert max(lr[f] for f in ("dup_mean", "dup_min", "dup_max", "dup_prefix_min")) > lr[P.CONTROL]
+    assert max(lr[f] for f in ("dup_mean", "dup_min", "dup_max", "dup_prefix_min")) > lr[CONTROL]
     manifest = json.loads((predicted / "manifest.json").read_text())
     assert manifest["stage"] == "predict_memorization" and manifest["status"] == "complete"
     written = {o["path"] for o in manifest["outputs"]}
@@ -261,7 +285,7 @@ def test_rerun_is_a_no_op_another_config_refuses(predicted, scored, capsys):
     assert predict(["--output-dir", str(scored)]) == 0
     assert (predicted / "manifest.json").read_bytes() == before
     assert "PR-AUC" in capsys.readouterr().out
-    line = P.headline(json.loads((predicted / "summary.json").read_text()))
+    line = headline(json.loads((predicted / "summary.json").read_text()), predicted)
     assert line.startswith("predictor (") and "baseline (testbed step-333)" in line and "\n" not in line
     assert predict(["--output-dir", str(scored), "--folds", "4"]) == 2
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from nltk.translate.bleu_score import sentence_bleu
 
+from bench.baselines import full_generation_scores
 from memcirc.data import Columns, Window, load_documents, make_windows
-from memcirc.scoring import bleu4, full_generation_scores, levenshtein, score_windows, summarize
+from memcirc.scoring import bleu4, levenshtein, score_windows, summarize
 
 GEN_METRICS = ["exact", "lcp", "tf_accuracy", "token_match", "bleu4", "levenshtein"]
 

@@ -21,10 +21,13 @@ import torch
 from conftest import REPO
 from minislurm import MiniSlurm, ensure_slurm
 
-from memcirc import slurm
 from memcirc.cli import Terminated, main
 from memcirc.config import build_config
 from memcirc.errors import InputError
+from memcirc.slurm.grid import EXPERIMENTS
+from memcirc.slurm.render import RUNNER
+from memcirc.slurm.settings import read_settings
+from memcirc.slurm.status import parse_records, task_ids
 from memcirc.stages.memorization_score import ScoreConfig
 
 # The testbed pipeline, reduced: scoring (4 shards) -> contrastive pairs, K-FAC (2 factor shards) and
@@ -145,7 +148,7 @@ def _tasks(cluster, job_id):
     out = {}
     for line in cluster.sh("scontrol", "-o", "show", "job", str(job_id)).stdout.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
-        for i in slurm._task_ids(fields.get("ArrayTaskId", "")) or [None]:
+        for i in task_ids(fields.get("ArrayTaskId", "")) or [None]:
             out[i] = (fields["JobId"], fields["JobState"], int(fields["Restarts"]), fields["Reason"])
     return out
 
@@ -186,10 +189,11 @@ def test_pipeline_on_the_cluster_equals_a_local_run(local_run, cluster_run, clus
     assert list(jobs) == ["memorization_score", "memorization_score.merge", "contrastive_dataset", "kfac_edit",
                           "kfac_edit.merge", "training_dynamics", "training_dynamics.merge", "report"]
     assert jobs["memorization_score"]["tasks"] == 4 and jobs["kfac_edit"]["tasks"] == 2
-    from memcirc.dynamics import resolve_checkpoints
+    from memcirc.dynamics.checkpoints import CheckpointList, resolve_checkpoints
     from memcirc.stages.training_dynamics import DynamicsConfig
 
-    checkpoints = resolve_checkpoints(DynamicsConfig())   # the testbed's checkpoints, then the final model
+    # the testbed's checkpoints, then the final model
+    checkpoints = resolve_checkpoints(DynamicsConfig().options(CheckpointList))
     assert jobs["training_dynamics"]["tasks"] == len(checkpoints) == 5
     assert jobs["training_dynamics"]["after"] == ["memorization_score.merge", "contrastive_dataset"]
     for job in jobs.values():   # really run by the cluster, every task
@@ -397,14 +401,14 @@ def test_stage_runner_requeues_only_a_running_job(tmp_path):
     for state, rc, requeued in (("RUNNING", 143, True), ("SIGNALING", 143, True), ("COMPLETING", 143, False),
                                 ("CANCELLED", 143, False), ("", 143, False), ("RUNNING", 3, False)):
         (tmp_path / "calls").unlink(missing_ok=True)
-        script = slurm.RUNNER + f"run_stage sh -c 'exit {rc}'\n"
+        script = RUNNER + f"run_stage sh -c 'exit {rc}'\n"
         r = subprocess.run(["bash", "-c", script], env={**env, "STATE": state}, capture_output=True, text=True)
         assert r.returncode == rc
         calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
         assert ("scontrol requeue 70_3" in calls) == requeued, (state, rc, calls, r.stderr)
         assert requeued <= ("-j 70_3" in calls)
     # a SIGTERM to the job script is passed on to the stage, whose exit code (143) the script returns
-    script = slurm.RUNNER + "run_stage " + sys.executable + " -c " + \
+    script = RUNNER + "run_stage " + sys.executable + " -c " + \
         "'import signal,sys,time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); time.sleep(60)'\n"
     for sig in (signal.SIGTERM, signal.SIGUSR1):   # USR1: the time-limit warning of --signal=B:USR1@SECONDS
         proc = subprocess.Popen(["bash", "-c", script], env={**env, "STATE": "RUNNING"}, stderr=subprocess.PIPE,
@@ -418,7 +422,7 @@ def test_stage_runner_requeues_only_a_running_job(tmp_path):
 def test_slurm_section_is_read_and_checked(config_file, tmp_path):
     cfg = build_config(ScoreConfig, ["--config", str(config_file)])   # stages ignore slurm:
     assert cfg.prefix_len == 32
-    settings = slurm.read_settings(str(config_file))
+    settings = read_settings(str(config_file))
     assert settings.num_shards("memorization_score", None) == 4 and settings.num_shards("kfac_edit", None) == 2
     assert settings.num_shards("kfac_edit", 8) == 8
     merge = settings.resources("memorization_score.merge")
@@ -430,7 +434,7 @@ def test_slurm_section_is_read_and_checked(config_file, tmp_path):
         bad = tmp_path / "bad.yaml"
         bad.write_text(f"model: testbed\nslurm:\n  {text}\n")
         with pytest.raises(InputError, match=re.escape(message)):
-            slurm.read_settings(str(bad))
+            read_settings(str(bad))
         r = _slurm_cli("submit", "--config", str(bad), "--output-dir", str(tmp_path / "x"), "--dry-run")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
@@ -449,12 +453,12 @@ def test_scontrol_records_and_task_ranges():
     line = ("JobId=17 ArrayJobId=15 ArrayTaskId=2 JobName=memcirc-x JobState=FAILED Reason=NonZeroExitCode "
             "Dependency=(null) Restarts=1 ExitCode=137:0 Command=/a b/c.sbatch WorkDir=/w TRES=cpu=4,mem=32G "
             "StdOut=/runs/x/slurm/logs/memorization_score-15_2.out")
-    (rec,) = slurm._records(line)
+    (rec,) = parse_records(line)
     assert (rec["JobId"], rec["ArrayTaskId"], rec["JobState"], rec["ExitCode"]) == ("17", "2", "FAILED", "137:0")
     assert rec["Command"] == "/a b/c.sbatch" and rec["TRES"] == "cpu=4,mem=32G"
     assert rec["StdOut"].endswith("memorization_score-15_2.out")
-    assert slurm._task_ids("0-3%2") == [0, 1, 2, 3] and slurm._task_ids("1,3") == [1, 3]
-    assert slurm._task_ids("[4-5,7]") == [4, 5, 7] and slurm._task_ids("6") == [6]
+    assert task_ids("0-3%2") == [0, 1, 2, 3] and task_ids("1,3") == [1, 3]
+    assert task_ids("[4-5,7]") == [4, 5, 7] and task_ids("6") == [6]
 
 
 def test_grid_templates_render_with_the_config_resources(config_file, tmp_path):
@@ -463,8 +467,8 @@ def test_grid_templates_render_with_the_config_resources(config_file, tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "g").exists()
     scripts = dict(s.split(maxsplit=1) for s in re.split(r"^# ---- ", r.stdout, flags=re.M)[1:])
-    assert list(scripts) == ["memorization_score", "memorization_score.merge", *slurm.EXPERIMENTS]
-    for name in slurm.EXPERIMENTS:
+    assert list(scripts) == ["memorization_score", "memorization_score.merge", *EXPERIMENTS]
+    for name in EXPERIMENTS:
         text = scripts[name]
         assert "#SBATCH --partition=gpu" in text and "#SBATCH --gres=gpu:1" in text
         assert f"#SBATCH --job-name=memcirc-{name}" in text and text.count("#SBATCH --job-name") == 1
@@ -474,7 +478,7 @@ def test_grid_templates_render_with_the_config_resources(config_file, tmp_path):
     assert "afterok:<memorization_score.merge>" in scripts["branch_decision"]
     assert "afterok:<branch_decision>:<memorization_decision>" in scripts["ablations"]
     # the templates also run as plain scripts and as plain sbatch scripts (their own #SBATCH defaults)
-    for name in slurm.EXPERIMENTS:
+    for name in EXPERIMENTS:
         text = (REPO / "verify_scripts" / f"{name}.sh").read_text()
         assert "#SBATCH --requeue" in text and "# memcirc: run_stage" in text
         assert subprocess.run(["bash", "-n", str(REPO / "verify_scripts" / f"{name}.sh")]).returncode == 0
@@ -521,14 +525,15 @@ def test_kfac_two_factor_shards_merged_equal_one_job(scored, tmp_path):
 def test_factor_collection_resumes_from_its_last_save(testbed):
     """Stopped by SIGTERM after two saves, the collection continues from the saved float64 sums and
     ends with exactly the sums of an uninterrupted run; a shard of the same blocks adds up too."""
-    from memcirc.kfac import collect_factors, resolve_targets, token_blocks
+    from memcirc.kfac.factors import Checkpoint, FactorOptions, collect_factors, token_blocks
+    from memcirc.kfac.targets import resolve_targets
 
     vocab = testbed.model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (6 * 128,), generator=torch.Generator().manual_seed(0)).numpy()
     batches = token_blocks(ids, 128, 10_000, 1)
     targets = resolve_targets(testbed.model, testbed.arch, [3], ["mlp_in"])
-    kw = dict(labels="sampled", seed=5, float64=True)
-    whole = collect_factors(testbed.model, targets, batches, **kw)
+    opts = FactorOptions(labels="sampled", seed=5, float64=True)
+    whole = collect_factors(testbed.model, targets, batches, opts)
     saves = []
 
     def stop_after_two(n, sums):
@@ -536,16 +541,17 @@ def test_factor_collection_resumes_from_its_last_save(testbed):
         if len(saves) == 2:
             raise Terminated()
     with pytest.raises(Terminated):
-        collect_factors(testbed.model, targets, batches, checkpoint=stop_after_two, checkpoint_every=2, **kw)
+        collect_factors(testbed.model, targets, batches, opts, checkpoint=Checkpoint(stop_after_two, every=2))
     n, partial = saves[-1]
     assert n == 4 and partial.n_tokens == 4 * 127
-    resumed = collect_factors(testbed.model, targets, batches[n:], first_block=n, initial=partial, **kw)
-    tail = collect_factors(testbed.model, targets, batches[n:], first_block=n, **kw)
-    head = collect_factors(testbed.model, targets, batches[:n], **kw)
+    later = FactorOptions(labels="sampled", seed=5, float64=True, first_block=n)
+    resumed = collect_factors(testbed.model, targets, batches[n:], later, initial=partial)
+    tail = collect_factors(testbed.model, targets, batches[n:], later)
+    head = collect_factors(testbed.model, targets, batches[:n], opts)
     name = targets[0].name
     assert torch.equal(resumed.A[name], whole.A[name]) and torch.equal(resumed.G[name], whole.G[name])
     assert resumed.n_tokens == whole.n_tokens == 6 * 127
     torch.testing.assert_close((head + tail).G[name], whole.G[name], rtol=1e-12, atol=0)   # float64 rounding only
     # the labels depend on the block, not on where a batch starts: other seeds give other factors
-    other = collect_factors(testbed.model, targets, batches, labels="sampled", seed=6, float64=True)
+    other = collect_factors(testbed.model, targets, batches, FactorOptions(labels="sampled", seed=6, float64=True))
     assert not torch.equal(other.G[name], whole.G[name])

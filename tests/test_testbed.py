@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, EVAL_DOCUMENTS, GROUND_TRUTH, MODEL_DIR, TESTBED_DIR
-from memcirc.testbed.build import PREFIX_LEN, REPEAT_COUNTS, SEQ_LEN, SUFFIX_LEN
+from memcirc.testbed.build import REPEAT_COUNTS
+from memcirc.testbed.tokens import PREFIX_LEN, SEQ_LEN, SUFFIX_LEN
 
 MAX_TESTBED_BYTES = 20 * 1024 * 1024
 

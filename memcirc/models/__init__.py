@@ -4,11 +4,14 @@
 never need it.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memcirc.models.arch import ArchSpec, Dims, arch_for, dims, get_module, tl_hook_name
 from memcirc.models.device import resolve_device, resolve_dtype
 from memcirc.models.loading import LoadedModel, ModelSpec, load
+
+if TYPE_CHECKING:  # the real import is lazy, in __getattr__ below
+    from memcirc.models.tl import to_hooked_transformer
 
 __all__ = [
     "ArchSpec", "Dims", "LoadedModel", "ModelSpec", "arch_for", "dims", "get_module", "load",

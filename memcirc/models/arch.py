@@ -63,23 +63,25 @@ class ArchSpec:
     cfg_n_kv_heads: str | None = None     # None (or a None value) means n_heads (no GQA)
     cfg_parallel_attn_mlp: str | None = None  # per-model override of the parallel_attn_mlp flag
     # --- quirks (each one is something a stage has to get right) ---------------------------------
+    # `gated_mlp` and `attn_nested` are properties below, derived from `mlp_gate` and `attn_out`.
     norm: str = "layernorm"               # "layernorm" | "rmsnorm"
-    norm_placement: str = "pre"           # "pre" | "post" (norm on sub-layer outputs) | "sandwich"
     conv1d_weights: bool = False
     parallel_attn_mlp: bool = False
     qkv_interleaved: bool = False
     prepend_bos: bool = True
-    attn_scaled: bool = True
-    attn_nested: bool = False
-    local_attn_layers: bool = False
-    gated_mlp: bool = False
     gqa: bool = False
-    qk_norm: bool = False
-    embed_scaled: bool = False
     attn_returns_tuple: bool = True       # every family here: (hidden, weights); hooks edit [0] only
     # The attention module's input argument (the normed residual): passed as args[0] or by this keyword;
     # the attention bypass recomputes the self-only output from it with the module's own projections.
     attn_input: str = "hidden_states"
+    # --- documentation only ---------------------------------------------------------------------
+    # No code reads these. They record how each family differs from the GPT-2 baseline, so that a
+    # stage that starts to depend on one of these differences finds it stated here first.
+    norm_placement: str = "pre"           # "pre" | "post" (norm on sub-layer outputs) | "sandwich"
+    attn_scaled: bool = True              # scores scaled by 1/sqrt(d_head) (or a family-specific factor)
+    local_attn_layers: bool = False       # some layers use sliding-window (local) attention
+    qk_norm: bool = False                 # a norm on q and k before the scores
+    embed_scaled: bool = False            # embeddings multiplied by sqrt(d_model)
     # --- TransformerLens 2.18 -----------------------------------------------------------------
     tl_supported: bool = False
     tl_note: str = ""                     # why not, when tl_supported is False
@@ -95,6 +97,16 @@ class ArchSpec:
         if role == "block":
             return self.blocks + ".{layer}"
         return getattr(self, role)
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated (SwiGLU/GeGLU: down(act(gate(x)) * up(x))), i.e. has `mlp_gate`."""
+        return self.mlp_gate is not None
+
+    @property
+    def attn_nested(self) -> bool:
+        """Whether the attention projections live one module deeper, in `.attn.attention` (GPT-Neo)."""
+        return ".attn.attention." in self.attn_out
 
     @property
     def mlp_in_roles(self) -> tuple[str, ...]:
@@ -114,17 +126,18 @@ def _ro(**kw: str) -> Mapping[str, str]:
 def _llama_like(family: str, model_types: tuple[str, ...], hf_architecture: str, **kw: Any) -> ArchSpec:
     """Llama-family layout: model.layers[i].self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj."""
     block = "model.layers.{layer}"
-    base = dict(
+    base: dict[str, Any] = dict(
         family=family, model_types=model_types, hf_architecture=hf_architecture,
         embed="model.embed_tokens", blocks="model.layers", ln_final="model.norm", unembed="lm_head",
         attn=f"{block}.self_attn", attn_q=f"{block}.self_attn.q_proj",
         attn_k=f"{block}.self_attn.k_proj", attn_v=f"{block}.self_attn.v_proj",
         attn_out=f"{block}.self_attn.o_proj", mlp=f"{block}.mlp",
+        # A gate projection makes `gated_mlp` True. SwiGLU: down(act(gate(x)) * up(x)); K-FAC edits
+        # gate and up separately.
         mlp_gate=f"{block}.mlp.gate_proj", mlp_in=f"{block}.mlp.up_proj",
         mlp_out=f"{block}.mlp.down_proj",
         cfg_d_head="head_dim", cfg_n_kv_heads="num_key_value_heads",
         norm="rmsnorm",
-        gated_mlp=True,   # SwiGLU: down(act(gate(x)) * up(x)); K-FAC edits gate and up separately
         gqa=True,         # num_key_value_heads < num_attention_heads: K/V projections are narrower
     )
     base.update(kw)
@@ -157,7 +170,7 @@ SPECS: Mapping[str, ArchSpec] = MappingProxyType({
         attn_out="transformer.h.{layer}.attn.attention.out_proj", mlp="transformer.h.{layer}.mlp",
         mlp_in="transformer.h.{layer}.mlp.c_fc", mlp_out="transformer.h.{layer}.mlp.c_proj",
         cfg_n_layers="num_layers", cfg_n_heads="num_heads",
-        attn_nested=True,        # projections live in .attn.attention (GPTNeoSelfAttention), not .attn
+        # attn_nested (derived): the projections live in .attn.attention (GPTNeoSelfAttention), not .attn
         attn_scaled=False,       # no 1/sqrt(d_head) on the scores (TL: use_attn_scale=False)
         local_attn_layers=True,  # config.attention_types alternates global/local (window_size) layers
         tl_supported=True,
@@ -250,7 +263,7 @@ def arch_for(model_or_config: Any) -> ArchSpec:
         InputError: the model type is not one of the supported families.
     """
     model_type = getattr(_config_of(model_or_config), "model_type", None)
-    spec = _BY_MODEL_TYPE.get(model_type)
+    spec = _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if spec is None:
         supported = ", ".join(f"{s.family} ({'/'.join(s.model_types)})" for s in SPECS.values())
         raise InputError(f"unsupported model_type {model_type!r}; supported families: {supported}")
@@ -365,9 +378,10 @@ def parallel_attn_mlp(model_or_config: Any) -> bool:
 
 
 def quirks(arch: ArchSpec) -> dict[str, Any]:
-    """The quirk flags of `arch` as a dict (for logs and manifests)."""
+    """The quirk flags of `arch` as a dict (for logs and manifests), derived flags included."""
     skip = {"family", "model_types", "hf_architecture", "tl_note", "tl_cfg_from_hf",
             "tl_hf_config_aliases"}
-    return {f.name: getattr(arch, f.name) for f in fields(arch)
-            if f.name not in skip and isinstance(getattr(arch, f.name), (bool, str))
-            and not f.name.startswith("cfg_") and f.name not in ROLES}
+    flags = {f.name: getattr(arch, f.name) for f in fields(arch)
+             if f.name not in skip and isinstance(getattr(arch, f.name), (bool, str))
+             and not f.name.startswith("cfg_") and f.name not in ROLES}
+    return {**flags, "gated_mlp": arch.gated_mlp, "attn_nested": arch.attn_nested}

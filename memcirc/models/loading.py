@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from huggingface_hub import constants as hf_constants
@@ -241,7 +241,9 @@ def load(spec: ModelSpec | str) -> LoadedModel:
         kwargs["attn_implementation"] = spec.attn_implementation
     tokenizer, pad_from_eos = _load_tokenizer(src, spec)  # cheap: fail before reading weights
     model = _load_weights(src, dtype, kwargs)
-    model.to(device).eval().requires_grad_(False)
+    # PreTrainedModel.to is `@wraps(nn.Module.to)`, which type checkers read as an unbound function;
+    # the upcast only picks nn.Module's signature (the call still runs PreTrainedModel.to).
+    cast(torch.nn.Module, model).to(device).eval().requires_grad_(False)
     local_path, commit = _cache_location(src, spec, model.config)
     loaded = LoadedModel(model, tokenizer, arch, device, dtype, spec, local_path, commit, pad_from_eos)
     log.info("loaded %s (%s, %s params) on %s as %s", spec.name_or_path, arch.family,

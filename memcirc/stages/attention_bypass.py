@@ -1,12 +1,41 @@
-"""The attention_bypass stage: its config and orchestration."""
+"""The attention_bypass stage: bypass the attention of each block (and of chosen block sets) and
+measure memorization of the memorized windows against held-out perplexity.
+
+Writes summary.json (baseline and one entry per bypassed block or set), tradeoff.png and
+manifest.json (last). The interventions and the sweep are in `memcirc.bypass`.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+import matplotlib
+import numpy as np
+import torch
+
+from memcirc import artifacts as art
+from memcirc.bypass import METRICS, parse_layer_sets, sweep, windows_from_file
 from memcirc.config import HeldoutEval, StageConfig, option
+from memcirc.data import Window
+from memcirc.errors import InputError
+from memcirc.evaluation import heldout_blocks, memorized_windows
+from memcirc.manifest import StageRun, read_manifest
+from memcirc.models import load
+from memcirc.models.arch import n_ctx, n_layers
+from memcirc.models.identity import check_same_model, results_key
+from memcirc.plots import save_figure, subplots
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+TRADEOFF_PNG = "tradeoff.png"
+TABLE_COLUMNS = ("exact", "lcp", "token_match", "loose_match")
 
 
 @dataclass
@@ -29,10 +58,144 @@ class BypassConfig(HeldoutEval, StageConfig):
 Config = BypassConfig
 
 
-def run(cfg: BypassConfig) -> Any:
-    from memcirc.bypass import run as _run  # the orchestrator moves here
+def run(cfg: BypassConfig) -> dict[str, Any]:
+    """Baseline, every block bypassed alone, then each block set: memorization and perplexity."""
+    torch.manual_seed(cfg.seed)
+    windows, inputs, upstream = _memorized(cfg)
+    if cfg.limit:
+        windows = windows[:cfg.limit]
+    loaded = load(cfg.model_spec())
+    model, tok = loaded.model, loaded.tokenizer
+    warning = None
+    if upstream is not None and not cfg.memorized_file:
+        warning = check_same_model(upstream.get("model"), loaded, "memorization scores")
+    _check_vocab(windows, model)
+    layer_sets = parse_layer_sets(cfg.layer_sets, n_layers(model))
+    # Mode mean: the reference mean comes from the held-out blocks after the perplexity blocks, so
+    # perplexity is never measured on the text the replacement was averaged over (unless too short).
+    every = heldout_blocks(cfg.heldout, tok, n_ctx(model), 2 * cfg.ppl_blocks)
+    blocks, reference = every[:cfg.ppl_blocks], every[cfg.ppl_blocks:]
+    if cfg.mode == "mean" and not reference:
+        log.warning("held-out text %s has no blocks beyond the %d perplexity blocks: the mean attention "
+                    "outputs are averaged over the perplexity blocks themselves", cfg.heldout, len(blocks))
+        reference = blocks
+    if cfg.heldout != "testbed" and Path(cfg.heldout).is_file():
+        inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
+    stage = StageRun.for_config(cfg, inputs, model=results_key(loaded))
+    if (done := stage.open(cfg.force)) is not None:
+        print(format_table(done))
+        return done
+    lm_eval_tasks, note = _available_lm_eval_tasks(cfg.lm_eval_tasks)
+    stage.start(cfg.force)
+    if warning:
+        log.warning("%s", warning)
+    log.info("%d memorized windows; %d held-out blocks of %d tokens; mode %s; %d blocks + %d sets",
+             len(windows), len(blocks), n_ctx(model), cfg.mode, n_layers(model), len(layer_sets))
+    # special-token ids come from the tokenizer's __getattr__, which the stubs type as str | list[str]
+    pad_token_id = cast("int | None", tok.pad_token_id)
+    pad = pad_token_id if pad_token_id is not None else 0
+    summary = sweep(model, loaded.arch, windows, blocks, pad_id=pad, batch_size=cfg.batch_size, mode=cfg.mode,
+                    layer_sets=layer_sets, levenshtein_threshold=cfg.levenshtein_threshold, tokenizer=tok,
+                    lm_eval_tasks=lm_eval_tasks, reference_blocks=reference)
+    summary["heldout"] = cfg.heldout
+    summary["ppl_block_len"] = n_ctx(model)
+    if note:
+        summary["lm_eval_note"] = note
+    art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
+    tradeoff_figure(summary, cfg.stage_dir / TRADEOFF_PNG)
+    stage.finish({art.SUMMARY_JSON: None, TRADEOFF_PNG: None}, model=loaded.identity(), seed=cfg.seed,
+                 metric={"memorization": list(METRICS), "levenshtein_threshold": cfg.levenshtein_threshold,
+                         "ppl": "exp(total NLL / total predicted tokens) over held-out blocks, padding masked"})
+    print(format_table(summary))
+    return summary
 
-    return _run(cfg)
+
+# -- inputs ----------------------------------------------------------------------------------
+
+def _memorized(cfg: BypassConfig) -> tuple[Sequence[Window], list[dict[str, Any]], dict[str, Any] | None]:
+    """(windows, fingerprint inputs, upstream manifest or None)."""
+    upstream_dir = cfg.upstream_dir
+    if cfg.memorized_file:
+        upstream = None
+        if upstream_dir is not None and (upstream_dir / art.MANIFEST).is_file():
+            upstream = read_manifest(upstream_dir, what="memorization")
+        prefix_len = (upstream or {}).get("config", {}).get("prefix_len")
+        windows = windows_from_file(cfg.memorized_file, prefix_len)
+        inputs = [{"path": cfg.memorized_file, "sha256": art.sha256_file(Path(cfg.memorized_file)),
+                   "prefix_len": windows[0].prefix_len}]
+        return windows, inputs, upstream
+    assert upstream_dir is not None, "attention_bypass needs memorization_score: its upstream folder is known"
+    upstream = read_manifest(upstream_dir, what="memorization")
+    windows = memorized_windows(upstream_dir)
+    return windows, [{"path": str(upstream_dir), "run_id": upstream["run_id"]}], upstream
+
+
+def _check_vocab(windows: Sequence[Window], model: PreTrainedModel) -> None:
+    vocab = cast(torch.nn.Embedding, model.get_input_embeddings()).weight.shape[0]
+    high = max(int(w.tokens.max()) for w in windows)
+    if high >= vocab or min(int(w.tokens.min()) for w in windows) < 0:
+        raise InputError(f"memorized windows hold token ids outside the model's vocabulary (0..{vocab - 1}): "
+                         "were they tokenized for another model?")
+
+
+def _available_lm_eval_tasks(tasks: Sequence[str]) -> tuple[list[str], str | None]:
+    """(the lm-eval tasks to run, a note when lm-evaluation-harness is not installed and they are skipped)."""
+    if not tasks:
+        return [], None
+    try:
+        import lm_eval  # noqa: F401  # pyright: ignore[reportMissingImports]  (optional extra: lm-eval)
+    except ImportError:
+        pass
+    else:
+        return list(tasks), None
+    note = "lm-evaluation-harness is not installed (pip install lm-eval): tasks skipped"
+    log.warning("%s: %s", note, ", ".join(tasks))
+    return [], note
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The table the stage prints last: memorization and perplexity per bypassed block or set."""
+    cols = [c for c in TABLE_COLUMNS if c in summary["baseline"]] + ["ppl"]
+    lines = [f"{'bypassed':<10} " + " ".join(f"{c:>12}" for c in cols)]
+
+    def line(label: str, row: dict[str, Any]) -> str:
+        return f"{label:<10} " + " ".join(f"{row[c]:>12.4f}" if c != "ppl" else f"{row[c]:>12.3f}" for c in cols)
+
+    lines.append(line("none", summary["baseline"]))
+    for entry in summary["layers"]:
+        layer = entry["layer"]
+        lines.append(line(",".join(map(str, layer)) if isinstance(layer, list) else str(layer), entry))
+    return "\n".join(lines)
+
+
+def tradeoff_figure(summary: dict[str, Any], path: Path) -> None:
+    """Exact-match rate of the memorized windows against held-out perplexity, one point per run."""
+    fig, ax = subplots(figsize=(6.5, 4.5))
+    base = summary["baseline"]
+    ax.scatter([base["ppl"]], [base["exact"]], color="black", marker="*", s=140, label="baseline", zorder=3)
+    singles = [e for e in summary["layers"] if not isinstance(e["layer"], list)]
+    sets = [e for e in summary["layers"] if isinstance(e["layer"], list)]
+    if singles:
+        colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(singles)))
+        ax.scatter([e["ppl"] for e in singles], [e["exact"] for e in singles], c=colors, s=50,
+                   label="one block", zorder=2)
+    if sets:
+        ax.scatter([e["ppl"] for e in sets], [e["exact"] for e in sets], marker="s", color="#c44e52", s=50,
+                   label="block set", zorder=2)
+    for e in summary["layers"]:
+        label = ",".join(map(str, e["layer"])) if isinstance(e["layer"], list) else str(e["layer"])
+        ax.annotate(label, (e["ppl"], e["exact"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if max(e["ppl"] for e in summary["layers"] + [base]) > 10 * base["ppl"]:
+        ax.set_xscale("log")
+    ax.set_xlabel("held-out perplexity")
+    ax.set_ylabel("exact match (memorized windows)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"attention bypass ({summary['mode']}): memorization vs perplexity")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
 
 
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:

@@ -1,13 +1,44 @@
-"""The memorization_score stage: its config and orchestration."""
+"""The memorization_score stage: score every window of a corpus for verbatim memorization.
+
+Writes scores.jsonl (one row per window: id, provenance, tokens, metrics), summary.json (means
+overall and per group), histogram.png and manifest.json (last). With N shards (a SLURM job array)
+each job scores its slice of whole chunks into shards/<i>/ and `--merge` concatenates them: the
+merged outputs equal a one-job run's byte for byte.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+import torch
+
+from memcirc import artifacts as art
 from memcirc.config import Sharding, StageConfig, option
+from memcirc.data import Columns, Window, WindowSet, load_documents, make_windows, read_scores, validate_windows
 from memcirc.errors import InputError
+from memcirc.manifest import StageRun, read_manifest
+from memcirc.models import LoadedModel, load
+from memcirc.models.arch import n_ctx
+from memcirc.models.identity import results_key
+from memcirc.plots import save_figure, subplots
+from memcirc.scoring import (
+    GENERATION_METRICS,
+    METRIC_DEFINITIONS,
+    METRIC_VERSION,
+    TEACHER_FORCED_METRICS,
+    score_windows,
+    summarize,
+)
+from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked
+from memcirc.stages.registry import DONE_MARKER
+from memcirc.testbed import EVAL_DOCUMENTS, TESTBED_NAME
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,18 +81,183 @@ class ScoreConfig(Sharding, StageConfig):
             raise InputError("config key 'metrics' must name at least one metric")
 
 
-
 Config = ScoreConfig
 
 
-def run(cfg: ScoreConfig) -> Any:
-    from memcirc.scoring import run as _run  # the orchestrator moves here
+def run(cfg: ScoreConfig) -> dict[str, Any] | None:
+    """Score every window; write scores.jsonl, summary.json, the histogram, then the manifest.
 
-    return _run(cfg)
+    Returns the summary (None for a shard job, whose outputs wait for `--merge`).
+    """
+    torch.manual_seed(cfg.seed)
+    if cfg.merge:
+        return _merge_shards(cfg)
+    num_shards, shard_index = resolve_shards(cfg.num_shards, cfg.shard_index)
+    loaded = load(cfg.model_spec())
+    windows, inputs = _stage_windows(cfg, loaded)
+    stage = StageRun.for_config(cfg, inputs, model=results_key(loaded))
+    if (summary := stage.open(cfg.force)) is not None:
+        print(format_summary(summary))
+        return summary
+    shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
+    # the other shards write next to this one at the same time
+    stage.start(cfg.force, task_dir=shard_dir if num_shards > 1 else None)
+
+    def work(batch: Sequence[Window]) -> list[dict[str, Any]]:
+        # load() gives a tokenizer without a pad token eos as pad; the stubs type special-token ids as str | list[str]
+        return score_windows(loaded.model, batch, pad_id=cast(int, loaded.tokenizer.pad_token_id),
+                             batch_size=cfg.batch_size, metrics=cfg.metrics, padding_side=cfg.padding_side,
+                             levenshtein_threshold=cfg.levenshtein_threshold)
+
+    context = {"inputs": inputs, "model": loaded.identity(), "windows": windows.summary()}
+    if num_shards == 1:
+        store = art.ChunkStore(cfg.stage_dir / art.CHUNKS_DIR, stage.fingerprint)
+        return _finish(cfg, stage, run_chunked(windows.windows, work, store, cfg.chunk_size, "scoring"), context)
+    if shard_done(shard_dir, stage.fingerprint, num_shards) and not cfg.force:   # a re-submitted finished shard
+        log.info("shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards, shard_dir)
+        return None
+    (shard_dir / DONE_MARKER).unlink(missing_ok=True)
+    start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
+    store = art.ChunkStore(shard_dir / art.CHUNKS_DIR, stage.fingerprint)
+    data = run_chunked(windows.windows[start:stop], work, store, cfg.chunk_size,
+                       f"scoring shard {shard_index}") if stop > start else b""
+    art.atomic_write_bytes(shard_dir / art.SCORES_JSONL, data)
+    art.write_json(shard_dir / DONE_MARKER, {"fingerprint": stage.fingerprint, "num_shards": num_shards,
+                                             "shard_index": shard_index, "rows": data.count(b"\n"),
+                                             "context": context})
+    art.remove_tree(shard_dir / art.CHUNKS_DIR)
+    log.info("shard %d/%d done (%d windows); run with --merge once all shards are done",
+             shard_index, num_shards, stop - start)
+    return None
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+def _stage_windows(cfg: ScoreConfig, loaded: LoadedModel) -> tuple[WindowSet, list[dict[str, Any]]]:
+    """The windows to score and the input descriptors the fingerprint covers."""
+    if cfg.input_dir:  # re-score the windows of an earlier memorization run (e.g. another checkpoint)
+        upstream = read_manifest(Path(cfg.input_dir), what="memorization")
+        windows = WindowSet(list(read_scores(Path(cfg.input_dir), cfg.limit)), source=str(cfg.input_dir))
+        inputs = [{"path": str(cfg.input_dir), "run_id": upstream["run_id"]}]
+    else:
+        columns = Columns(text=cfg.text_column, tokens=cfg.token_column, group=cfg.group_column)
+        docs = load_documents(cfg.dataset, columns, split=cfg.split, dataset_config=cfg.dataset_config,
+                              streaming=cfg.streaming)
+        windows = make_windows(docs, loaded.tokenizer, cfg.dataset, cfg.prefix_len, cfg.suffix_len,
+                               cfg.windowing, cfg.stride, cfg.limit)
+        local = EVAL_DOCUMENTS if cfg.dataset == TESTBED_NAME else Path(cfg.dataset)
+        entry: dict[str, Any] = {"dataset": cfg.dataset, "split": cfg.split, "config": cfg.dataset_config}
+        if local.is_file():
+            entry["sha256"] = art.sha256_file(local)
+        inputs = [entry]
+    vocab_size = cast(torch.nn.Embedding, loaded.model.get_input_embeddings()).weight.shape[0]
+    validate_windows(windows, vocab_size=vocab_size, n_ctx=n_ctx(loaded.model))
+    log.info("%d windows from %d documents (%d shorter than a window, skipped)", len(windows.windows),
+             windows.n_documents, windows.n_short_skipped)
+    return windows, inputs
+
+
+# -- shards ----------------------------------------------------------------------------------
+
+def shard_done(shard_dir: Path, fingerprint: str, num_shards: int) -> bool:
+    """True when `shard_dir` holds a finished shard of this config and shard count."""
+    marker = shard_dir / DONE_MARKER
+    if not (marker.is_file() and (shard_dir / art.SCORES_JSONL).is_file()):
+        return False
+    done = json.loads(marker.read_text())
+    return done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards
+
+
+def _finished_shards(shards_dir: Path) -> list[dict[str, Any]]:
+    """The done records of every shard of one config, in shard order; an incomplete set is an InputError."""
+    done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{DONE_MARKER}"))]
+    if not done:
+        raise InputError(f"no finished shards in {shards_dir}: run the shard jobs first, then --merge")
+    num_shards = done[0]["num_shards"]
+    if len({d["fingerprint"] for d in done}) != 1 or any(d["num_shards"] != num_shards for d in done):
+        raise InputError(f"shards in {shards_dir} come from different configs or shard counts; "
+                         "re-run them with one config")
+    missing = sorted(set(range(num_shards)) - {d["shard_index"] for d in done})
+    if missing:
+        raise InputError(f"shards {missing} of {num_shards} have not finished; re-run them, then --merge")
+    return done
+
+
+def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
+    """Concatenate finished shards in order; every shard of one config must be there."""
+    shards_dir = cfg.stage_dir / art.SHARDS_DIR
+    if not any(shards_dir.glob(f"*/{DONE_MARKER}")) and (cfg.stage_dir / art.MANIFEST).is_file():
+        log.info("%s is already merged; nothing to do", cfg.stage_dir)   # the shards were cleaned up
+        return art.read_json(cfg.stage_dir / art.SUMMARY_JSON)
+    done = _finished_shards(shards_dir)
+    stage = StageRun.for_config(cfg, fingerprint=done[0]["fingerprint"])
+    if (summary := stage.open(cfg.force)) is not None:
+        return summary
+    stage.start(cfg.force)
+    data = b"".join((shards_dir / f"{i:05d}" / art.SCORES_JSONL).read_bytes() for i in range(len(done)))
+    context = dict(done[0]["context"])
+    context["num_shards"] = len(done)   # in the manifest only: the outputs equal a one-job run's
+    return _finish(cfg, stage, data, context)
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, Any]) -> dict[str, Any]:
+    """Write scores.jsonl, summary.json and the histogram, then the manifest, then drop chunks."""
+    rows = [json.loads(line) for line in data.splitlines()]
+    art.atomic_write_bytes(cfg.stage_dir / art.SCORES_JSONL, data)
+    summary = summarize(rows)
+    summary.update(prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len, windows=context["windows"])
+    art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
+    score_histogram(rows, summary, cfg.stage_dir / art.HISTOGRAM_PNG)
+    computed = TEACHER_FORCED_METRICS + tuple(m for m in cfg.metrics if m in GENERATION_METRICS)
+    stage.inputs = context["inputs"]
+    stage.finish({art.SCORES_JSONL: len(rows), art.SUMMARY_JSON: None, art.HISTOGRAM_PNG: None},
+                 model=context["model"], seed=cfg.seed, windows=context["windows"],
+                 num_shards=context.get("num_shards", 1),
+                 metric={"version": METRIC_VERSION, "decoding": "greedy",
+                         "levenshtein_threshold": cfg.levenshtein_threshold,
+                         "definitions": {m: METRIC_DEFINITIONS[m] for m in computed}})
+    art.remove_tree(cfg.stage_dir / art.CHUNKS_DIR)
+    art.remove_tree(cfg.stage_dir / art.SHARDS_DIR)
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The per-group table the stage prints last."""
+    cols = [c for c in ("exact", "lcp", "tf_accuracy", "token_match", "loose_match")
+            if c in summary["metrics"]]
+    lines = [f"{'group':<10} {'n':>6} " + " ".join(f"{c:>12}" for c in cols)]
+    for group, stats in summary["groups"].items():
+        lines.append(f"{group:<10} {stats['n']:>6} " + " ".join(f"{stats[c]:>12.3f}" for c in cols))
+    lines.append(f"{'all':<10} {summary['n_windows']:>6} "
+                 + " ".join(f"{summary['metrics'][c]:>12.3f}" for c in cols))
+    return "\n".join(lines)
 
 
 def headline(summary: dict[str, Any], stage_dir: Path) -> str:
     """The stage's lines in the run report."""
-    from memcirc.scoring import format_summary
-
     return f"memorization ({stage_dir}): exact-match rate per group\n" + format_summary(summary)
+
+
+def score_histogram(rows: Sequence[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    """Left: distribution of lcp (k-extractable length). Right: exact-match rate per group."""
+    fig, (left, right) = subplots(1, 2, figsize=(11, 4))
+    lcp = [r["lcp"] for r in rows]
+    longest = max(r["suffix_len"] for r in rows)
+    left.hist(lcp, bins=[b - 0.5 for b in range(longest + 2)], color="#4c72b0", edgecolor="white")
+    left.set_yscale("log")
+    left.set_xlabel("reproduced suffix tokens before the first divergence (lcp)")
+    left.set_ylabel("windows")
+    left.set_title(f"{len(rows)} windows; lcp = {longest} means exact")
+    groups = summary["groups"]
+    names = list(groups)
+    right.bar(names, [groups[g]["exact"] for g in names], color="#dd8452")
+    for i, g in enumerate(names):
+        right.text(i, groups[g]["exact"], f"n={groups[g]['n']}", ha="center", va="bottom", fontsize=8)
+    right.set_ylim(0, 1.1)
+    right.set_ylabel("exact-match rate")
+    right.set_title("exact match per group")
+    right.tick_params(axis="x", rotation=45)
+    save_figure(fig, path)

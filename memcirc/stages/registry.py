@@ -38,6 +38,8 @@ class Stage:
             `--merge`), "checkpoints" (one training checkpoint each, then `--merge`), or None.
         tasks_folder: the sub-folder of `folder` holding one folder per array task, each of which
             holds `DONE_MARKER` once the task has finished.
+        merge_on_gpu: the `--merge` job computes with the model (kfac: the edit), so it gets the
+            stage's GPUs; other merges only read files and get none unless the config says so.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     array: ArrayKind | None = None
     tasks_folder: str | None = None
+    merge_on_gpu: bool = False
 
     @property
     def module(self) -> ModuleType:
@@ -72,7 +75,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("find_circuits", "circuits", needs=("contrastive_dataset",)),
     Stage("verify_circuit", "verify", needs=("find_circuits",)),
     Stage("attention_bypass", "bypass", needs=("memorization_score",)),
-    Stage("kfac_edit", "kfac", needs=("memorization_score",), array="shards", tasks_folder="shards"),
+    Stage("kfac_edit", "kfac", needs=("memorization_score",), array="shards", tasks_folder="shards",
+          merge_on_gpu=True),
     Stage("training_dynamics", "dynamics", needs=("memorization_score", "contrastive_dataset"),
           array="checkpoints", tasks_folder="checkpoints"),
     Stage("predict_memorization", "predict", needs=("memorization_score", "training_dynamics")),

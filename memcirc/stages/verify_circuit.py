@@ -1,12 +1,57 @@
-"""The verify_circuit stage: its config and orchestration."""
+"""The verify_circuit stage: the circuit of find_circuits on held-out pairs, against random circuits.
+
+The circuit is the top-k edges of the prune scores find_circuits wrote (k = its minimal circuit),
+evaluated on the HELD-OUT split of the same pairs file, which attribution and the choice of k never
+saw (the contrastive stage splits by document). Faithfulness is `memcirc.circuits`' one definition:
+for every ablation type the baselines M(full) and M(empty) are recomputed on the held-out pairs under
+that ablation. Random circuits of the same size (uniform edge subsets, seeded) give the chance level.
+Prune scores are refused when they were computed for another model or another pairs file, or when
+their shapes do not fit this model's graph. Writes summary.json, faithfulness_vs_edges.png and
+manifest.json (last) into <output-dir>/verify/.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from memcirc.config import ABLATIONS, StageConfig, option
+import numpy as np
+import torch
+
+from memcirc import artifacts as art
+from memcirc.circuits import (
+    FAITHFULNESS_DEFINITION,
+    FAITHFULNESS_METRIC_DEFINITIONS,
+    PRUNE_SCORES,
+    FaithfulnessEvaluator,
+    build_graph,
+    edge_ranking,
+    load_prune_scores,
+    log_spaced_counts,
+    make_batches,
+    n_pairs,
+    top_k,
+)
+from memcirc.config import ABLATIONS, CircuitOptions, StageConfig, option
+from memcirc.errors import InputError
+from memcirc.manifest import StageRun, read_manifest
+from memcirc.models import LoadedModel, load
+from memcirc.models.arch import n_ctx
+from memcirc.models.identity import check_same_model, weights_key
+from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
+from memcirc.plots import plt, save_figure
+from memcirc.stages.find_circuits import edge_count_axis
+from memcirc.stages.registry import STAGES
+
+log = logging.getLogger(__name__)
+
+METHOD_VERSION = 1
+FAITHFULNESS_PNG = "faithfulness_vs_edges.png"
 
 
 @dataclass
@@ -24,13 +69,205 @@ class VerifyConfig(StageConfig):
 Config = VerifyConfig
 
 
-def run(cfg: VerifyConfig) -> Any:
-    from memcirc.verify import run as _run  # the orchestrator moves here
+def run(cfg: VerifyConfig) -> dict[str, Any]:
+    """verify_circuit: held-out faithfulness per ablation against random circuits of the same size.
 
-    return _run(cfg)
+    Writes summary.json, faithfulness_vs_edges.png and manifest.json (last) into <output-dir>/verify/.
+    """
+    torch.manual_seed(cfg.seed)
+    circuits_dir = cfg.upstream_dir
+    assert circuits_dir is not None
+    circuits_manifest = read_manifest(circuits_dir, "circuits")
+    circuits_summary = art.read_json(circuits_dir / art.SUMMARY_JSON)
+    if "minimal_edges" not in circuits_summary:
+        raise InputError(f"{circuits_dir}/{art.SUMMARY_JSON} has no minimal_edges; re-run find_circuits")
+    found_with = recorded_circuit_options(circuits_manifest, circuits_dir)
+    pairs_path, pairs_manifest, pairs_sha = pairs_input(_pairs_folder(circuits_dir, circuits_manifest))
+    scores_path = circuits_dir / PRUNE_SCORES
+    tensors, metadata = load_prune_scores(scores_path)
+    loaded = load(cfg.model_spec())
+    check_provenance(metadata, loaded, pairs_sha, pairs_path, scores_path)
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="heldout",
+                       limit=cfg.limit)
+    if not pairs:
+        raise InputError(f"{pairs_path} has no held-out pairs; rebuild the pairs with a held-out fraction > 0")
+    k_min = int(circuits_summary["minimal_edges"])
+    metric = found_with.faithfulness_metric
+    ablations = list(dict.fromkeys([found_with.ablation, *cfg.ablations]))
+    # checked before open, which releases the held-back log lines: bad scores get one error line only
+    graph = build_graph(loaded, found_with.weight_processing)
+    graph.check_scores(tensors, f"prune scores in {scores_path}")
+    n = graph.n_edges
+    bad = [k for k in cfg.edge_counts if not 0 <= k <= n]
+    if bad or k_min > n:
+        raise InputError(f"edge counts {bad or [k_min]} are outside 0..{n} (this model's graph has {n} edges)")
+    stage = StageRun.for_config(cfg, fingerprint=art.sha256_json({
+        "method": METHOD_VERSION, "config": cfg.hashed_dict(), "circuits_run": circuits_manifest["run_id"],
+        "prune_scores_sha256": art.sha256_file(scores_path), "pairs_sha256": pairs_sha,
+        "model": weights_key(loaded)}))
+    if (done := stage.open(cfg.force)) is not None:
+        return done
+    counts = sorted({0, n, k_min, *(cfg.edge_counts or log_spaced_counts(n, found_with.curve_points))})
+    batches = make_batches(pairs, cfg.batch_size, loaded.device)
+    evaluators = {a: FaithfulnessEvaluator(graph, batches, a, metric) for a in ablations}
+    stage.start(cfg.force)
+    stage.add_input(pairs_path, pairs_manifest, split="heldout", n_pairs=len(pairs))
+    stage.add_input(scores_path, circuits_manifest)
+    log.info("%d held-out pairs in %d batches; circuit of %d of %d edges; ablations %s; %d random circuits "
+             "per edge count", len(pairs), len(batches), k_min, n, ", ".join(ablations), cfg.random_circuits)
 
+    ranking = edge_ranking(graph.flatten(tensors))
+    rng = np.random.default_rng(cfg.seed)
+    randoms = {k: random_circuits(n, k, cfg.random_circuits, rng) for k in counts if 0 < k < n}
+    kept, overlap = circuits_to_evaluate(ranking, counts, k_min, randoms)
+    results = {name: heldout_result(ev, kept, counts, k_min, randoms, overlap) for name, ev in evaluators.items()}
+    primary = ablations[0]
+    summary = {
+        "edges_total": n, "circuit_edges": k_min, "metric": metric, "split": "heldout",
+        "n_pairs": n_pairs(batches), "n_batches": len(batches), "random_circuits": cfg.random_circuits,
+        "discovery_faithfulness": circuits_summary.get("faithfulness"),
+        "target": circuits_summary.get("target"),
+        "ablation": primary,
+        **{k: results[primary][k] for k in ("faithfulness_heldout", "random_faithfulness_mean",
+                                            "random_faithfulness_sd", "random_overlap_mean")},
+        "faithfulness_at_edges": results[primary]["faithfulness_at_edges"],
+        "ablations": results,
+    }
+    art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
+    faithfulness_vs_edges_figure(results, k_min, n, cfg.stage_dir / FAITHFULNESS_PNG,
+                                 title=f"{loaded.spec.name_or_path}: {metric} on {len(pairs)} held-out pairs; "
+                                       f"{cfg.random_circuits} random circuits per edge count")
+    stage.finish({art.SUMMARY_JSON: None, FAITHFULNESS_PNG: None}, model=loaded.identity(), seed=cfg.seed,
+                 circuits={"run_id": circuits_manifest["run_id"], "minimal_edges": k_min,
+                           "config": circuits_manifest["config"]},
+                 metric={"name": metric, "definition": FAITHFULNESS_METRIC_DEFINITIONS[metric],
+                         "faithfulness": FAITHFULNESS_DEFINITION,
+                         "random_circuits": "uniform k-edge subsets without replacement, numpy default_rng(seed)"})
+    r = results[primary]
+    print(f"verify ({cfg.stage_dir}): held-out faithfulness {r['faithfulness_heldout']:.3f} at {k_min} edges "
+          f"({primary} ablation); random circuits {r['random_faithfulness_mean']:.3f} ± "
+          f"{r['random_faithfulness_sd']:.3f} (overlap {r['random_overlap_mean']:.3f})")
+    return summary
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+def recorded_circuit_options(manifest: dict[str, Any], circuits_dir: Path) -> CircuitOptions:
+    """The circuit settings find_circuits ran with, from its manifest's config."""
+    recorded = manifest.get("config", {})
+    names = [f.name for f in dataclasses.fields(CircuitOptions)]
+    missing = [k for k in names if k not in recorded]
+    if missing:
+        raise InputError(f"{circuits_dir}/manifest.json records no {', '.join(missing)} in its config (written "
+                         "by an older memcirc); re-run find_circuits")
+    return CircuitOptions(**{k: recorded[k] for k in names})
+
+
+def _pairs_folder(circuits_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The contrastive folder find_circuits read (its manifest's input), or, when that path is gone
+    (the run folder was moved), the contrastive folder beside the circuits folder."""
+    entry = next((i for i in manifest.get("inputs", []) if str(i.get("path", "")).endswith(PAIRS_JSONL)),
+                 None)
+    if entry is None:
+        raise InputError(f"{circuits_dir}/manifest.json names no {PAIRS_JSONL} input; re-run find_circuits")
+    recorded = Path(entry["path"]).parent
+    beside = circuits_dir.parent / STAGES["contrastive_dataset"].folder
+    return recorded if recorded.is_dir() or not beside.is_dir() else beside
+
+
+def check_provenance(metadata: dict[str, str], loaded: LoadedModel, pairs_sha: str, pairs_path: Path,
+                     scores_path: Path) -> None:
+    """InputError unless the prune scores were computed for this model and this pairs file."""
+    try:
+        recorded = json.loads(metadata["model"])
+    except (KeyError, json.JSONDecodeError):
+        raise InputError(f"{scores_path} records no readable model identity; re-run find_circuits") from None
+    check_same_model(recorded, loaded, f"prune scores in {scores_path}")
+    if metadata.get("pairs_sha256") != pairs_sha:
+        raise InputError(f"{scores_path} were computed for pairs sha256 {str(metadata.get('pairs_sha256'))[:12]}; "
+                         f"this run uses {pairs_path} with sha256 {pairs_sha[:12]}: re-run find_circuits "
+                         "on these pairs")
+
+
+# -- the evaluation --------------------------------------------------------------------------
+
+def random_circuits(n_edges: int, k: int, count: int, rng: np.random.Generator) -> torch.Tensor:
+    """bool [count, n_edges]: `count` circuits of exactly k edges drawn uniformly without replacement."""
+    kept = torch.zeros(count, n_edges, dtype=torch.bool)
+    for i in range(count):
+        kept[i, torch.from_numpy(rng.choice(n_edges, size=k, replace=False))] = True
+    return kept
+
+
+def _sd(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def circuits_to_evaluate(ranking: torch.Tensor, counts: list[int], k_min: int,
+                         randoms: Mapping[int, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """(kept, overlap). kept: bool rows, the top-k circuit at every count, then every random circuit
+    (count by count). overlap: the mean share of the minimal circuit's edges that a random circuit of
+    its size holds (1.0 when there is none: k_min is 0 or every edge)."""
+    kept = top_k(ranking, counts, len(ranking))
+    overlap = 1.0
+    if k_min in randoms:
+        circuit = kept[counts.index(k_min)]
+        overlap = float(((randoms[k_min] & circuit).sum(dim=1).double() / k_min).mean())
+    return (torch.cat([kept, *randoms.values()]) if randoms else kept), overlap
+
+
+def heldout_result(ev: FaithfulnessEvaluator, kept: torch.Tensor, counts: list[int], k_min: int,
+                   randoms: Mapping[int, torch.Tensor], overlap: float) -> dict[str, Any]:
+    """One ablation's held-out faithfulness of the circuit and of the random circuits, at every count."""
+    f = ev.faithfulness(kept)
+    f_circ = dict(zip(counts, f[:len(counts)].tolist(), strict=True))
+    rand: dict[int, np.ndarray] = {}
+    offset = len(counts)
+    for k, circuits in randoms.items():
+        rand[k] = f[offset:offset + len(circuits)]
+        offset += len(circuits)
+    # at 0 and n edges every circuit is the same circuit
+    rand_mean = {k: float(rand[k].mean()) if k in rand else f_circ[k] for k in counts}
+    rand_sd = {k: _sd(rand[k]) if k in rand else 0.0 for k in counts}
+    log.info("%s ablation: held-out faithfulness %.4f at %d edges; random circuits %.4f ± %.4f",
+             ev.ablation_kind, f_circ[k_min], k_min, rand_mean[k_min], rand_sd[k_min])
+    return {
+        "faithfulness_heldout": f_circ[k_min],
+        "random_faithfulness_mean": rand_mean[k_min], "random_faithfulness_sd": rand_sd[k_min],
+        "random_faithfulness": rand[k_min].tolist() if k_min in rand else [],
+        "random_overlap_mean": overlap,
+        "metric_full": ev.m_full, "metric_empty": ev.m_empty,
+        "metric_circuit": ev.m_empty + f_circ[k_min] * (ev.m_full - ev.m_empty),
+        "faithfulness_at_edges": [{"edges": k, "faithfulness": f_circ[k], "random_mean": rand_mean[k],
+                                   "random_sd": rand_sd[k]} for k in counts],
+    }
+
+
+# -- summary, headline, figure ---------------------------------------------------------------
 
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     return (f"held-out: faithfulness {summary['faithfulness_heldout']:.3f}; random circuits of the same size "
             f"{summary['random_faithfulness_mean']:.3f} ± {summary['random_faithfulness_sd']:.3f}")
+
+
+def faithfulness_vs_edges_figure(results: Mapping[str, Mapping[str, Any]], minimal_edges: int, n_edges: int,
+                                 path: Path, title: str) -> None:
+    """Per ablation: the circuit's held-out F against k, with the random circuits' mean +- sd band."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b3"]
+    for colour, (name, result) in zip(colours, results.items(), strict=False):
+        rows: Sequence[Mapping[str, float]] = result["faithfulness_at_edges"]
+        ks = [r["edges"] for r in rows]
+        mean = [r["random_mean"] for r in rows]
+        ax.plot(ks, [r["faithfulness"] for r in rows], "o-", color=colour, label=f"circuit, {name} ablation")
+        ax.fill_between(ks, [r["random_mean"] - r["random_sd"] for r in rows],
+                        [r["random_mean"] + r["random_sd"] for r in rows], color=colour, alpha=0.15, lw=0)
+        ax.plot(ks, mean, ":", color=colour, lw=1, label=f"random circuits (mean ± sd), {name}")
+    ax.axvline(minimal_edges, color="grey", ls="--", lw=0.8, label=f"minimal circuit ({minimal_edges} edges)")
+    edge_count_axis(ax, n_edges)
+    ax.set_ylabel("faithfulness (held-out pairs)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    save_figure(fig, path)

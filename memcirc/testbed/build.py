@@ -20,14 +20,13 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -36,13 +35,21 @@ from tqdm import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, EVAL_DOCUMENTS, GROUND_TRUTH, MODEL_DIR, TESTBED_DIR
+from memcirc.testbed.tokens import (
+    PREFIX_LEN,
+    SEQ_LEN,
+    SUFFIX_LEN,
+    build_tokenizer,
+    chunk_corpus,
+    corpus_words,
+    encode,
+    exact_match,
+    heldout_perplexity,
+)
 
 log = logging.getLogger("memcirc.testbed.build")
 
 SCHEMA_VERSION = 1
-EOS = "<|endoftext|>"  # id 0; Pythia uses it as bos/eos/pad/unk
-SEQ_LEN = 128
-PREFIX_LEN = SUFFIX_LEN = 32
 CANARY_MIN_TOKENS = 72  # scoring uses the first PREFIX_LEN + SUFFIX_LEN = 64; a margin for other splits
 REPEAT_COUNTS = (0, 1, 2, 4, 8, 16, 32)
 CHECKPOINT_FRACTIONS = (1 / 16, 1 / 4, 1 / 2, 3 / 4)  # the final model is MODEL_DIR (float32)
@@ -92,41 +99,6 @@ class Canary:
     exposure_steps: list[int] = field(default_factory=list)  # optimizer steps whose batch held it
 
 
-# ---------------------------------------------------------------- tokenizer and corpus
-
-
-def build_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE as in GPT-2/Pythia, trained on the training text only; `<|endoftext|>` = id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                  pad_token=EOS)
-    assert tok.convert_tokens_to_ids(EOS) == 0, "the special token must be id 0 (Pythia layout)"
-    return tok
-
-
-def encode(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def chunk_corpus(ids: list[int], max_chunks: int | None) -> list[list[int]]:
-    """Consecutive SEQ_LEN-token chunks at fixed boundaries; the ragged tail is dropped."""
-    n = len(ids) // SEQ_LEN if max_chunks is None else min(max_chunks, len(ids) // SEQ_LEN)
-    return [ids[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(n)]
-
-
-def corpus_words(text: str) -> list[str]:
-    """Distinct whole lowercase alphabetic words of the corpus (no fragments of "prov'd"), sorted."""
-    return sorted(set(re.findall(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])", text)))
-
-
 # ---------------------------------------------------------------- canaries and training set
 
 
@@ -141,7 +113,7 @@ def make_canaries(tok: PreTrainedTokenizerFast, words: list[str], corpus_text: s
             prefix = tuple(ids[:PREFIX_LEN])
             # Unique prefixes keep "which canary is this window" unambiguous; the corpus check keeps
             # k = 0 a true never-seen control (the decoded prefix text would contain any corpus hit).
-            if prefix in prefixes or tok.decode(prefix) in corpus_text:
+            if prefix in prefixes or tok.decode(list(prefix)) in corpus_text:
                 continue
             prefixes.add(prefix)
             index = sum(c.k == k for c in canaries)
@@ -212,8 +184,14 @@ def checkpoint_steps(total_steps: int) -> list[int]:
     return sorted({min(total_steps - 1, max(1, round(f * total_steps))) for f in CHECKPOINT_FRACTIONS})
 
 
+class TrainStats(TypedDict):
+    steps: int
+    final_train_loss: float
+    training_wall_s: float
+
+
 def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.Tensor], cfg: BuildConfig,
-          on_checkpoint: Callable[[int], None]) -> dict[str, float]:
+          on_checkpoint: Callable[[int], None]) -> TrainStats:
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * len(orders)
     optimizer, scheduler = make_optimizer(model, cfg, total)
@@ -264,24 +242,6 @@ def record_exposures(canaries: list[Canary], orders: list[torch.Tensor], batch_s
 # ---------------------------------------------------------------- measurement
 
 
-@torch.inference_mode()
-def exact_match(model: GPTNeoXForCausalLM, windows: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Per window (PREFIX_LEN + SUFFIX_LEN tokens): does greedy decoding reproduce the suffix?
-    One teacher-forced pass suffices: greedy matches iff every suffix argmax equals the true token."""
-    hits = []
-    for batch in windows.split(batch_size):
-        logits = model(input_ids=batch).logits[:, PREFIX_LEN - 1:-1]
-        hits.append((logits.argmax(-1) == batch[:, PREFIX_LEN:]).all(-1))
-    return torch.cat(hits)
-
-
-@torch.inference_mode()
-def heldout_perplexity(model: GPTNeoXForCausalLM, ids: list[int], batch_size: int = 32) -> float:
-    chunks = torch.tensor(chunk_corpus(ids, None), dtype=torch.long)
-    losses = [model(input_ids=b, labels=b).loss.item() * len(b) for b in chunks.split(batch_size)]
-    return float(math.exp(sum(losses) / len(chunks)))
-
-
 def group_rates(groups: list[str], hits: torch.Tensor) -> dict[str, float]:
     order = [f"k={k}" for k in REPEAT_COUNTS] + ["corpus"]
     pairs = list(zip(groups, hits.tolist(), strict=True))
@@ -312,7 +272,8 @@ def save_checkpoint(model: GPTNeoXForCausalLM, tok: PreTrainedTokenizerFast, fol
     """A self-contained HF folder (config, safetensors weights, tokenizer) that from_pretrained loads."""
     folder.mkdir(parents=True, exist_ok=True)
     # A cast copy, so config.json records the stored dtype and training continues in float32.
-    copy.deepcopy(model).to(dtype).save_pretrained(folder, safe_serialization=True)
+    # The ignore: transformers' `@wraps(nn.Module.to)` on PreTrainedModel.to hides the bound self from pyright.
+    copy.deepcopy(model).to(dtype).save_pretrained(folder, safe_serialization=True)  # pyright: ignore[reportArgumentType]
     tok.save_pretrained(folder)
 
 
