@@ -24,6 +24,7 @@ from memcirc.contrastive import find_divergences
 from memcirc.data import Columns, load_documents, make_windows
 from memcirc.models import ModelSpec, load
 from memcirc.scoring import score_windows
+from memcirc.testbed import EVAL_DOCUMENTS
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     loaded = load(ModelSpec("testbed", device=args.device, dtype="float32"))
-    windows = make_windows(load_documents("testbed", Columns()), loaded.tokenizer, "testbed", 32, 32).windows
+    windows = make_windows(load_documents(str(EVAL_DOCUMENTS), Columns()), loaded.tokenizer, "testbed", 32, 32).windows
     rows = score_windows(loaded.model, windows, pad_id=loaded.tokenizer.pad_token_id, batch_size=64)
     memorized = [w for w, r in zip(windows, rows) if r["exact"]]
 

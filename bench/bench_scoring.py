@@ -27,6 +27,7 @@ from baselines import full_generation_scores  # bench/baselines.py
 from memcirc.data import Columns, Window, load_documents, make_windows
 from memcirc.models import ModelSpec, load
 from memcirc.scoring import score_windows
+from memcirc.testbed import EVAL_DOCUMENTS
 
 
 def best_of(repeats: int, fn):
@@ -44,7 +45,7 @@ def best_of(repeats: int, fn):
 
 def testbed_case(args):
     loaded = load(ModelSpec("testbed", device=args.device, dtype=args.dtype))
-    windows = make_windows(load_documents("testbed", Columns()), loaded.tokenizer, "testbed",
+    windows = make_windows(load_documents(str(EVAL_DOCUMENTS), Columns()), loaded.tokenizer, "testbed",
                            args.prefix_len, args.suffix_len, limit=args.limit).windows
     return loaded.model, windows, loaded.tokenizer.pad_token_id, "testbed"
 

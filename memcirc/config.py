@@ -132,12 +132,35 @@ class StageConfig(OptionGroup):
         """The plain option object of a field group this config inherits (what library code takes)."""
         return group(**{f.name: getattr(self, f.name) for f in dataclasses.fields(group)})
 
+    def data_path(self, name: str) -> str:
+        """The data field `name` as a path or Hub id: 'testbed' resolved to the testbed's file."""
+        return testbed_data(name, getattr(self, name))
+
     def model_spec(self):  # -> memcirc.models.ModelSpec (imported lazily: torch is slow to import)
         from memcirc.models import ModelSpec
 
         return ModelSpec(name_or_path=self.model, revision=self.revision, gguf_file=self.gguf_file,
                          dtype=self.dtype, device=self.device,
                          attn_implementation=self.attn_implementation)
+
+
+# -- the testbed as a data source ------------------------------------------------------------
+# A data field set to 'testbed' names one of the embedded testbed's files. It is resolved here, once:
+# library code only ever sees paths. (The model name 'testbed' is resolved by models.loading, and
+# predict's corpus 'testbed' is built there: the training set with each canary repeated k times.)
+
+def testbed_data(name: str, value: str) -> str:
+    from memcirc.testbed import CORPUS_DIR, EVAL_DOCUMENTS, TESTBED_NAME
+
+    if value != TESTBED_NAME:
+        return value
+    files = {"dataset": EVAL_DOCUMENTS, "heldout": CORPUS_DIR / "heldout.txt",
+             "factor_data": CORPUS_DIR / "train.txt"}
+    if name not in files:
+        raise InputError(f"config key '{name}' has no testbed file; give a path or Hub id")
+    if not files[name].is_file():
+        raise InputError(f"the testbed has no {files[name].name} (for '{name}'): run `make testbed`")
+    return str(files[name])
 
 
 # -- value checking -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Corpus readers and fixed-length token windows with provenance.
 
-Sources (`load_documents`): 'testbed'; a local JSONL / Parquet / text / NPY file (a text file is
+Sources (`load_documents`): a local JSONL / Parquet / text / NPY file (a text file is
 one document); a Hub dataset id or a local folder of data files, both through
 `datasets.load_dataset` (streaming allowed). Rows carry either raw text
 (tokenized once here) or token ids (a `tokens` column, as in EleutherAI/pythia-memorized-evals;
@@ -89,12 +89,6 @@ class Columns:
 def load_documents(source: str, columns: Columns = Columns(), *, split: str = "train",
                    dataset_config: str | None = None, streaming: bool = False) -> Iterator[Document]:
     """Documents of any supported source, in a stable order."""
-    from memcirc.testbed import EVAL_DOCUMENTS, TESTBED_NAME
-
-    if source == TESTBED_NAME:
-        if not EVAL_DOCUMENTS.is_file():
-            raise InputError(f"the testbed has no {EVAL_DOCUMENTS.name}: run `make testbed`")
-        return _rows_to_documents(read_jsonl(EVAL_DOCUMENTS), columns, str(EVAL_DOCUMENTS))
     path = Path(source)
     if path.is_file():
         return _local_documents(path, columns)

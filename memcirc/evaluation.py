@@ -16,9 +16,6 @@ from memcirc.config import MemorizedRule
 from memcirc.data import Columns, ScoredWindow, Window, load_documents, memorized, read_scores
 from memcirc.errors import InputError
 from memcirc.scoring import pad_batch, score_windows, summarize
-from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
-
-HELDOUT_TESTBED = CORPUS_DIR / "heldout.txt"
 
 
 def memorized_windows(stage_dir: Path, rule: MemorizedRule | None = None) -> list[ScoredWindow]:
@@ -43,10 +40,9 @@ def memorization(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: i
 
 
 def heldout_blocks(source: str, tokenizer: Any, block_len: int, max_blocks: int | None = None) -> list[np.ndarray]:
-    """Held-out text cut into consecutive token blocks of `block_len` ('testbed': the held-out plays)."""
-    path = HELDOUT_TESTBED if source == TESTBED_NAME else source
+    """Held-out text (a file, folder or Hub id) cut into consecutive token blocks of `block_len`."""
     blocks: list[np.ndarray] = []
-    for doc in load_documents(str(path), Columns()):
+    for doc in load_documents(source, Columns()):
         tokens = doc.tokens if doc.tokens is not None else tokenizer(doc.text)["input_ids"]
         for start in range(0, len(tokens) - 1, block_len):
             block = np.asarray(tokens[start:start + block_len], np.int64)

@@ -138,3 +138,15 @@ def test_dry_run_refuses_what_the_run_would_refuse(capsys):
 
     assert main("find_circuits", ["--target", "1.5", "--dry-run"]) == 2
     assert "'target'" in capsys.readouterr().err
+
+
+def test_testbed_data_is_resolved_to_its_files_in_the_config_layer():
+    from memcirc.stages.kfac_edit import KfacConfig
+    from memcirc.testbed import CORPUS_DIR, EVAL_DOCUMENTS
+
+    cfg = build_config(KfacConfig, [])
+    assert cfg.data_path("heldout") == str(CORPUS_DIR / "heldout.txt")
+    assert cfg.data_path("factor_data") == str(CORPUS_DIR / "train.txt")
+    assert build_config(ScoreConfig, []).data_path("dataset") == str(EVAL_DOCUMENTS)
+    assert build_config(ScoreConfig, ["--dataset", "org/name"]).data_path("dataset") == "org/name"
+    assert cfg.heldout == "testbed"   # the config (and so the manifest and the fingerprint) keeps the name

@@ -91,3 +91,13 @@ def test_a_new_stage_is_one_record_and_its_module(my_stage, scored, tmp_path, ca
     assert report(out).splitlines()[-1] == f"my stage: {expected} memorized"
     assert main("my_stage", ["--config", str(config), "--output-dir", str(out)]) == 0   # a no-op now
     assert "is complete for this config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["find_circuits", "verify_circuit", "training_dynamics"])
+def test_the_script_exits_2_with_one_line_on_bad_input(name, tmp_path):
+    """Exit-code wiring of the stages whose test files test bad input in-process only."""
+    done = subprocess.run([sys.executable, str(REPO / STAGES[name].script), "--output-dir", str(tmp_path),
+                           "--target", "1.5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "'target'" in done.stderr or "unrecognized arguments" in done.stderr
+    assert not any(tmp_path.iterdir())

@@ -9,6 +9,7 @@ from nltk.translate.bleu_score import sentence_bleu
 from bench.baselines import full_generation_scores
 from memcirc.data import Columns, Window, load_documents, make_windows
 from memcirc.scoring import bleu4, levenshtein, score_windows, summarize
+from memcirc.testbed import EVAL_DOCUMENTS
 
 GEN_METRICS = ["exact", "lcp", "tf_accuracy", "token_match", "bleu4", "levenshtein"]
 
@@ -51,7 +52,7 @@ def test_levenshtein_agrees_with_dynamic_programming():
 
 @pytest.fixture(scope="module")
 def testbed_windows(testbed):
-    docs = load_documents("testbed", Columns())
+    docs = load_documents(str(EVAL_DOCUMENTS), Columns())
     return make_windows(docs, testbed.tokenizer, "testbed", 32, 32).windows
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from memcirc.circuits.ablation import Ablation
-from memcirc.circuits.graph import EdgeGraph, n_pairs
+from memcirc.circuits.graph import EdgeGraph, answer_ids, n_pairs
 from memcirc.errors import InputError
 from memcirc.logs import progress
 
@@ -45,10 +45,22 @@ def _objective(logits: torch.Tensor, batch: PromptPairBatch, grad_function: str,
         vals = numerator / numerator.sum(dim=-1, keepdim=True).detach()
     else:
         raise InputError(f"unknown grad_function {grad_function!r}")
-    answer = vals.gather(-1, batch.answers).squeeze(-1)
-    wrong = vals.gather(-1, batch.wrong_answers).squeeze(-1)
+    answers, wrong_answers = answer_ids(batch)
+    answer = vals.gather(-1, answers).squeeze(-1)
+    wrong = vals.gather(-1, wrong_answers).squeeze(-1)
     return {"avg_diff": lambda: answer - wrong, "neg_avg_diff": lambda: wrong - answer,
             "avg_val": lambda: answer, "avg_val_wrong": lambda: wrong}[loss]()
+
+
+def _mask_grads(masks: dict[str, torch.nn.Parameter], modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The gradient of every destination mask after a backward pass (each mask feeds the output)."""
+    grads: dict[str, torch.Tensor] = {}
+    for name in modules:
+        grad = masks[name].grad
+        if grad is None:
+            raise RuntimeError(f"patch mask {name!r} got no gradient: it does not feed the model's output")
+        grads[name] = grad
+    return grads
 
 
 def attribute_edges(graph: EdgeGraph, batches: Sequence[PromptPairBatch], ablation: Ablation, *,
@@ -86,7 +98,7 @@ def attribute_edges(graph: EdgeGraph, batches: Sequence[PromptPairBatch], ablati
                     objective = _objective(logits.float(), batch, grad_function, loss)
                     (-objective.sum() * scale).backward()
                 # accumulate in float64 (masks have the model's dtype, e.g. bfloat16 on a GPU)
-                total += graph.flatten({name: masks[name].grad for name in graph.modules}).double()
+                total += graph.flatten(_mask_grads(masks, graph.modules)).double()
                 pm.zero_grad(set_to_none=True)
     set_all_masks(pm, 0.0)
     return total.float()

@@ -17,7 +17,7 @@ import torch
 
 from memcirc.circuits.ablation import Ablation
 from memcirc.circuits.attribution import top_k
-from memcirc.circuits.graph import EdgeGraph, n_pairs
+from memcirc.circuits.graph import EdgeGraph, answer_ids, n_pairs
 from memcirc.errors import InputError
 from memcirc.logs import progress
 
@@ -39,8 +39,9 @@ FAITHFULNESS_DEFINITION = (
 def metric_per_pair(logits: torch.Tensor, batch: PromptPairBatch, metric: str) -> torch.Tensor:
     """The faithfulness metric of each pair from last-position logits [b, vocab] (float32)."""
     logits = logits.float()
-    answer = logits.gather(-1, batch.answers).squeeze(-1)
-    wrong = logits.gather(-1, batch.wrong_answers).squeeze(-1)
+    answers, wrong_answers = answer_ids(batch)
+    answer = logits.gather(-1, answers).squeeze(-1)
+    wrong = logits.gather(-1, wrong_answers).squeeze(-1)
     if metric == "logit_diff":
         return answer - wrong
     if metric == "answer_logit":
@@ -48,7 +49,7 @@ def metric_per_pair(logits: torch.Tensor, batch: PromptPairBatch, metric: str) -
     if metric == "wrong_logit":
         return wrong
     if metric == "answer_logprob":
-        return torch.log_softmax(logits, dim=-1).gather(-1, batch.answers).squeeze(-1)
+        return torch.log_softmax(logits, dim=-1).gather(-1, answers).squeeze(-1)
     raise InputError(f"faithfulness metric {metric!r} is not one of {', '.join(FAITHFULNESS_METRIC_DEFINITIONS)}")
 
 

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -58,6 +58,14 @@ def make_batches(pairs: Sequence[Pair], batch_size: int, device: torch.device | 
 
 def n_pairs(batches: Sequence[PromptPairBatch]) -> int:
     return sum(int(b.clean.shape[0]) for b in batches)
+
+
+def answer_ids(batch: PromptPairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answers, wrong_answers) of a `make_batches` batch, each a long tensor [b, 1].
+
+    auto-circuit types them `list[Tensor] | Tensor` (a list when prompts have different numbers of
+    answers); `make_batches` always builds one answer and one wrong answer per pair, so a tensor."""
+    return cast(torch.Tensor, batch.answers), cast(torch.Tensor, batch.wrong_answers)
 
 
 # -- the edge graph ----------------------------------------------------------------------------

@@ -43,8 +43,8 @@ class MinimalCircuit:
         return not any(lo <= s["from_edges"] and s["to_edges"] <= hi for s in self.non_monotone_steps)
 
 
-def minimal_circuit(faithfulness_at: Callable[[list[int]], Sequence[float]], n_edges: int, target: float,
-                    curve_points: int) -> MinimalCircuit:
+def minimal_circuit(faithfulness_at: Callable[[list[int]], Sequence[float] | np.ndarray], n_edges: int,
+                    target: float, curve_points: int) -> MinimalCircuit:
     """The smallest k whose top-k circuit reaches `target` faithfulness, to the exact edge.
 
     1. F at 0, `curve_points` log-spaced counts and n_edges (one pass over the pairs).

@@ -110,13 +110,13 @@ def weighted_jaccard(w: Any | None, v: Any | None) -> float | None:
     """sum min / sum max of |w| and |v|, each normalized to sum 1; None when either is missing or all zero."""
     if w is None or v is None:
         return None
-    w, v = np.abs(np.asarray(w, np.float64)), np.abs(np.asarray(v, np.float64))
-    if w.shape != v.shape:
-        raise ValueError(f"score vectors differ in shape: {w.shape} vs {v.shape}")
-    if w.sum() == 0 or v.sum() == 0:
+    a, b = np.abs(np.asarray(w, np.float64)), np.abs(np.asarray(v, np.float64))
+    if a.shape != b.shape:
+        raise ValueError(f"score vectors differ in shape: {a.shape} vs {b.shape}")
+    if a.sum() == 0 or b.sum() == 0:
         return None
-    w, v = w / w.sum(), v / v.sum()
-    return float(np.minimum(w, v).sum() / np.maximum(w, v).sum())
+    a, b = a / a.sum(), b / b.sum()
+    return float(np.minimum(a, b).sum() / np.maximum(a, b).sum())
 
 
 def overlap_matrix(items: Sequence[Any], measure: Callable[[Any, Any], float | None]) -> list[list[float | None]]:

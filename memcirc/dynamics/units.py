@@ -27,7 +27,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from memcirc.circuits import (
     save_prune_scores,
 )
 from memcirc.config import CircuitOptions
-from memcirc.data import Window
+from memcirc.data import ScoredWindow, Window
 from memcirc.dynamics.checkpoints import Checkpoint
 from memcirc.errors import InputError
 from memcirc.models import LoadedModel, ModelSpec, load, resolve_device, resolve_dtype
@@ -139,7 +139,7 @@ class UnitSpec:
     """
 
     model: ModelSpec
-    windows: Sequence[Window]
+    windows: Sequence[ScoredWindow]
     windows_run_id: str
     metrics: tuple[str, ...]
     final_signature: dict[str, Any]
@@ -256,7 +256,8 @@ def run_unit(spec: UnitSpec, ckpt: Checkpoint, directory: Path, fingerprint: str
     art.clean_stale_temp_files(directory)
     torch.manual_seed(spec.seed)
     loaded, sig = _load_checkpoint(spec, ckpt)
-    pad = loaded.tokenizer.pad_token_id
+    # load() gives a tokenizer without a pad token eos as pad; the stubs type special-token ids as str | list[str]
+    pad = cast(int, loaded.tokenizer.pad_token_id)
 
     def work(batch: Sequence[Window]) -> list[dict[str, Any]]:
         rows = score_windows(loaded.model, batch, pad_id=pad, batch_size=spec.batch_size, metrics=spec.metrics)

@@ -25,7 +25,6 @@ from memcirc import artifacts as art
 from memcirc.data import Columns, load_documents
 from memcirc.errors import InputError
 from memcirc.kfac.targets import Target, stored_weight
-from memcirc.testbed import CORPUS_DIR, TESTBED_NAME
 
 LABELS = ("sampled", "data")
 MAX_FACTOR_BLOCK = 512    # longest factor block (tokens), whatever the model's context
@@ -88,13 +87,12 @@ def load_factors(path: Path) -> tuple[Factors, dict[str, Any], list[dict[str, An
 # -- the factor data ---------------------------------------------------------------------------
 
 def read_factor_tokens(source: str, tokenizer: Any, token_budget: int) -> np.ndarray:
-    """The token stream of the factor data ('testbed': the training corpus slice), documents joined
+    """The token stream of the factor data (a file, folder or Hub id), documents joined
     with EOS, read only as far as `token_blocks` can use for `token_budget`."""
-    path = str(CORPUS_DIR / "train.txt") if source == TESTBED_NAME else source
     eos = tokenizer.eos_token_id
     parts: list[np.ndarray] = []
     n = 0
-    for doc in load_documents(path, Columns()):
+    for doc in load_documents(source, Columns()):
         ids = doc.tokens if doc.tokens is not None else tokenizer(doc.text)["input_ids"]
         parts.append(np.asarray(ids, np.int64))
         if eos is not None:

@@ -80,14 +80,9 @@ class LoadedModel:
     commit_hash: str | None = None   # known when loaded from the HF cache
     pad_from_eos: bool = field(default=False)  # True when the tokenizer had no pad token
 
-    def results_identity(self) -> dict[str, Any]:
-        """What determines a stage's numbers: which weights, in which dtype (not where they run)."""
-        identity = self.identity()
-        return {k: identity[k] for k in ("name_or_path", "revision", "commit_hash", "gguf_file", "model_type",
-                                         "dtype")}
-
     def identity(self) -> dict[str, Any]:
-        """What a manifest records about this model (JSON-serializable)."""
+        """What a manifest records about this model (JSON-serializable); memcirc.models.identity
+        names the subsets that identify the weights and the results."""
         config = self.model.config
         return {
             "name_or_path": self.spec.name_or_path,

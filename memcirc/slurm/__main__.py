@@ -63,7 +63,7 @@ def _add_submit_options(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m memcirc.slurm", description=memcirc.slurm.__doc__.split("\n\n")[0],
+    parser = _Parser(prog="python -m memcirc.slurm", description=(memcirc.slurm.__doc__ or "").split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in (("submit", "submit pipeline stages as jobs"),
@@ -101,6 +101,7 @@ def _submit(args: argparse.Namespace) -> int:
                              report=not args.no_report)
         what = {"command": "submit", "stages": args.stages}
     else:
+        assert config is not None, "argparse requires --config for grid"
         jobs = plan_grid(args.experiments, run_dir, config, settings, python=python, common=args.common_arg,
                          num_shards=args.num_shards)
         what = {"command": "grid", "experiments": args.experiments}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from memcirc.config import SLURM_KEY, load_yaml
 from memcirc.errors import InputError
@@ -75,7 +75,7 @@ class Settings:
         return self.jobs.get(stage, {}).get("num_shards") or self.base.get("num_shards") or 1
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

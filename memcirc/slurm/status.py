@@ -174,7 +174,9 @@ def _failure(name: str, st: JobStatus, t: Task, statuses: dict[str, JobStatus], 
         return (f"{name} (job {t.job_id}) did not run ({t.state}, {t.reason or 'cancelled'}): it waits for "
                 f"{', '.join(job['after'])}, which did not complete")
     if t.index is not None and job.get("tasks"):
-        what = TASK_UNIT[STAGES[job["stage"]].array]
+        kind = STAGES[job["stage"]].array
+        assert kind is not None, f"{job['stage']} ran array tasks but is not an array stage"  # plan.stage_jobs
+        what = TASK_UNIT[kind]
         return (f"{job['stage']}: {what} {t.index} of {job['tasks']} failed: array task {job['job_id']}_{t.index} "
                 f"(job {t.job_id}) {t.state}, exit {t.exit_code or '?'}; log: {log}")
     return f"{name}: job {t.job_id} {t.state}, exit {t.exit_code or '?'}; log: {log}"

@@ -73,7 +73,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     layer_sets = parse_layer_sets(cfg.layer_sets, n_layers(model))
     # Mode mean: the reference mean comes from the held-out blocks after the perplexity blocks, so
     # perplexity is never measured on the text the replacement was averaged over (unless too short).
-    every = heldout_blocks(cfg.heldout, tok, n_ctx(model), 2 * cfg.ppl_blocks)
+    every = heldout_blocks(cfg.data_path("heldout"), tok, n_ctx(model), 2 * cfg.ppl_blocks)
     blocks, reference = every[:cfg.ppl_blocks], every[cfg.ppl_blocks:]
     if cfg.mode == "mean" and not reference:
         log.warning("held-out text %s has no blocks beyond the %d perplexity blocks: the mean attention "

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import networkx as nx
 import torch
@@ -77,7 +77,7 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     pairs_path, upstream_manifest, pairs_sha = pairs_input(upstream)
     loaded = load(cfg.model_spec())
     dtype_warning = check_same_model(upstream_manifest.get("model"), loaded, "contrastive pairs")
-    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    vocab = cast(torch.nn.Embedding, loaded.model.get_input_embeddings()).weight.shape[0]
     pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="discovery",
                        limit=cfg.limit)
     if not pairs:

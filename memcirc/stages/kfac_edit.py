@@ -114,9 +114,10 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
         assert cfg.factors_file is not None   # reused is read from it
         warnings.append(_check_reused(cfg.factors_file, reused, loaded, targets))
     n_ctx = dims(loaded.model).n_ctx
-    blocks = heldout_blocks(cfg.heldout, loaded.tokenizer, n_ctx, cfg.ppl_blocks)
+    blocks = heldout_blocks(cfg.data_path("heldout"), loaded.tokenizer, n_ctx, cfg.ppl_blocks)
     block_len = min(n_ctx, MAX_FACTOR_BLOCK)
-    factor_ids = None if reused else read_factor_tokens(cfg.factor_data, loaded.tokenizer, cfg.factor_tokens)
+    factor_ids = (None if reused else
+                  read_factor_tokens(cfg.data_path("factor_data"), loaded.tokenizer, cfg.factor_tokens))
     batches = [] if factor_ids is None else token_blocks(factor_ids, block_len, cfg.factor_tokens, cfg.batch_size)
     stage = StageRun.for_config(cfg, _inputs(cfg, upstream), model=results_key(loaded),
                                 factor_sampling=FACTOR_SAMPLING)

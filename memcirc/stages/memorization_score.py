@@ -36,7 +36,6 @@ from memcirc.scoring import (
 )
 from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked
 from memcirc.stages.registry import DONE_MARKER
-from memcirc.testbed import EVAL_DOCUMENTS, TESTBED_NAME
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +140,11 @@ def _stage_windows(cfg: ScoreConfig, loaded: LoadedModel) -> tuple[WindowSet, li
         inputs = [{"path": str(cfg.input_dir), "run_id": upstream["run_id"]}]
     else:
         columns = Columns(text=cfg.text_column, tokens=cfg.token_column, group=cfg.group_column)
-        docs = load_documents(cfg.dataset, columns, split=cfg.split, dataset_config=cfg.dataset_config,
+        docs = load_documents(cfg.data_path("dataset"), columns, split=cfg.split, dataset_config=cfg.dataset_config,
                               streaming=cfg.streaming)
         windows = make_windows(docs, loaded.tokenizer, cfg.dataset, cfg.prefix_len, cfg.suffix_len,
                                cfg.windowing, cfg.stride, cfg.limit)
-        local = EVAL_DOCUMENTS if cfg.dataset == TESTBED_NAME else Path(cfg.dataset)
+        local = Path(cfg.data_path("dataset"))
         entry: dict[str, Any] = {"dataset": cfg.dataset, "split": cfg.split, "config": cfg.dataset_config}
         if local.is_file():
             entry["sha256"] = art.sha256_file(local)

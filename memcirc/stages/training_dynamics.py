@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -187,6 +187,12 @@ def _group_order(upstream: Path, windows: Sequence[ScoredWindow]) -> list[str]:
     return [g for g in listed if g in set(seen)] + [g for g in dict.fromkeys(seen) if g not in listed]
 
 
+def _checkpoint_list(cfg: DynamicsConfig) -> CheckpointList:
+    """The config's fields of the sweep as a CheckpointList (what `StageConfig.options` does, for a plain
+    frozen dataclass rather than an OptionGroup: the config has checked the values already)."""
+    return CheckpointList(**{f.name: getattr(cfg, f.name) for f in fields(CheckpointList)})
+
+
 # -- the stage ------------------------------------------------------------------------------
 
 def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
@@ -196,7 +202,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     returns None, because the stage's summary exists only once a `--merge` job has merged all units.
     Otherwise it returns the summary.
     """
-    checkpoints = resolve_checkpoints(cfg.options(CheckpointList))
+    checkpoints = resolve_checkpoints(_checkpoint_list(cfg))
     index = None if cfg.merge else resolve_checkpoint_index(cfg.checkpoint_index, len(checkpoints))
     check = [] if cfg.merge else [index] if index is not None else list(range(len(checkpoints) - 1))
     plan = make_plan(cfg, checkpoints, check)
@@ -424,4 +430,4 @@ def _or_dash(x: float | None, spec: str = ".2f") -> str:
 
 def array_tasks(cfg: DynamicsConfig) -> int:
     """SLURM array size (memcirc.slurm.plan): one task per checkpoint of the sweep (nothing is loaded)."""
-    return len(resolve_checkpoints(cfg.options(CheckpointList)))
+    return len(resolve_checkpoints(_checkpoint_list(cfg)))

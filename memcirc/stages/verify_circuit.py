@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     tensors, metadata = load_prune_scores(scores_path)
     loaded = load(cfg.model_spec())
     check_provenance(metadata, loaded, pairs_sha, pairs_path, scores_path)
-    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    vocab = cast(torch.nn.Embedding, loaded.model.get_input_embeddings()).weight.shape[0]
     pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="heldout",
                        limit=cfg.limit)
     if not pairs:
