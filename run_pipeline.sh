@@ -9,7 +9,7 @@
 #    --output_dir, --threshold, --metric, --contrastive_mode, --mem_batch_size,
 #    --contrastive_batch_size, --eap_batch_size, --global_batch_size)
 # Which stages run is the config's `pipeline:` list, run in the order of memcirc/stages/registry.py
-# (`python -m memcirc.stages.registry pipeline CONFIG` prints it); default: the four circuit stages.
+# (`python -m memcirc.config pipeline CONFIG` prints it); default: the four circuit stages.
 #   ./run_pipeline.sh --slurm --config my.yaml --output-dir runs/x [--num-shards 8] [--dry-run] [--wait]
 # --slurm submits the same stages to SLURM instead (resources from the config's slurm: section):
 # scoring, K-FAC factors and training_dynamics checkpoints as job arrays, each merge and stage
@@ -69,7 +69,7 @@ done
 [[ -f $CONFIG ]] || die "config file not found: $CONFIG"
 # The stage list comes from the config's `pipeline:` key (default: the four circuit stages), in the
 # registry's order (memcirc/stages/registry.py).
-listed=$("$PYTHON" -m memcirc.stages.registry pipeline "$CONFIG") || exit 2
+listed=$("$PYTHON" -m memcirc.config pipeline "$CONFIG") || exit 2
 mapfile -t STAGES <<< "$listed"
 first=$(index_of "${FROM_STAGE:-${STAGES[0]}}"); last=$(index_of "${TO_STAGE:-${STAGES[-1]}}")
 (( first <= last )) || die "--from-stage $FROM_STAGE comes after --to-stage $TO_STAGE"

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import yaml
 
 from memcirc.errors import InputError
+from memcirc.stages.registry import DEFAULT_PIPELINE, PIPELINE_KEY, STAGES, config_classes
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -93,8 +94,6 @@ class StageConfig(OptionGroup):
     @classmethod
     def folder(cls) -> str:
         """The stage's folder under the run root (also its YAML section)."""
-        from memcirc.stages.registry import STAGES
-
         return STAGES[cls.stage].folder
 
     @property
@@ -103,15 +102,11 @@ class StageConfig(OptionGroup):
 
     def stage_folder(self, stage: str) -> Path:
         """The folder of another stage of this run (e.g. "contrastive_dataset" -> <output-dir>/contrastive)."""
-        from memcirc.stages.registry import STAGES
-
         return Path(self.output_dir) / STAGES[stage].folder
 
     @property
     def upstream_dir(self) -> Path | None:
         """--input-dir, else the folder of the first stage this one reads."""
-        from memcirc.stages.registry import STAGES
-
         if self.input_dir:
             return Path(self.input_dir)
         needs = STAGES[self.stage].needs
@@ -230,8 +225,6 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dict[str, Any]:
     """Top-level keys this stage has, then its own section; unknown keys are errors."""
-    from memcirc.stages.registry import PIPELINE_KEY, config_classes
-
     classes = config_classes()
     sections = {c.folder(): c for c in classes}
     known_anywhere = {f.name for c in classes for f in dataclasses.fields(c)}
@@ -258,6 +251,15 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
     values.update(data.get(cls.folder()) or {})
     values.pop("config", None)
     return values
+
+
+def pipeline_stages(path: str) -> list[str]:
+    """The stages run_pipeline.sh runs for a config file: its `pipeline:` list, in registry order."""
+    listed = load_yaml(path).get(PIPELINE_KEY, list(DEFAULT_PIPELINE))
+    if not isinstance(listed, list) or any(s not in STAGES for s in listed):
+        raise InputError(f"config key '{PIPELINE_KEY}' in {path} must list stages from "
+                         f"{', '.join(STAGES)}; got {listed!r}")
+    return [s for s in STAGES if s in listed]
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -389,3 +391,15 @@ class Sharding(OptionGroup):
                                      "else 0)", minimum=0, hashed=False)
     merge: bool = option(False, "merge the finished shards into the stage outputs", aliases=("--merge_only",),
                          hashed=False)
+
+
+if __name__ == "__main__":  # `python -m memcirc.config pipeline FILE`: the stage list, one per line
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != PIPELINE_KEY:
+        sys.exit("usage: python -m memcirc.config pipeline CONFIG.yaml")
+    try:
+        print("\n".join(pipeline_stages(sys.argv[2])))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

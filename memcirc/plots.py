@@ -32,3 +32,10 @@ def save_figure(fig: Any, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def edge_count_axis(ax: Any, n_edges: int) -> None:
+    """The x axis of a faithfulness-against-k plot (find_circuits' and verify_circuit's)."""
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(-0.2, n_edges * 1.3)
+    ax.set_xlabel("edges kept (top-k by |score|; symlog axis, 0 = every edge ablated)")

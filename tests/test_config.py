@@ -84,7 +84,8 @@ def test_testbed_yaml_is_valid():
 
 
 def test_pipeline_stage_list(tmp_path):
-    from memcirc.stages.registry import DEFAULT_PIPELINE, pipeline_stages
+    from memcirc.config import pipeline_stages
+    from memcirc.stages.registry import DEFAULT_PIPELINE
 
     assert pipeline_stages(write(tmp_path, "model: testbed\n")) == list(DEFAULT_PIPELINE)
     listed = write(tmp_path, "pipeline: [kfac_edit, memorization_score]\nprefix_len: 8\n")

@@ -11,8 +11,9 @@ import sys
 import pytest
 from conftest import REPO
 
+from memcirc.config import pipeline_stages
 from memcirc.manifest import finished_summary
-from memcirc.stages.registry import DEFAULT_PIPELINE, STAGES, pipeline_stages
+from memcirc.stages.registry import DEFAULT_PIPELINE, STAGES
 
 CONFIG = REPO / "configs" / "testbed.yaml"
 

@@ -35,7 +35,7 @@ def test_every_stage_has_a_root_script_and_a_module():
 def test_run_pipeline_takes_its_stage_list_from_the_registry(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("pipeline: [verify_circuit, memorization_score, find_circuits]\n")
-    listed = subprocess.run([sys.executable, "-m", "memcirc.stages.registry", "pipeline", str(config)],
+    listed = subprocess.run([sys.executable, "-m", "memcirc.config", "pipeline", str(config)],
                             capture_output=True, text=True, check=True).stdout.split()
     assert listed == ["memorization_score", "find_circuits", "verify_circuit"]   # registry order
     config.write_text("pipeline: [no_such_stage]\n")

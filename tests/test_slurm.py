@@ -24,9 +24,8 @@ from minislurm import MiniSlurm, ensure_slurm
 from memcirc.cli import Terminated, main
 from memcirc.config import build_config
 from memcirc.errors import InputError
-from memcirc.slurm.grid import EXPERIMENTS
 from memcirc.slurm.render import RUNNER
-from memcirc.slurm.settings import read_settings
+from memcirc.slurm.settings import EXPERIMENTS, read_settings
 from memcirc.slurm.status import parse_records, task_ids
 from memcirc.stages.memorization_score import ScoreConfig
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import memcirc.slurm
 from memcirc.errors import InputError
-from memcirc.slurm.grid import EXPERIMENTS, plan_grid
+from memcirc.slurm.grid import plan_grid
 from memcirc.slurm.plan import plan_pipeline
-from memcirc.slurm.settings import Settings, read_settings
+from memcirc.slurm.settings import EXPERIMENTS, Settings, read_settings
 from memcirc.slurm.status import POLL_S, status_report, wait
 from memcirc.slurm.submit import submit
 from memcirc.stages.registry import DEFAULT_PIPELINE, STAGES

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 from memcirc.errors import InputError
 from memcirc.slurm.plan import REPO, Job, plan_pipeline, stage_config
+from memcirc.slurm.settings import EXPERIMENTS
 
 if TYPE_CHECKING:
     from memcirc.slurm.settings import Settings
 
-EXPERIMENTS = ("branch_decision", "memorization_decision", "ablations", "random_baseline")
 EXPERIMENT_NEEDS = {"branch_decision": ("memorization_score",), "memorization_decision": ("memorization_score",),
                     "ablations": ("branch_decision", "memorization_decision"),
                     "random_baseline": ("branch_decision", "memorization_decision")}

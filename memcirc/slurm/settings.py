@@ -8,8 +8,10 @@ from typing import Any, TypeGuard
 
 from memcirc.config import SLURM_KEY, load_yaml
 from memcirc.errors import InputError
-from memcirc.slurm.grid import EXPERIMENTS
 from memcirc.stages.registry import STAGES
+
+# the verify_scripts/ experiments (memcirc.slurm.grid), which a slurm: section may give resources too
+EXPERIMENTS = ("branch_decision", "memorization_decision", "ablations", "random_baseline")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from memcirc.models import load
 from memcirc.models.arch import n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.pairs import pairs_input, read_pairs
-from memcirc.plots import plt, save_figure
+from memcirc.plots import edge_count_axis, save_figure, subplots
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +175,9 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
 
 # -- figures ---------------------------------------------------------------------------------
 
-def edge_count_axis(ax: Any, n_edges: int) -> None:
-    """The x axis of a faithfulness-against-k plot (also verify_circuit's)."""
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlim(-0.2, n_edges * 1.3)
-    ax.set_xlabel("edges kept (top-k by |score|; symlog axis, 0 = every edge ablated)")
-
-
 def faithfulness_curve_figure(search: MinimalCircuit, path: Path, title: str) -> None:
     """F against k: the log-spaced curve, the bisection probes, the target and the minimal circuit."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = subplots(figsize=(8, 4.5))
     ks, fs = zip(*search.curve, strict=True)
     ax.plot(ks, fs, "o-", color="#4c72b0", label="curve (log-spaced k)")
     if search.probes:
@@ -232,7 +225,7 @@ def _layered_graph(edges: Sequence[Mapping[str, Any]]) -> tuple[nx.DiGraph, dict
 def circuit_graph_figure(edges: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     """Nodes placed by layer (bottom: embedding, top: logits), edge width by |score|, colour by sign."""
     drawn = list(edges[:MAX_DRAWN_EDGES])
-    fig, ax = plt.subplots(figsize=(10, 7))
+    fig, ax = subplots(figsize=(10, 7))
     if not drawn:
         ax.text(0.5, 0.5, "empty circuit", ha="center", va="center")
         ax.set_axis_off()

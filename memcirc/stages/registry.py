@@ -5,8 +5,9 @@ it writes under the run root (`circuits/`) is its *folder*, which also names its
 `run_pipeline.sh`, `memcirc.slurm`, `memcirc.report`, the root scripts and the tests read this
 table; adding a stage is one record here plus the stage's own files (README, "Adding a stage").
 
-The table is cheap to import: a stage's module (its `Config`, `run` and `headline`, with the
-heavy libraries they need) is imported only when one of those is asked for.
+The table is cheap to import and imports nothing of memcirc: a stage's module (its `Config`, `run`
+and `headline`, with the heavy libraries they need) is imported by name only when one of those is
+asked for. `memcirc.config` reads this table (folders, YAML sections, the `pipeline:` list).
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
-
-from memcirc.errors import InputError
-
-if TYPE_CHECKING:
-    from memcirc.config import StageConfig
+from typing import Any, Literal
 
 ArrayKind = Literal["shards", "checkpoints"]
 DONE_MARKER = "done.json"   # what an array task writes last in its own folder
@@ -54,10 +50,10 @@ class Stage:
         return importlib.import_module(f"memcirc.stages.{self.name}")
 
     @property
-    def config(self) -> type[StageConfig]:
+    def config(self) -> Any:   # type[memcirc.config.StageConfig]; config imports this module, not back
         return self.module.Config
 
-    def run(self, cfg: StageConfig) -> Any:
+    def run(self, cfg: Any) -> Any:
         return self.module.run(cfg)
 
     def headline(self, summary: dict[str, Any], stage_dir: Path) -> str:
@@ -85,42 +81,6 @@ DEFAULT_PIPELINE = ("memorization_score", "contrastive_dataset", "find_circuits"
 PIPELINE_KEY = "pipeline"   # the YAML key listing the stages run_pipeline.sh runs
 
 
-def stage_of_folder(folder: str) -> Stage:
-    return next(s for s in STAGES.values() if s.folder == folder)
-
-
-def config_classes() -> list[type[StageConfig]]:
+def config_classes() -> list[Any]:
     """Every stage's config class, in pipeline order (one YAML file is checked against all)."""
     return [s.config for s in STAGES.values()]
-
-
-def pipeline_stages(path: str | Path) -> list[str]:
-    """The stages run_pipeline.sh runs for a config file: its `pipeline:` list, in pipeline order."""
-    from memcirc.config import load_yaml
-
-    listed = load_yaml(str(path)).get(PIPELINE_KEY, list(DEFAULT_PIPELINE))
-    if not isinstance(listed, list) or any(s not in STAGES for s in listed):
-        raise InputError(f"config key '{PIPELINE_KEY}' in {path} must list stages from "
-                         f"{', '.join(STAGES)}; got {listed!r}")
-    return [s for s in STAGES if s in listed]
-
-
-def main(argv: list[str]) -> int:
-    """`python -m memcirc.stages.registry pipeline FILE`: the stages to run, one per line."""
-    import sys
-
-    if len(argv) != 2 or argv[0] != PIPELINE_KEY:
-        print("usage: python -m memcirc.stages.registry pipeline CONFIG.yaml", file=sys.stderr)
-        return 2
-    try:
-        print("\n".join(pipeline_stages(argv[1])))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

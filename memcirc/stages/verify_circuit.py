@@ -44,8 +44,7 @@ from memcirc.models import LoadedModel, load
 from memcirc.models.arch import n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
-from memcirc.plots import plt, save_figure
-from memcirc.stages.find_circuits import edge_count_axis
+from memcirc.plots import edge_count_axis, save_figure, subplots
 from memcirc.stages.registry import STAGES
 
 log = logging.getLogger(__name__)
@@ -255,7 +254,7 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
 def faithfulness_vs_edges_figure(results: Mapping[str, Mapping[str, Any]], minimal_edges: int, n_edges: int,
                                  path: Path, title: str) -> None:
     """Per ablation: the circuit's held-out F against k, with the random circuits' mean +- sd band."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = subplots(figsize=(8, 4.5))
     colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b3"]
     for colour, (name, result) in zip(colours, results.items(), strict=False):
         rows: Sequence[Mapping[str, float]] = result["faithfulness_at_edges"]
