@@ -56,12 +56,13 @@ from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.pairs import Pair
 from memcirc.scoring import GENERATION_METRICS, TEACHER_FORCED_METRICS, score_windows
 from memcirc.sharding import run_chunked
+from memcirc.stages.registry import DONE_MARKER
 
 log = logging.getLogger(__name__)
 
 METHOD_VERSION = 1
 UNITS_DIR = "checkpoints"          # <stage>/checkpoints/<index:05d>/
-UNIT_DONE = "done.json"            # written last in a unit folder
+UNIT_DONE = DONE_MARKER            # written last in a unit folder
 CIRCUIT_KEYS = tuple(f.name for f in dataclasses.fields(CircuitOptions))
 
 
