@@ -142,8 +142,9 @@ def _resolve_source(spec: ModelSpec) -> _Source:
 
 
 def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """from_pretrained arguments of every file read; a repository's own Python code is never run."""
     kw = {"revision": spec.revision, "gguf_file": spec.gguf_file}
-    return {k: v for k, v in kw.items() if v is not None}
+    return {**{k: v for k, v in kw.items() if v is not None}, "trust_remote_code": False}
 
 
 def _load_config(src: _Source, spec: ModelSpec) -> PretrainedConfig:

@@ -65,7 +65,7 @@ def to_hooked_transformer(loaded: LoadedModel, weight_processing: str = "none") 
         # breaks fold_ln on a GPU: put the whole state dict where the model lives.
         state = {name: tensor.to(loaded.device) for name, tensor in state.items()}
         # TL re-reads the tokenizer by its name_or_path, so it must come from a folder on disk.
-        model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder))
+        model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
     model.load_and_process_state_dict(
         state, fold_ln=process, center_writing_weights=process and arch.norm == "layernorm",
         center_unembed=process, fold_value_biases=process, refactor_factored_attn_matrices=False,

@@ -22,6 +22,7 @@ from safetensors.numpy import save
 from memcirc import artifacts as art
 from memcirc.data import Columns, load_documents
 from memcirc.errors import InputError
+from memcirc.logs import progress
 from memcirc.testbed import CORPUS_DIR, GROUND_TRUTH, TESTBED_NAME
 
 log = logging.getLogger(__name__)
@@ -218,3 +219,18 @@ def corpus_identity(corpus: Corpus) -> dict[str, Any]:
     else:
         ident.update(split=corpus.split, streaming=corpus.streaming)
     return ident
+
+
+def index_for(path: Path, n: int, corpus: Corpus, tokenizer: Any, vocab_size: int,
+              meta: dict[str, Any]) -> NgramIndex:
+    """The index at `path` when it was built with `meta` (corpus, tokenizer) and n; else build and save it."""
+    if (index := reusable_index(path, n, meta)) is not None:
+        log.info("reusing the n-gram index %s", path)
+        return index
+    log.info("building the %d-gram index of corpus %s", n, corpus.source)
+    index = build_index(progress(corpus_documents(corpus, tokenizer), "n-gram index"), n, vocab_size,
+                        corpus.max_tokens)
+    index.meta.update(meta)
+    index.save(path)
+    log.info("n-gram index: %s tokens, %d distinct %d-grams", index.meta["n_tokens"], index.hashes.size, n)
+    return index

@@ -31,7 +31,6 @@ from transformers import AutoTokenizer
 from memcirc import artifacts as art
 from memcirc.config import MemorizedRule, StageConfig, option
 from memcirc.errors import InputError
-from memcirc.logs import progress
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, ModelSpec, load
 from memcirc.models.identity import results_key, tokenizer_sha256
@@ -55,13 +54,11 @@ from memcirc.predict.labels import (
 from memcirc.predict.ngram import (
     Corpus,
     NgramIndex,
-    build_index,
     check_index,
-    corpus_documents,
     corpus_identity,
+    index_for,
     index_meta,
     load_index,
-    reusable_index,
 )
 from memcirc.predict.onset import OnsetTargets, onset_targets, predict_onsets
 from memcirc.testbed import CHECKPOINTS_DIR, TESTBED_NAME, checkpoint_folders
@@ -243,7 +240,8 @@ def _check_tokenizers(cfg: PredictConfig, labels: Labels, models: Models) -> Non
                              f", whose vocabulary differs from the reference model "
                              f"{models.reference_spec.name_or_path!r}'s: use a reference model with the same tokenizer")
     if cfg.corpus == TESTBED_NAME and not cfg.index_file:
-        if tokenizer_sha256(AutoTokenizer.from_pretrained(str(_testbed_checkpoints()[0]))) != models.reference_sha:
+        if tokenizer_sha256(AutoTokenizer.from_pretrained(str(_testbed_checkpoints()[0]),
+                                                       trust_remote_code=False)) != models.reference_sha:
             raise InputError("the testbed corpus is tokenized with the testbed tokenizer; the reference model has "
                              "another vocabulary: pass --corpus")
 
@@ -285,23 +283,6 @@ def _given_index(cfg: PredictConfig, tokenizer_sha: str) -> NgramIndex | None:
         return None
     index = load_index(Path(cfg.index_file))
     check_index(index, cfg.ngram, tokenizer_sha, cfg.index_file)
-    return index
-
-
-def _stage_index(path: Path, n: int, corpus: Corpus, reference: LoadedModel, meta: dict[str, Any]) -> NgramIndex:
-    """The index at `path` when it was built with `meta` (corpus, tokenizer) and n; else build and save it."""
-    if (index := reusable_index(path, n, meta)) is not None:
-        log.info("reusing the n-gram index %s", path)
-        return index
-    log.info("building the %d-gram index of corpus %s", n, corpus.source)
-    # nn.Module.__getattr__ is typed Tensor | Module; an embedding's weight is a Parameter
-    embedding_rows = cast(torch.Tensor, reference.model.get_input_embeddings().weight).shape[0]
-    vocab = max(len(reference.tokenizer), embedding_rows)
-    index = build_index(progress(corpus_documents(corpus, reference.tokenizer), "n-gram index"), n, vocab,
-                        corpus.max_tokens)
-    index.meta.update(meta)
-    index.save(path)
-    log.info("n-gram index: %s tokens, %d distinct %d-grams", index.meta["n_tokens"], index.hashes.size, n)
     return index
 
 
@@ -377,8 +358,11 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     with _timed(timings, "index_s"):
-        index = given or _stage_index(cfg.stage_dir / NGRAM_INDEX, cfg.ngram, corpus, reference,
-                                      index_meta(models.reference_sha, corpus_ident))
+        # nn.Module.__getattr__ is typed Tensor | Module; an embedding's weight is a Parameter
+        embedding = cast(torch.Tensor, reference.model.get_input_embeddings().weight)
+        vocab = max(len(reference.tokenizer), embedding.shape[0])
+        index = given or index_for(cfg.stage_dir / NGRAM_INDEX, cfg.ngram, corpus, reference.tokenizer, vocab,
+                                   index_meta(models.reference_sha, corpus_ident))
     with _timed(timings, "features_s"):
         features = compute_features(examples, reference, index, batch_size=cfg.batch_size, seed=cfg.seed)
     with _timed(timings, "baseline_s"):
