@@ -26,7 +26,7 @@ def memorized_windows(stage_dir: Path, rule: MemorizedRule | None = None) -> lis
     chosen = [w for w, m in zip(windows, memorized(windows, rule, f"{stage_dir}/{art.SCORES_JSONL}")) if m]
     if not chosen:
         raise InputError(f"no memorized windows in {stage_dir} ({rule.memorized_by} >= {rule.threshold} in none "
-                         f"of {len(windows)}): score more data or lower the threshold")
+                         f"of {len(windows)}): score more data")
     return chosen
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -367,6 +367,12 @@ def d_mlp(model_or_config: Any) -> int:
 def n_ctx(model_or_config: Any) -> int:
     """Maximum context length the model was built for."""
     return dims(model_or_config).n_ctx
+
+
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding: the token ids the model can take (can exceed the tokenizer's length)."""
+    # nn.Module.__getattr__ is typed Tensor | Module; an embedding's weight is a Parameter
+    return int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
 
 
 def parallel_attn_mlp(model_or_config: Any) -> bool:

@@ -13,17 +13,16 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from transformers import AutoTokenizer
 
 from memcirc import artifacts as art
 from memcirc.config import MemorizedRule
 from memcirc.data import TOKEN_COLUMNS, Window, load_hub_dataset, memorized, parquet_rows, read_scores
 from memcirc.errors import InputError
-from memcirc.models.arch import n_ctx
+from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import tokenizer_sha256
 from memcirc.testbed import MODEL_DIR, TESTBED_NAME
 
@@ -222,7 +221,7 @@ def check_classes(examples: Sequence[Example], folds: int, where: str) -> None:
 def check_tokens(examples: Sequence[Example], model: PreTrainedModel, what: str) -> None:
     """Every token id must be one the model can embed, every sequence fit its context."""
     # nn.Module.__getattr__ is typed Tensor | Module; an embedding's weight is a Parameter
-    vocab = cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]
+    vocab = embedding_rows(model)
     context = n_ctx(model)
     longest = max(len(e.tokens) for e in examples)
     if context is not None and longest > context:

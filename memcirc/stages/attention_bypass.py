@@ -25,7 +25,7 @@ from memcirc.errors import InputError
 from memcirc.evaluation import heldout_blocks, memorized_windows
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
-from memcirc.models.arch import n_ctx, n_layers
+from memcirc.models.arch import embedding_rows, n_ctx, n_layers
 from memcirc.models.identity import check_same_model, results_key
 from memcirc.plots import save_figure, subplots
 
@@ -131,7 +131,7 @@ def _memorized(cfg: BypassConfig) -> tuple[Sequence[Window], list[dict[str, Any]
 
 
 def _check_vocab(windows: Sequence[Window], model: PreTrainedModel) -> None:
-    vocab = cast(torch.nn.Embedding, model.get_input_embeddings()).weight.shape[0]
+    vocab = embedding_rows(model)
     high = max(int(w.tokens.max()) for w in windows)
     if high >= vocab or min(int(w.tokens.min()) for w in windows) < 0:
         raise InputError(f"memorized windows hold token ids outside the model's vocabulary (0..{vocab - 1}): "

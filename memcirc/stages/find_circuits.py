@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import networkx as nx
 import torch
@@ -38,7 +38,7 @@ from memcirc.config import CircuitOptions, StageConfig, option
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun
 from memcirc.models import load
-from memcirc.models.arch import n_ctx
+from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.pairs import pairs_input, read_pairs
 from memcirc.plots import edge_count_axis, save_figure, subplots
@@ -77,7 +77,7 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     pairs_path, upstream_manifest, pairs_sha = pairs_input(upstream)
     loaded = load(cfg.model_spec())
     dtype_warning = check_same_model(upstream_manifest.get("model"), loaded, "contrastive pairs")
-    vocab = cast(torch.nn.Embedding, loaded.model.get_input_embeddings()).weight.shape[0]
+    vocab = embedding_rows(loaded.model)
     pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="discovery",
                        limit=cfg.limit)
     if not pairs:

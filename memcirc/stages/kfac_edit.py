@@ -25,9 +25,9 @@ import torch
 
 from memcirc import artifacts as art
 from memcirc.config import HeldoutEval, MemorizedRule, Sharding, StageConfig, option
-from memcirc.data import ScoredWindow, memorized, read_scores
+from memcirc.data import ScoredWindow
 from memcirc.errors import InputError
-from memcirc.evaluation import heldout_blocks, memorization, perplexity
+from memcirc.evaluation import heldout_blocks, memorization, memorized_windows, perplexity
 from memcirc.kfac.edit import FORMULAS, ModelEdit
 from memcirc.kfac.factors import (
     LABELS,
@@ -187,11 +187,7 @@ def _memorized_windows(cfg: KfacConfig) -> tuple[dict[str, Any], list[ScoredWind
     upstream_dir = cfg.upstream_dir
     assert upstream_dir is not None   # kfac_edit needs memorization_score: there is always an upstream folder
     upstream = read_manifest(upstream_dir, what="memorization")
-    scored = read_scores(upstream_dir)
-    windows = [w for w, is_memorized in zip(scored, memorized(scored, MEMORIZED)) if is_memorized]
-    if not windows:
-        raise InputError(f"no memorized windows in {cfg.upstream_dir} ({MEMORIZED.memorized_by} >= "
-                         f"{MEMORIZED.threshold} in none of {len(scored)}): score more data")
+    windows = memorized_windows(upstream_dir, MEMORIZED)
     return upstream, windows[:cfg.limit] if cfg.limit else windows
 
 

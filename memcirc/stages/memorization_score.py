@@ -23,7 +23,7 @@ from memcirc.data import Columns, Window, WindowSet, load_documents, make_window
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, load
-from memcirc.models.arch import n_ctx
+from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import results_key
 from memcirc.plots import save_figure, subplots
 from memcirc.scoring import (
@@ -149,7 +149,7 @@ def _stage_windows(cfg: ScoreConfig, loaded: LoadedModel) -> tuple[WindowSet, li
         if local.is_file():
             entry["sha256"] = art.sha256_file(local)
         inputs = [entry]
-    vocab_size = cast(torch.nn.Embedding, loaded.model.get_input_embeddings()).weight.shape[0]
+    vocab_size = embedding_rows(loaded.model)
     validate_windows(windows, vocab_size=vocab_size, n_ctx=n_ctx(loaded.model))
     log.info("%d windows from %d documents (%d shorter than a window, skipped)", len(windows.windows),
              windows.n_documents, windows.n_short_skipped)

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from memcirc.config import MemorizedRule, StageConfig, option
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, ModelSpec, load
+from memcirc.models.arch import embedding_rows
 from memcirc.models.identity import results_key, tokenizer_sha256
 from memcirc.predict import report
 from memcirc.predict.baseline import column_predictions, memorized_table_tokens, model_predictions, table_predictions
@@ -358,9 +359,7 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     with _timed(timings, "index_s"):
-        # nn.Module.__getattr__ is typed Tensor | Module; an embedding's weight is a Parameter
-        embedding = cast(torch.Tensor, reference.model.get_input_embeddings().weight)
-        vocab = max(len(reference.tokenizer), embedding.shape[0])
+        vocab = max(len(reference.tokenizer), embedding_rows(reference.model))
         index = given or index_for(cfg.stage_dir / NGRAM_INDEX, cfg.ngram, corpus, reference.tokenizer, vocab,
                                    index_meta(models.reference_sha, corpus_ident))
     with _timed(timings, "features_s"):

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from memcirc.config import ABLATIONS, CircuitOptions, StageConfig, option
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, load
-from memcirc.models.arch import n_ctx
+from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
 from memcirc.plots import edge_count_axis, save_figure, subplots
@@ -86,7 +86,7 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     tensors, metadata = load_prune_scores(scores_path)
     loaded = load(cfg.model_spec())
     check_provenance(metadata, loaded, pairs_sha, pairs_path, scores_path)
-    vocab = cast(torch.nn.Embedding, loaded.model.get_input_embeddings()).weight.shape[0]
+    vocab = embedding_rows(loaded.model)
     pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="heldout",
                        limit=cfg.limit)
     if not pairs:
