@@ -77,7 +77,11 @@ class StageConfig(OptionGroup):
                                    hashed=False)
     model: str = option("testbed", "Hub id, local model folder, or 'testbed'", aliases=("--model_name",))
     revision: str | None = option(None, "model revision, e.g. a Pythia checkpoint 'step3000'")
-    gguf_file: str | None = option(None, "GGUF file inside the model folder / repo")
+    gguf_file: str | None = option(None, "GGUF file inside the model folder / repo (converted once to a "
+                                   "safetensors folder, cached by its sha256)")
+    tokenizer: str | None = option(None, "tokenizer folder or Hub id to use instead of the model's own")
+    prepend_bos: str = option("auto", "BOS before every window and perplexity block: auto (when the "
+                              "tokenizer adds one itself), always, never", choices=("auto", "always", "never"))
     attn_implementation: str | None = option(None, "HF attention implementation (eager, sdpa, ...)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", hashed=False)
     dtype: str = option("auto", "model dtype (auto = float32 on CPU, bfloat16 on GPU)", choices=DTYPES)
@@ -135,7 +139,7 @@ class StageConfig(OptionGroup):
         from memcirc.models import ModelSpec
 
         return ModelSpec(name_or_path=self.model, revision=self.revision, gguf_file=self.gguf_file,
-                         dtype=self.dtype, device=self.device,
+                         tokenizer=self.tokenizer, dtype=self.dtype, device=self.device,
                          attn_implementation=self.attn_implementation)
 
 

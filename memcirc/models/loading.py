@@ -46,6 +46,7 @@ class ModelSpec:
         name_or_path: a local HF folder, a Hub id ("EleutherAI/pythia-160m") or "testbed".
         revision: Hub branch, tag or commit (e.g. "step3000"); Hub ids only.
         gguf_file: a GGUF file name inside `name_or_path`; it is dequantized to `dtype`.
+        tokenizer: a tokenizer folder or Hub id used instead of the model's own.
         dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16" or "float16".
         device: "auto" (best accelerator, else CPU) or a device name; see `device.DEVICE_CHOICES`.
         attn_implementation: passed to `from_pretrained` ("eager", "sdpa", ...); None = its default.
@@ -54,6 +55,7 @@ class ModelSpec:
     name_or_path: str
     revision: str | None = None
     gguf_file: str | None = None
+    tokenizer: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     attn_implementation: str | None = None
