@@ -98,6 +98,10 @@ if (( USE_SLURM )); then
 fi
 (( ${#SLURM[@]} == 0 )) || [[ ${SLURM[*]} == --dry-run ]] || die "--wait and --num-shards need --slurm"
 
+# Each stage's model is checked from its config.json first (no weights; not for --dry-run): a family
+# TransformerLens cannot convert is refused here, not after scoring and contrastive have run.
+[[ " ${COMMON[*]} " == *" --dry-run "* ]] || "$PYTHON" -m memcirc.preflight \
+  --stages "${STAGES[@]:first:last-first+1}" --config "$CONFIG" --output-dir "$OUTPUT_DIR" "${COMMON[@]}" || exit $?
 echo "memcirc pipeline: config=$CONFIG output=$OUTPUT_DIR stages=${STAGES[*]:first:last-first+1}"
 for stage in "${STAGES[@]:first:last-first+1}"; do
   echo "== $stage"

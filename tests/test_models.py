@@ -1,4 +1,4 @@
-"""memcirc.models: device/dtype, load(spec) (local, Hub cache + revision, GGUF), TL conversion."""
+"""memcirc.models: device/dtype, load(spec) (local, Hub cache + revision, GGUF), TL conversion, preflight."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformer_lens.loading_from_pretrained as tl_loading
 import transformers
 from conftest import build_tiny_model
 
+from memcirc import preflight as pipeline_preflight
 from memcirc.errors import InputError
-from memcirc.models import ModelSpec, load, loading, resolve_device, resolve_dtype
+from memcirc.models import ModelSpec, load, loading, preflight, resolve_device, resolve_dtype
+from memcirc.models import gguf as memcirc_gguf
 from memcirc.models.arch import SPECS, TL_HOOK_NAMES, dims, parallel_attn_mlp, tl_hook_name
 from memcirc.models.tl import check_circuit_flags, to_hooked_transformer, weight_processing_of
 
@@ -24,6 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 TL_FAMILIES = [f for f, spec in SPECS.items() if spec.tl_supported]
 NO_TL_FAMILIES = [f for f, spec in SPECS.items() if not spec.tl_supported]
 ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def gguf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """GGUF conversions of these tests go to a temporary cache, never ~/.cache/memcirc."""
+    root = tmp_path_factory.mktemp("memcirc-cache")
+    monkeypatch.setenv(memcirc_gguf.CACHE_ENV, str(root))
+    return root
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
@@ -405,3 +416,89 @@ def test_load_and_tl_on_the_gpu(tiny_model_dirs: dict, family: str) -> None:
             tl = to_hooked_transformer(loaded, processing)
             assert {p.device for p in tl.parameters()} == {ids.device}
             assert (tl(ids).log_softmax(-1) - expected).abs().max() <= ATOL
+
+
+# --- preflight: family and TransformerLens support from config.json alone --------------------------
+
+def _neutral_config_dir(tmp_path: Path, family: str) -> Path:
+    """config.json with `architectures`, in a folder whose path TL does not sniff as a model name."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    hf_config = build_tiny_model(family).config
+    config = {**hf_config.to_dict(), "architectures": [SPECS[family].hf_architecture]}
+    for tl_key, hf_attr in SPECS[family].tl_hf_config_aliases.items():  # as tl._stage_folder writes them
+        config.setdefault(tl_key, getattr(hf_config, hf_attr))
+    (folder / "config.json").write_text(json.dumps(config, default=str))
+    return folder
+
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_tl_support_in_arch_matches_transformer_lens(family: str, tmp_path: Path) -> None:
+    """`ArchSpec.tl_supported` is what TransformerLens 2.18 itself can do with a config.json."""
+    folder = _neutral_config_dir(tmp_path, family)
+    if SPECS[family].tl_supported:
+        assert tl_loading.convert_hf_model_config(str(folder))["original_architecture"] == SPECS[family].hf_architecture
+    else:
+        with pytest.raises(NotImplementedError, match="is not currently supported"):
+            tl_loading.convert_hf_model_config(str(folder))
+
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_preflight_from_config_alone(family: str, tiny_model_dirs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_weights(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", no_weights)
+    spec = ModelSpec(str(tiny_model_dirs[family]), device="cpu")
+    assert preflight.check_model(spec).family == family
+    if SPECS[family].tl_supported:
+        preflight.check_model(spec, needs_tl=True)
+    else:
+        with pytest.raises(InputError, match=rf"find_circuits needs TransformerLens: .*family {family}") as err:
+            preflight.check_model(spec, needs_tl=True, what="find_circuits")
+        one_line_error(err)
+
+
+def test_preflight_does_not_convert_a_gguf(gguf_source: tuple, gguf_cache: Path) -> None:
+    _, folder = gguf_source
+    assert preflight.check_model(ModelSpec(str(folder), gguf_file="tiny-f32.gguf"), needs_tl=True).family == "gpt2"
+    assert not (gguf_cache / "gguf").exists() or not any((gguf_cache / "gguf").glob("[0-9a-f]*"))
+
+
+def test_preflight_command(tiny_model_dirs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert preflight.main(["--model", str(tiny_model_dirs["llama"]), "--needs-tl"]) == 0
+    assert preflight.main(["--model", str(tiny_model_dirs["gemma3"])]) == 0
+    for argv in (["--model", str(tiny_model_dirs["gemma3"]), "--needs-tl"], ["--model", str(tmp_path / "nope")],
+                 ["--needs-tl"]):
+        assert preflight.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+
+
+def test_pipeline_preflight_checks_each_stage(tiny_model_dirs: dict) -> None:
+    gemma = ["--model", str(tiny_model_dirs["gemma3"])]
+    pipeline_preflight.check_stages(["memorization_score", "contrastive_dataset", "attention_bypass"], gemma)
+    pipeline_preflight.check_stages(["training_dynamics"], [*gemma, "--no-circuits"])
+    for stage in ("find_circuits", "verify_circuit", "training_dynamics"):
+        with pytest.raises(InputError, match=f"{stage} needs TransformerLens"):
+            pipeline_preflight.check_stages(["memorization_score", stage], gemma)
+    pipeline_preflight.check_stages(["find_circuits"], ["--model", str(tiny_model_dirs["qwen2"])])
+
+
+def test_circuit_stage_refuses_gemma3_before_reading_anything(tiny_model_dirs: dict, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from memcirc.cli import main
+
+    for stage in ("find_circuits", "verify_circuit"):
+        assert main(stage, ["--model", str(tiny_model_dirs["gemma3"]), "--output-dir", str(tmp_path)]) == 2
+        assert "needs TransformerLens" in capsys.readouterr().err   # not "no contrastive pairs"
+
+
+def test_run_pipeline_refuses_gemma3_before_the_first_stage(tiny_model_dirs: dict, tmp_path: Path) -> None:
+    run = subprocess.run(["bash", str(REPO / "run_pipeline.sh"), "--config", str(REPO / "configs" / "testbed.yaml"),
+                          "--output-dir", str(tmp_path / "run"), "--model", str(tiny_model_dirs["gemma3"])],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHON=sys.executable))
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "find_circuits needs TransformerLens" in run.stderr and "== memorization_score" not in run.stdout
+    assert not (tmp_path / "run").exists()

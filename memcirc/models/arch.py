@@ -270,6 +270,15 @@ def arch_for(model_or_config: Any) -> ArchSpec:
     return spec
 
 
+def require_tl(arch: ArchSpec) -> None:
+    """InputError unless TransformerLens 2.18 can convert `arch`'s family (decided from the ArchSpec,
+    i.e. from config.json alone: `memcirc.models.preflight` calls this before any weights load)."""
+    if not arch.tl_supported:
+        supported = ", ".join(s.family for s in SPECS.values() if s.tl_supported)
+        raise InputError(f"TransformerLens cannot convert family {arch.family} ({arch.tl_note}); "
+                         f"supported: {supported}")
+
+
 def get_module(
     model: torch.nn.Module, arch: ArchSpec, role: str, layer: int | None = None
 ) -> torch.nn.Module:

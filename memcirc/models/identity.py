@@ -2,8 +2,8 @@
 
 Three named key sets of `LoadedModel.identity()` (what a manifest records as `model`):
 
-- `WEIGHTS_KEYS` (+ n_params): which weights, not where or in which dtype they run. Prune
-  scores, circuits and checkpoint units are keyed by `weights_key`.
+- `WEIGHTS_KEYS` (+ n_params, + the GGUF's sha256 for a GGUF model): which weights, not where or in
+  which dtype they run. Prune scores, circuits and checkpoint units are keyed by `weights_key`.
 - `RESULTS_KEYS`: what determines a stage's numbers (the weights and the dtype); stage
   fingerprints use `results_key`.
 - `signature`: what the checkpoints of one training run share (architecture and vocabulary).
@@ -23,19 +23,26 @@ if TYPE_CHECKING:
 
 WEIGHTS_KEYS = ("name_or_path", "revision", "commit_hash", "gguf_file", "model_type")
 RESULTS_KEYS = (*WEIGHTS_KEYS, "dtype")
-COMPARED_KEYS = ("name_or_path", "revision", "gguf_file", "model_type", "n_params", "commit_hash")
+COMPARED_KEYS = ("name_or_path", "revision", "gguf_file", "gguf_sha256", "model_type", "n_params",
+                 "commit_hash")
+# Recorded only where set (a GGUF model), so the keys of every other model stay as they were.
+_GGUF_KEY = "gguf_sha256"
+
+
+def _with_gguf(key: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    return {**key, _GGUF_KEY: identity[_GGUF_KEY]} if identity.get(_GGUF_KEY) else key
 
 
 def weights_key(loaded: LoadedModel) -> dict[str, Any]:
     """What identifies the weights (not where or in which dtype they run)."""
     identity = loaded.identity()
-    return {**{k: identity[k] for k in WEIGHTS_KEYS}, "n_params": identity["n_params"]}
+    return _with_gguf({**{k: identity[k] for k in WEIGHTS_KEYS}, "n_params": identity["n_params"]}, identity)
 
 
 def results_key(loaded: LoadedModel) -> dict[str, Any]:
     """What determines a stage's numbers: which weights, in which dtype."""
     identity = loaded.identity()
-    return {k: identity[k] for k in RESULTS_KEYS}
+    return _with_gguf({k: identity[k] for k in RESULTS_KEYS}, identity)
 
 
 def tokenizer_sha256(tokenizer: Any) -> str:

@@ -1,8 +1,10 @@
 """`load(spec)`: the one way memcirc loads a causal LM, its tokenizer and its ArchSpec.
 
 The code path is always `AutoConfig/AutoModelForCausalLM/AutoTokenizer.from_pretrained`, for a local
-folder, a Hub id (through the HF cache; `revision` selects e.g. a Pythia `step3000`), a GGUF file in
-a folder, or the embedded testbed (the name "testbed").
+folder, a Hub id (through the HF cache; `revision` selects e.g. a Pythia `step3000`), or the embedded
+testbed (the name "testbed"). A GGUF file (in a folder or a Hub repo) is converted once to a plain
+folder (`memcirc.models.gguf`), which every load then reads; until it is, config and tokenizer come
+from the GGUF's metadata, so checks before the weights load stay cheap.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any, cast
 
 import torch
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,6 +28,7 @@ from transformers import (
 )
 
 from memcirc.errors import InputError
+from memcirc.models import gguf
 from memcirc.models.arch import ArchSpec, arch_for
 from memcirc.models.device import (
     check_device_name,
@@ -33,6 +37,8 @@ from memcirc.models.device import (
     resolve_device,
     resolve_dtype,
 )
+from memcirc.models.gguf_tokenizer import from_gguf
+from memcirc.models.tokenizer import quiet_tokenizer_warnings
 from memcirc.testbed import MODEL_DIR, TESTBED_NAME
 
 log = logging.getLogger(__name__)
@@ -45,8 +51,9 @@ class ModelSpec:
     Attributes:
         name_or_path: a local HF folder, a Hub id ("EleutherAI/pythia-160m") or "testbed".
         revision: Hub branch, tag or commit (e.g. "step3000"); Hub ids only.
-        gguf_file: a GGUF file name inside `name_or_path`; it is dequantized to `dtype`.
-        tokenizer: a tokenizer folder or Hub id used instead of the model's own.
+        gguf_file: a GGUF file name inside `name_or_path` (a folder or Hub repo); converted once to a
+            safetensors folder in the memcirc cache, which is what loads.
+        tokenizer: a tokenizer folder, Hub id or .gguf file used instead of the model's own.
         dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16" or "float16".
         device: "auto" (best accelerator, else CPU) or a device name; see `device.DEVICE_CHOICES`.
         attn_implementation: passed to `from_pretrained` ("eager", "sdpa", ...); None = its default.
@@ -81,17 +88,22 @@ class LoadedModel:
     local_path: Path | None = None   # the folder the files came from (local or HF cache snapshot)
     commit_hash: str | None = None   # known when loaded from the HF cache
     pad_from_eos: bool = field(default=False)  # True when the tokenizer had no pad token
+    gguf: dict[str, Any] | None = None         # the GGUF the weights came from (`gguf.identity`)
+    tokenizer_check: dict[str, Any] | None = None  # `tokenizer.check_tokenizer` on the data, if run
 
     def identity(self) -> dict[str, Any]:
         """What a manifest records about this model (JSON-serializable); memcirc.models.identity
         names the subsets that identify the weights and the results."""
         config = self.model.config
-        return {
+        ident = {
             "name_or_path": self.spec.name_or_path,
             "local_path": str(self.local_path) if self.local_path else None,
             "revision": self.spec.revision,
             "commit_hash": self.commit_hash,
             "gguf_file": self.spec.gguf_file,
+            "gguf_sha256": (self.gguf or {}).get("gguf_sha256"),
+            "converted_path": (self.gguf or {}).get("converted_path"),
+            "tokenizer": self.spec.tokenizer,
             "model_type": config.model_type,
             "family": self.arch.family,
             "dtype": dtype_name(self.dtype),
@@ -102,6 +114,7 @@ class LoadedModel:
             "pad_token": self.tokenizer.pad_token,
             "pad_from_eos": self.pad_from_eos,
         }
+        return ident if self.tokenizer_check is None else {**ident, "tokenizer_check": self.tokenizer_check}
 
 
 @dataclass(frozen=True)
@@ -143,37 +156,116 @@ def _resolve_source(spec: ModelSpec) -> _Source:
     return _Source(name, None, is_hub=True)
 
 
+# from_pretrained arguments for a plain local folder (a GGUF's conversion).
+_SAFE: dict[str, Any] = {"trust_remote_code": False}
+
+
 def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
     """from_pretrained arguments of every file read; a repository's own Python code is never run."""
     kw = {"revision": spec.revision, "gguf_file": spec.gguf_file}
     return {**{k: v for k, v in kw.items() if v is not None}, "trust_remote_code": False}
 
 
-def _load_config(src: _Source, spec: ModelSpec) -> PretrainedConfig:
+def _not_cached(src: _Source, spec: ModelSpec) -> InputError:
+    rev = f" (revision {spec.revision})" if spec.revision else ""
+    return InputError(
+        f"model {src.ref!r}{rev} is neither a local folder nor in the Hugging Face cache "
+        f"({hf_constants.HF_HUB_CACHE}), and the Hub is unreachable or has no such repo/revision; "
+        f"pass a local folder or download it where there is network"
+    )
+
+
+def _plain(folder: Path) -> _Source:
+    return _Source(str(folder), folder, is_hub=False)
+
+
+def _gguf_path(src: _Source, spec: ModelSpec) -> Path:
+    """The GGUF file on disk: in the local folder, or in the HF cache (downloaded where online)."""
+    assert spec.gguf_file is not None
+    if not src.is_hub:
+        assert src.local_path is not None
+        return src.local_path / spec.gguf_file
     try:
-        return AutoConfig.from_pretrained(src.ref, **_hub_kwargs(spec))
+        return Path(hf_hub_download(src.ref, spec.gguf_file, revision=spec.revision))
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        raise _not_cached(src, spec) from err
+
+
+def _files(spec: ModelSpec) -> tuple[_Source, gguf.GGUFFile | None, Path | None]:
+    """The source, its GGUF file (None: not a GGUF model) and that file's conversion (None: not yet)."""
+    src = _resolve_source(spec)
+    if spec.gguf_file is None:
+        return src, None, None
+    gg = gguf.gguf_file(_gguf_path(src, spec))
+    return src, gg, gguf.converted(gg)
+
+
+def _load_config(src: _Source, spec: ModelSpec, kwargs: dict[str, Any] | None = None) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(src.ref, **(_hub_kwargs(spec) if kwargs is None else kwargs))
     except OSError as err:
         if not src.is_hub:
             raise InputError(f"cannot read the model config in {src.ref}: {_first_line(err)}") from err
-        rev = f" (revision {spec.revision})" if spec.revision else ""
-        raise InputError(
-            f"model {src.ref!r}{rev} is neither a local folder nor in the Hugging Face cache "
-            f"({hf_constants.HF_HUB_CACHE}), and the Hub is unreachable or has no such repo/revision; "
-            f"pass a local folder or download it where there is network"
-        ) from err
+        raise _not_cached(src, spec) from err
     except ValueError as err:  # e.g. a model_type this transformers version does not know
         raise InputError(f"cannot read the model config of {src.ref}: {_first_line(err)}") from err
+
+
+def _config(src: _Source, spec: ModelSpec, gg: gguf.GGUFFile | None, folder: Path | None) -> PretrainedConfig:
+    """The config: of the conversion, else of the GGUF's metadata (no weights read), else the source's."""
+    if folder is not None:
+        return _load_config(_plain(folder), spec, _SAFE)
+    if gg is not None:
+        return _load_config(_plain(gg.path.parent), spec, {**_SAFE, "gguf_file": gg.name})
+    return _load_config(src, spec)
 
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
-def _load_tokenizer(src: _Source, spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, bool]:
+def _pretrained_tokenizer(ref: str, kwargs: dict[str, Any], what: str) -> PreTrainedTokenizerBase:
     try:
-        tok = AutoTokenizer.from_pretrained(src.ref, **_hub_kwargs(spec))
-    except (OSError, ValueError, TypeError) as err:
-        raise InputError(f"no usable tokenizer for {src.ref}: {_first_line(err)}") from err
+        with quiet_tokenizer_warnings():
+            return AutoTokenizer.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:  # what transformers raises
+        raise InputError(f"no usable tokenizer for {what}: {_first_line(err)}") from err
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _override_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """`--tokenizer`: a folder, a .gguf file (its corrected tokenizer) or a Hub id."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"--tokenizer {name} is a file; pass the folder holding tokenizer.json, "
+                             "a Hub id or a .gguf file")
+        with quiet_tokenizer_warnings():
+            return from_gguf(gguf.gguf_file(path).path)[0]
+    if not path.exists() and _looks_like_path(name):
+        raise InputError(f"--tokenizer {name} does not exist")
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise InputError(f"no usable tokenizer for --tokenizer {name}: the folder has none of "
+                         f"{', '.join(_TOKENIZER_FILES)}")
+    return _pretrained_tokenizer(str(path.resolve()) if path.exists() else name, _SAFE, f"--tokenizer {name}")
+
+
+def _load_tokenizer(src: _Source, spec: ModelSpec, gg: gguf.GGUFFile | None, folder: Path | None,
+                    override: PreTrainedTokenizerBase | None = None) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The override, else the conversion's, else the GGUF's (corrected, no weights read), else the source's."""
+    if override is not None:
+        tok = override
+    elif spec.tokenizer is not None:
+        tok = _override_tokenizer(spec.tokenizer)
+    elif folder is not None:
+        tok = _pretrained_tokenizer(str(folder), _SAFE, str(folder))
+    elif gg is not None:
+        with quiet_tokenizer_warnings():
+            tok = from_gguf(gg.path)[0]
+    else:
+        tok = _pretrained_tokenizer(src.ref, _hub_kwargs(spec), src.ref)
     pad_from_eos = tok.pad_token is None and tok.eos_token is not None
     if pad_from_eos:
         # Batching needs a pad id; eos is the common choice. Padding side is left as the model's own.
@@ -182,41 +274,59 @@ def _load_tokenizer(src: _Source, spec: ModelSpec) -> tuple[PreTrainedTokenizerB
 
 
 def _cache_location(
-    src: _Source, spec: ModelSpec, config: PretrainedConfig
+    src: _Source, spec: ModelSpec, config: PretrainedConfig, gg: gguf.GGUFFile | None
 ) -> tuple[Path | None, str | None]:
     """The HF cache snapshot folder and commit hash a Hub model was loaded from."""
     if not src.is_hub:
         return src.local_path, None
-    cached = try_to_load_from_cache(src.ref, spec.gguf_file or "config.json", revision=spec.revision)
+    if gg is not None:   # hf_hub_download put it in <snapshots>/<commit>/
+        return gg.path.parent, gg.path.parent.name
+    cached = try_to_load_from_cache(src.ref, "config.json", revision=spec.revision)
     folder = Path(cached).parent if isinstance(cached, str) else None
     return folder, getattr(config, "_commit_hash", None) or (folder.name if folder else None)
 
 
-def _load_weights(src: _Source, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel:
+def _load_weights(ref: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(src.ref, dtype=dtype, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:  # no (readable) weight files; a bad attn_implementation
-        raise InputError(f"cannot load the model weights from {src.ref}: {_first_line(err)}") from err
+        raise InputError(f"cannot load the model weights from {ref}: {_first_line(err)}") from err
+
+
+def load_config(spec: ModelSpec | str) -> PretrainedConfig:
+    """The config `load(spec)` would use, from config.json (or a GGUF's metadata) alone.
+
+    Raises:
+        InputError: as `load` does for a missing folder or GGUF file, or an unavailable Hub id.
+    """
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    src, gg, folder = _files(spec)
+    return _config(src, spec, gg, folder)
 
 
 def load_config_and_tokenizer(spec: ModelSpec | str) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
     """The config and tokenizer `load(spec)` would use, without reading any weights.
 
-    For cheap up-front checks (e.g. that checkpoints share one architecture and tokenizer).
+    For cheap up-front checks (e.g. that checkpoints share one architecture and tokenizer, or that
+    every data row tokenizes). A GGUF not converted yet is not converted here: both come from its
+    metadata, the tokenizer corrected as the conversion corrects it.
 
     Raises:
         InputError: as `load` does for a missing folder, an unavailable Hub id or an unsupported family.
     """
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
-    src = _resolve_source(spec)
-    config = _load_config(src, spec)
+    src, gg, folder = _files(spec)
+    config = _config(src, spec, gg, folder)
     arch_for(config)
-    tokenizer, _ = _load_tokenizer(src, spec)
+    tokenizer, _ = _load_tokenizer(src, spec, gg, folder)
     return config, tokenizer
 
 
 def load(spec: ModelSpec | str) -> LoadedModel:
     """Load an HF causal LM, its tokenizer and its ArchSpec, ready for inference.
+
+    A GGUF model is converted on its first load (`memcirc.models.gguf`); later loads read the
+    conversion.
 
     Args:
         spec: what to load (a bare string is `ModelSpec(name_or_path=spec)`).
@@ -231,19 +341,25 @@ def load(spec: ModelSpec | str) -> LoadedModel:
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    src = _resolve_source(spec)
-    config = _load_config(src, spec)
-    arch = arch_for(config)  # fail on an unknown family before reading any weights
-    kwargs = _hub_kwargs(spec)
+    src, gg, folder = _files(spec)
+    config = _config(src, spec, gg, folder)
+    arch = arch_for(config)  # fail on an unknown family before reading (or converting) any weights
+    # cheap: a bad --tokenizer fails before any conversion or weights
+    override = _override_tokenizer(spec.tokenizer) if spec.tokenizer is not None else None
+    if gg is not None and folder is None:
+        folder = gguf.convert(gg)
+    weights = _plain(folder) if folder is not None else src
+    kwargs = _SAFE.copy() if folder is not None else _hub_kwargs(spec)
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
-    tokenizer, pad_from_eos = _load_tokenizer(src, spec)  # cheap: fail before reading weights
-    model = _load_weights(src, dtype, kwargs)
+    tokenizer, pad_from_eos = _load_tokenizer(src, spec, gg, folder, override)  # before the weights
+    model = _load_weights(weights.ref, dtype, kwargs)
     # PreTrainedModel.to is `@wraps(nn.Module.to)`, which type checkers read as an unbound function;
     # the upcast only picks nn.Module's signature (the call still runs PreTrainedModel.to).
     cast(torch.nn.Module, model).to(device).eval().requires_grad_(False)
-    local_path, commit = _cache_location(src, spec, model.config)
-    loaded = LoadedModel(model, tokenizer, arch, device, dtype, spec, local_path, commit, pad_from_eos)
+    local_path, commit = _cache_location(src, spec, model.config, gg)
+    loaded = LoadedModel(model, tokenizer, arch, device, dtype, spec, local_path, commit, pad_from_eos,
+                         gguf=gguf.identity(weights.local_path) if weights.local_path else None)
     log.info("loaded %s (%s, %s params) on %s as %s", spec.name_or_path, arch.family,
              f"{loaded.identity()['n_params']:,}", device, dtype_name(dtype))
     return loaded

@@ -20,8 +20,9 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer
 
 from memcirc.errors import InputError
-from memcirc.models.arch import SPECS, ArchSpec
+from memcirc.models.arch import ArchSpec, require_tl
 from memcirc.models.loading import LoadedModel
+from memcirc.models.tokenizer import quiet_tokenizer_warnings
 
 WEIGHT_PROCESSING = ("none", "tl_default")
 # Where the weight processing used is recorded on the returned model.
@@ -51,10 +52,7 @@ def to_hooked_transformer(loaded: LoadedModel, weight_processing: str = "none") 
     if weight_processing not in WEIGHT_PROCESSING:
         choices = ", ".join(WEIGHT_PROCESSING)
         raise InputError(f"weight_processing {weight_processing!r} is not one of {choices}")
-    if not arch.tl_supported:
-        supported = ", ".join(s.family for s in SPECS.values() if s.tl_supported)
-        raise InputError(f"TransformerLens cannot convert family {arch.family} ({arch.tl_note}); "
-                         f"supported: {supported}")
+    require_tl(arch)
     process = weight_processing == "tl_default"
     with tempfile.TemporaryDirectory(prefix="memcirc-tl-") as tmp:
         folder = _stage_folder(loaded, Path(tmp) / "model")
@@ -64,8 +62,10 @@ def to_hooked_transformer(loaded: LoadedModel, weight_processing: str = "none") 
         # Some TL converters create tensors on the CPU (e.g. GPT-Neo's zero Q/K/V biases), which
         # breaks fold_ln on a GPU: put the whole state dict where the model lives.
         state = {name: tensor.to(loaded.device) for name, tensor in state.items()}
-        # TL re-reads the tokenizer by its name_or_path, so it must come from a folder on disk.
-        model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
+        # TL re-reads the tokenizer by its name_or_path, so it must come from a folder on disk. Both
+        # reads would print transformers' false "incorrect regex pattern" warning (qwen2, gemma3).
+        with quiet_tokenizer_warnings():
+            model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
     model.load_and_process_state_dict(
         state, fold_ln=process, center_writing_weights=process and arch.norm == "layernorm",
         center_unembed=process, fold_value_biases=process, refactor_factored_attn_matrices=False,

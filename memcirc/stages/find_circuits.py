@@ -40,6 +40,7 @@ from memcirc.manifest import StageRun
 from memcirc.models import load
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
+from memcirc.models.preflight import check_model
 from memcirc.pairs import pairs_input, read_pairs
 from memcirc.plots import edge_count_axis, save_figure, subplots
 
@@ -71,6 +72,7 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     circuit.png and manifest.json (last) into <output-dir>/circuits/. Returns the summary.
     """
     torch.manual_seed(cfg.seed)
+    check_model(cfg.model_spec(), needs_tl=True, what="find_circuits")  # config.json alone, before any work
     opts = cfg.options(CircuitOptions)
     upstream = cfg.upstream_dir
     assert upstream is not None

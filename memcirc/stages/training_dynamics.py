@@ -56,6 +56,7 @@ from memcirc.dynamics.units import (
 from memcirc.errors import InputError
 from memcirc.logs import progress
 from memcirc.manifest import StageRun, read_manifest
+from memcirc.models.preflight import check_model
 from memcirc.pairs import Pair, pairs_input, read_pairs
 from memcirc.scoring import METRIC_DEFINITIONS
 
@@ -203,6 +204,8 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     Otherwise it returns the summary.
     """
     checkpoints = resolve_checkpoints(_checkpoint_list(cfg))
+    if cfg.circuits and not cfg.merge:   # circuits need TransformerLens: config.json alone tells
+        check_model(checkpoints[-1].spec(cfg.model_spec()), needs_tl=True, what="training_dynamics")
     index = None if cfg.merge else resolve_checkpoint_index(cfg.checkpoint_index, len(checkpoints))
     check = [] if cfg.merge else [index] if index is not None else list(range(len(checkpoints) - 1))
     plan = make_plan(cfg, checkpoints, check)

@@ -43,6 +43,7 @@ from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
+from memcirc.models.preflight import check_model
 from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
 from memcirc.plots import edge_count_axis, save_figure, subplots
 from memcirc.stages.registry import STAGES
@@ -74,6 +75,7 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     Writes summary.json, faithfulness_vs_edges.png and manifest.json (last) into <output-dir>/verify/.
     """
     torch.manual_seed(cfg.seed)
+    check_model(cfg.model_spec(), needs_tl=True, what="verify_circuit")  # config.json alone, before any work
     circuits_dir = cfg.upstream_dir
     assert circuits_dir is not None
     circuits_manifest = read_manifest(circuits_dir, "circuits")
