@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from memcirc.data import Window
-from memcirc.logs import progress
+from memcirc.logs import Meter, progress
 from memcirc.pairs import Pair
 from memcirc.scoring import bleu4, greedy_generate, pad_batch
 
@@ -65,16 +66,18 @@ class Divergence:
 
 @torch.inference_mode()
 def argmax_path(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.ndarray],
-                batch_size: int) -> list[np.ndarray]:
+                batch_size: int, desc: str = "teacher-forced pass") -> list[np.ndarray]:
     """pred[t] = greedy next token after sequence[:t+1], for every t (one teacher-forced pass)."""
     device = next(model.parameters()).device
     out: list[np.ndarray] = []
-    for b in range(0, len(sequences), batch_size):
-        batch = sequences[b:b + batch_size]
-        ids, mask = pad_batch(batch, 0, "right")  # right padding: real tokens never attend to pads
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        pred = logits.argmax(-1).cpu().numpy()
-        out.extend(pred[i, :len(s)] for i, s in enumerate(batch))
+    with Meter(desc, total=len(sequences), unit="windows") as meter:
+        for b in range(0, len(sequences), batch_size):
+            batch = sequences[b:b + batch_size]
+            ids, mask = pad_batch(batch, 0, "right")  # right padding: real tokens never attend to pads
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            pred = logits.argmax(-1).cpu().numpy()
+            out.extend(pred[i, :len(s)] for i, s in enumerate(batch))
+            meter.update(len(batch))
     return out
 
 
@@ -112,13 +115,18 @@ def find_divergences(model: torch.nn.Module, windows: Sequence[Window], *, metri
     """The predecessor's divergence rule, computed with one teacher-forced pass per window and
     greedy generation only at candidate lengths (see the module docstring)."""
     score = SCORERS[metric]
-    preds = argmax_path(model, [w.tokens for w in windows], batch_size)
+    preds = argmax_path(model, [w.tokens for w in windows], batch_size, "divergence: teacher-forced pass")
     searches = [_BreakSearch(w.tokens, pred, w.prefix_len, L=w.prefix_len) for w, pred in zip(windows, preds)]
-    while True:
+    for round_ in itertools.count(1):
         requests = _advance(searches, score, drop, windows)
         if not requests:
             break
-        _generate_candidates(model, requests, batch_size, pad_id)
+        # Each round generates one continuation per unresolved window (most of the work is round 1);
+        # how many rounds follow is not known in advance, so each round has its own meter.
+        resolved = sum(s.result is not None for s in searches)
+        desc = f"divergence round {round_} ({resolved}/{len(searches)} windows resolved)"
+        with Meter(desc, total=len(requests), unit="continuations") as meter:
+            _generate_candidates(model, requests, batch_size, pad_id, meter.update)
     return [_finished(s) for s in searches]
 
 
@@ -153,8 +161,9 @@ def _advance(searches: list[_BreakSearch], score: Callable, drop: float,
 
 
 def _generate_candidates(model: torch.nn.Module, requests: list[tuple[_BreakSearch, int]], batch_size: int,
-                         pad_id: int) -> None:
-    """Continuations at candidate lengths j: the (known) greedy token after whole[:j], then greedy."""
+                         pad_id: int, advance: Callable[[int], None]) -> None:
+    """Continuations at candidate lengths j: the (known) greedy token after whole[:j], then greedy.
+    `advance(n)` after each batch of n."""
     requests.sort(key=lambda r: r[1])
     for b in range(0, len(requests), batch_size):
         batch = requests[b:b + batch_size]
@@ -164,6 +173,7 @@ def _generate_candidates(model: torch.nn.Module, requests: list[tuple[_BreakSear
         for i, (s, j) in enumerate(batch):
             tail = generated[i, :len(s.whole) - j - 1].tolist() if generated is not None else []
             s.memo[j] = [int(s.pred[j - 1])] + tail
+        advance(len(batch))
 
 
 # -- pairs -----------------------------------------------------------------------------------
@@ -242,9 +252,10 @@ def dataset_pairs(model: torch.nn.Module, divergences: Sequence[Divergence], non
         for d in positions:
             if d < len(tokens):
                 index[(d, tokens[d])].append(i)
-    candidate_pred = argmax_path(model, candidate_tokens, batch_size) if non_memorized else []
+    candidate_pred = argmax_path(model, candidate_tokens, batch_size, "candidates: teacher-forced pass") \
+        if non_memorized else []
     pairs = []
-    for div in progress(resolved, desc="matching", total=len(resolved)):
+    for div in progress(resolved, desc="matching", total=len(resolved), unit="windows"):
         d, memorized, tokens = div.position, div.window, div.window.tokens.tolist()
         target = tokens[d]
         candidates = [i for i in index.get((d, target), [])

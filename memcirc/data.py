@@ -7,12 +7,17 @@ one document); a Hub dataset id or a local folder of data files, both through
 a 2-D NPY array is the llm-memorization format, one row per document).
 
 A window is `prefix_len + suffix_len` tokens taken from a document's start (Pythia protocol) or
-sliding with a stride. Documents shorter than one window are skipped and counted: padding never
-becomes a scored target.
+sliding with a stride, with BOS in front of *every* window when the `BosPolicy` says so (then the
+window's `prefix_len` counts the BOS). Documents shorter than one window are skipped and counted:
+padding never becomes a scored target.
+
+Rows are checked as they are read, and an error names the place in the file: `line N` (1-based)
+for JSONL, `row N (0-based)` for Parquet and 🤗 datasets, whose rows are indexed that way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ from memcirc.errors import InputError
 
 if TYPE_CHECKING:
     from memcirc.config import MemorizedRule
+    from memcirc.models.tokenizer import BosPolicy
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +77,12 @@ class WindowSet:
     source: str
     n_documents: int = 0
     n_short_skipped: int = 0        # documents shorter than one window
+    bos: dict[str, Any] | None = None   # the BosPolicy the windows were cut with (`to_dict()`)
 
     def summary(self) -> dict[str, Any]:
-        return {"source": self.source, "n_documents": self.n_documents,
-                "n_short_skipped": self.n_short_skipped, "n_windows": len(self.windows)}
+        out = {"source": self.source, "n_documents": self.n_documents,
+               "n_short_skipped": self.n_short_skipped, "n_windows": len(self.windows)}
+        return out if self.bos is None else {**out, "bos": self.bos}
 
 
 # -- reading documents -----------------------------------------------------------------------
@@ -84,6 +92,7 @@ class Columns:
     text: str = "text"
     tokens: str | None = None       # None: auto-detect one of TOKEN_COLUMNS
     group: str = "group"
+    doc: str | None = None          # None: the first of DOC_COLUMNS present, else the 0-based row number
 
 
 def load_documents(source: str, columns: Columns = Columns(), *, split: str = "train",
@@ -100,13 +109,16 @@ def load_documents(source: str, columns: Columns = Columns(), *, split: str = "t
 
 
 def _local_documents(path: Path, columns: Columns) -> Iterator[Document]:
+    if path.suffix in (".npy", ".txt") and columns.doc is not None:
+        raise InputError(f"{path} has no columns, so no document-id column '{columns.doc}'; --doc-column "
+                         "applies to JSONL, Parquet and Hub datasets")
     if path.suffix == ".npy":
         return _npy_documents(path)
     if path.suffix == ".txt":
         return iter([Document(doc=path.name, text=path.read_text())])
     if path.suffix == ".parquet":
-        return _rows_to_documents(parquet_rows(path), columns, str(path))
-    return _rows_to_documents(read_jsonl(path), columns, str(path))
+        return _rows_to_documents(_row_numbered(parquet_rows(path)), columns, str(path))
+    return _rows_to_documents(_line_numbered(path), columns, str(path))
 
 
 def _npy_documents(path: Path) -> Iterator[Document]:
@@ -152,29 +164,104 @@ def load_hub_dataset(source: str, split: str, dataset_config: str | None = None,
 def _hub_documents(source: str, columns: Columns, split: str, dataset_config: str | None,
                    streaming: bool) -> Iterator[Document]:
     dataset = load_hub_dataset(source, split, dataset_config, streaming)
-    return _rows_to_documents(iter(dataset), columns, source)
+    return _rows_to_documents(_row_numbered(iter(dataset)), columns, source)
 
 
-def _rows_to_documents(rows: Iterator[dict[str, Any]], columns: Columns, where: str) -> Iterator[Document]:
+# A row and where it is, as an error message names it ("line 42", "row 41 (0-based)").
+Located = tuple[str, dict[str, Any]]
+
+
+def _line_numbered(path: Path) -> Iterator[Located]:
+    """JSONL rows with their 1-based line numbers (blank lines are skipped but counted)."""
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                yield f"line {lineno}", _parse_jsonl_line(path, lineno, line)
+
+
+def _parse_jsonl_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
+    # The messages of artifacts.read_jsonl, which numbers lines the same way but does not yield them.
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _row_numbered(rows: Iterator[dict[str, Any]]) -> Iterator[Located]:
+    # Parquet and 🤗 datasets index rows from 0 (dataset[41]), so the message does too, and says so.
+    for i, row in enumerate(rows):
+        yield f"row {i} (0-based)", row
+
+
+def _rows_to_documents(rows: Iterator[Located], columns: Columns, where: str) -> Iterator[Document]:
     first = next(rows, None)
     if first is None:
         return
-    token_col = _pick_token_column(first, columns, where)
-    doc_col = next((c for c in DOC_COLUMNS if c in first), None)
-    for i, row in enumerate(_chain(first, rows)):
-        doc = str(row[doc_col]) if doc_col else str(i)
+    token_col = _pick_token_column(first[1], columns, where)
+    doc_col = _pick_doc_column(first[1], columns, where)
+    for i, (at, row) in enumerate(_chain(first, rows)):
+        doc = _doc_id(row, doc_col, f"{where}: {at}") if doc_col else str(i)
         group = row.get(columns.group)
         group = None if group is None else str(group)
         if token_col:
-            tokens = row.get(token_col)
-            if not isinstance(tokens, (list, tuple, np.ndarray)):
-                raise InputError(f"{where}: row {i} has no token list in column '{token_col}'")
-            yield Document(doc=doc, tokens=[int(t) for t in tokens], group=group)
+            yield Document(doc=doc, tokens=_token_ids(row, token_col, f"{where}: {at}"), group=group)
         else:
-            text = row.get(columns.text)
-            if not isinstance(text, str):
-                raise InputError(f"{where}: row {i} has no text in column '{columns.text}'")
-            yield Document(doc=doc, text=text, group=group)
+            yield Document(doc=doc, text=_text(row, columns.text, f"{where}: {at}"), group=group)
+
+
+def _kind(value: Any) -> str:
+    """A value's type as a data file's reader thinks of it (JSON names)."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             tuple: "a list", dict: "an object", np.ndarray: "an array"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _text(row: dict[str, Any], column: str, at: str) -> str:
+    if column not in row:
+        raise InputError(f"{at} has no column '{column}' (columns: {', '.join(row)})")
+    text = row[column]
+    if not isinstance(text, str):
+        raise InputError(f"{at}: column '{column}' holds {_kind(text)}, expected a string")
+    return text
+
+
+def _token_ids(row: dict[str, Any], column: str, at: str) -> list[int]:
+    if column not in row:
+        raise InputError(f"{at} has no column '{column}' (columns: {', '.join(row)})")
+    tokens = row[column]
+    if not isinstance(tokens, (list, tuple, np.ndarray)):
+        raise InputError(f"{at}: column '{column}' holds {_kind(tokens)}, expected a list of token ids")
+    ids = []
+    for k, t in enumerate(tokens):
+        # Arrow stores a list column with one float in it as floats throughout, so a whole number is
+        # an id; bool (an int subclass) and a fractional number are refused, never truncated.
+        whole = isinstance(t, (int, np.integer)) or (isinstance(t, (float, np.floating)) and float(t).is_integer())
+        if isinstance(t, bool) or not whole:
+            raise InputError(f"{at}: column '{column}' holds {_kind(t)} at position {k} ({t!r}), "
+                             "expected integer token ids")
+        ids.append(int(t))
+    return ids
+
+
+def _doc_id(row: dict[str, Any], column: str, at: str) -> str:
+    value = row.get(column)
+    if value is None or isinstance(value, (list, tuple, dict, np.ndarray)):
+        raise InputError(f"{at}: column '{column}' holds {_kind(value)}, expected a document id "
+                         "(a string or a number)")
+    return str(value)
+
+
+def _pick_doc_column(row: dict[str, Any], columns: Columns, where: str) -> str | None:
+    if columns.doc is None:
+        return next((c for c in DOC_COLUMNS if c in row), None)
+    if columns.doc not in row:
+        raise InputError(f"{where}: no document-id column '{columns.doc}'; columns found: {', '.join(row)}")
+    return columns.doc
 
 
 def _pick_token_column(row: dict[str, Any], columns: Columns, where: str) -> str | None:
@@ -202,27 +289,47 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 def make_windows(documents: Iterator[Document], tokenizer: Any, source: str, prefix_len: int,
                  suffix_len: int, windowing: str = "start", stride: int | None = None,
-                 limit: int | None = None) -> WindowSet:
-    """Cut documents into windows; text is tokenized with the tokenizer's own special-token
-    convention (BOS for Llama-style tokenizers, none for GPT-2/NeoX), as the model was trained."""
+                 limit: int | None = None, *, bos: BosPolicy | None = None) -> WindowSet:
+    """Cut documents into windows of `prefix_len + suffix_len` document tokens, BOS in front of each.
+
+    Text is encoded without special tokens and a token document loses a leading BOS; `bos` (default:
+    the tokenizer's `auto` policy) then puts BOS before every window, not only the document's first,
+    as a BOS-trained model saw every sequence. A window's `prefix_len` counts that BOS; `offset`
+    counts document tokens (after the stripped BOS).
+    """
+    # memcirc.models pulls in transformers, which readers of token data need not import
+    from memcirc.models.tokenizer import bos_policy
+
+    policy = bos or bos_policy(tokenizer, "auto")
     length = prefix_len + suffix_len
     step = stride or length
-    result = WindowSet(windows=[], source=source)
+    result = WindowSet(windows=[], source=source, bos=policy.to_dict())
     for document in documents:
         result.n_documents += 1
-        tokens = document.tokens if document.tokens is not None else tokenizer(document.text)["input_ids"]
+        tokens = _document_tokens(document, tokenizer, policy)
         if len(tokens) < length:
             result.n_short_skipped += 1
             continue
         offsets = [0] if windowing == "start" else range(0, len(tokens) - length + 1, step)
         for offset in offsets:
+            piece = tokens[offset:offset + length]
+            window = policy.apply(piece)   # BOS is part of the prompt: it conditions the prefix
             result.windows.append(Window(
-                id=f"{document.doc}@{offset}", tokens=np.asarray(tokens[offset:offset + length], np.int64),
-                prefix_len=prefix_len, source=source, doc=document.doc, offset=offset,
-                group=document.group))
+                id=f"{document.doc}@{offset}", tokens=np.asarray(window, np.int64),
+                prefix_len=prefix_len + len(window) - len(piece), source=source, doc=document.doc,
+                offset=offset, group=document.group))
             if limit is not None and len(result.windows) >= limit:
                 return result
     return result
+
+
+def _document_tokens(document: Document, tokenizer: Any, policy: BosPolicy) -> list[int]:
+    from memcirc.models.tokenizer import encode
+
+    if document.tokens is not None:
+        return policy.strip(document.tokens)
+    assert document.text is not None, "a Document holds token ids or text"
+    return encode(tokenizer, document.text)
 
 
 def validate_windows(windows: WindowSet, vocab_size: int, n_ctx: int | None) -> None:
@@ -238,7 +345,8 @@ def validate_windows(windows: WindowSet, vocab_size: int, n_ctx: int | None) -> 
         seen.add(w.id)
     longest = max(len(w.tokens) for w in windows.windows)
     if n_ctx is not None and longest > n_ctx:
-        raise InputError(f"window length {longest} (prefix_len + suffix_len) exceeds the model context "
+        parts = "prefix_len + suffix_len" + (" + BOS" if (windows.bos or {}).get("bos_token_id") is not None else "")
+        raise InputError(f"window length {longest} ({parts}) exceeds the model context "
                          f"{n_ctx}; lower --prefix-len/--suffix-len")
     for w in windows.windows:
         bad = w.tokens[(w.tokens >= vocab_size) | (w.tokens < 0)]

@@ -13,6 +13,7 @@ from typing import TypeVar
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
+LOG_EVERY_S = 30.0   # without a terminal, a progress line at most this often
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -100,14 +101,83 @@ def attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None, every_s: float = 30.0) -> Iterator[T]:
-    """tqdm in a terminal; without one (SLURM), a log line at most every `every_s` seconds."""
-    log = logging.getLogger("memcirc.progress")
-    bar = tqdm(items, desc=desc, total=total, disable=None, dynamic_ncols=True, leave=False)
-    last = time.monotonic()
-    for i, item in enumerate(bar, 1):
-        yield item
-        if bar.disable and time.monotonic() - last >= every_s:
-            last = time.monotonic()
-            log.info("%s: %d/%s", desc, i, total if total is not None else "?")
-    bar.close()
+class Meter:
+    """Progress of one long loop, counted in `unit`s (windows, continuations, ...).
+
+    In a terminal: a tqdm bar on stderr. Without one (SLURM, a pipe, pytest) the bar is off and a log
+    line at most every `every_s` seconds gives the count, the rate and the ETA, so a log file shows the
+    loop is moving and when it will end. Either way a loop that ran that long logs its total and rate
+    at the end (the bar does not stay). `every_s` defaults to `LOG_EVERY_S`.
+    """
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "items",
+                 every_s: float | None = None) -> None:
+        self.desc, self.total, self.unit = desc, total, unit
+        self.every_s = LOG_EVERY_S if every_s is None else every_s
+        self.n = 0
+        self.bar = tqdm(desc=desc, total=total, unit=f" {unit}", disable=None, dynamic_ncols=True, leave=False)
+        self.to_log = bool(self.bar.disable)   # disable=None: tqdm turns itself off without a terminal
+        self.start = self.last = time.monotonic()
+        self.log = logging.getLogger("memcirc.progress")
+
+    def update(self, n: int = 1) -> None:
+        """`n` more units done (0: still alive, e.g. after a step that finished none)."""
+        self.n += n
+        self.bar.update(n)
+        now = time.monotonic()
+        if self.to_log and now - self.last >= self.every_s:
+            self.last = now
+            self.log.info("%s", self.line(now))
+
+    def update_to(self, n: int) -> None:
+        """Set the count to `n` units done when that is ahead of it (a work step's own count may lag)."""
+        if n > self.n:
+            self.update(n - self.n)
+
+    def line(self, now: float | None = None) -> str:
+        """'scoring: 512/767 windows (67%), 12.3 windows/s, ETA 21 s'."""
+        elapsed = (time.monotonic() if now is None else now) - self.start
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        count = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
+        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        eta = ""
+        if self.total is not None:
+            eta = f", ETA {duration((self.total - self.n) / rate)}" if rate > 0 else ", ETA ?"
+        return f"{self.desc}: {count} {self.unit}{share}, {_rate(rate)} {self.unit}/s{eta}"
+
+    def close(self, finished: bool = True) -> None:
+        """Close the bar; a finished loop that ran `every_s` or longer logs its total and rate."""
+        self.bar.close()
+        elapsed = time.monotonic() - self.start
+        if finished and elapsed >= self.every_s:
+            self.log.info("%s: done, %d %s in %s (%s %s/s)", self.desc, self.n, self.unit,
+                          duration(elapsed), _rate(self.n / max(elapsed, 1e-9)), self.unit)
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.close(finished=exc_type is None)   # an interrupted loop is not "done"
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s:.0f}" if per_s >= 100 else f"{per_s:.3g}"
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, every_s: float | None = None,
+             unit: str = "items") -> Iterator[T]:
+    """Each item of `items`, counted by a `Meter` (a tqdm bar in a terminal; else log lines with rate and ETA)."""
+    with Meter(desc, total, unit, every_s) as meter:
+        for item in items:
+            yield item
+            meter.update()

@@ -18,7 +18,7 @@ import inspect
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -199,8 +199,9 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[np.ndarray], n_new
 
 
 def continue_from_divergence(model: torch.nn.Module, scores: Sequence[WindowScore], pad_id: int,
-                             batch_size: int) -> None:
-    """Fill `generated` for every non-exact score: truth up to lcp, the argmax there, then greedy."""
+                             batch_size: int, advance: Callable[[int], None] | None = None) -> None:
+    """Fill `generated` for every non-exact score: truth up to lcp, the argmax there, then greedy.
+    `advance(n)` is told after each generation batch of n windows."""
     todo = [s for s in scores if not s.exact]
     for s in scores:
         if s.exact:
@@ -216,6 +217,8 @@ def continue_from_divergence(model: torch.nn.Module, scores: Sequence[WindowScor
             head = prompts[i][s.window.prefix_len:].tolist()
             tail = generated[i, :s.window.suffix_len - len(head)].tolist() if generated is not None else []
             s.generated = head + tail
+        if advance is not None:
+            advance(len(batch))
 
 
 def _divergent_token(score: WindowScore) -> int:
@@ -244,19 +247,27 @@ def generation_metrics(score: WindowScore, metrics: Sequence[str], threshold: fl
 
 def score_windows(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: int, batch_size: int = 32,
                   metrics: Sequence[str] = TEACHER_FORCED_METRICS, padding_side: str = "right",
-                  levenshtein_threshold: float = 0.75) -> list[dict[str, Any]]:
-    """Rows of `scores.jsonl` for `windows`, in order. Deterministic for a given batch layout."""
+                  levenshtein_threshold: float = 0.75,
+                  advance: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Rows of `scores.jsonl` for `windows`, in order. Deterministic for a given batch layout.
+
+    `advance(n)` (progress) is told after every batch how many more windows are fully scored: all of
+    a teacher-forced batch without continuation metrics; with them, its exact windows there (they need
+    no generation) and the rest after their generation batch. The counts add up to len(windows).
+    """
+    wanted = [m for m in metrics if m in GENERATION_METRICS]
     # Group by length so the teacher-forced batches carry as little padding as possible.
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].tokens))
     by_index: dict[int, WindowScore] = {}
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        for i, s in zip(idx, teacher_forced(model, [windows[i] for i in idx], pad_id, padding_side)):
-            by_index[i] = s
+        batch = teacher_forced(model, [windows[i] for i in idx], pad_id, padding_side)
+        by_index.update(zip(idx, batch))
+        if advance is not None:
+            advance(sum(s.exact for s in batch) if wanted else len(batch))
     scores = [by_index[i] for i in range(len(windows))]
-    wanted = [m for m in metrics if m in GENERATION_METRICS]
     if wanted:
-        continue_from_divergence(model, scores, pad_id, batch_size)
+        continue_from_divergence(model, scores, pad_id, batch_size, advance)
     return [_row(s, wanted, levenshtein_threshold) for s in scores]
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from memcirc.artifacts import ChunkStore
 from memcirc.errors import InputError
-from memcirc.logs import progress
+from memcirc.logs import Meter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,12 +51,27 @@ def chunk_aligned_bounds(n_items: int, chunk_size: int, num_shards: int, shard_i
 
 
 def run_chunked(items: Sequence[T], work: Callable[[Sequence[T]], list[dict[str, Any]]],
-                store: ChunkStore, chunk_size: int, desc: str) -> bytes:
-    """Apply `work` chunk by chunk, skipping chunks already on disk; returns all rows as JSONL."""
+                store: ChunkStore, chunk_size: int, desc: str, unit: str = "items") -> bytes:
+    """Apply `work` chunk by chunk, skipping chunks already on disk; returns all rows as JSONL.
+    Progress is counted per chunk (`run_chunked_by_batch` counts inside a chunk)."""
+    return run_chunked_by_batch(items, lambda chunk, _advance: work(chunk), store, chunk_size, desc, unit)
+
+
+def run_chunked_by_batch(items: Sequence[T],
+                         work: Callable[[Sequence[T], Callable[[int], None]], list[dict[str, Any]]],
+                         store: ChunkStore, chunk_size: int, desc: str, unit: str = "items") -> bytes:
+    """`run_chunked` whose `work(chunk, advance)` calls `advance(n)` as it finishes `n` items (per
+    batch), so a chunk of hundreds of windows on a large model is not minutes of silence."""
     n_chunks = max(1, -(-len(items) // chunk_size))
     todo = [i for i in range(n_chunks) if not store.done(i)]
     if len(todo) < n_chunks:
         log.info("resuming: %d of %d chunks already done in %s", n_chunks - len(todo), n_chunks, store.directory)
-    for index in progress(todo, desc=desc, total=len(todo)):
-        store.write(index, work(items[index * chunk_size:(index + 1) * chunk_size]))
+    # the meter counts the items still to do, so its rate and ETA are this run's
+    sizes = [len(items[i * chunk_size:(i + 1) * chunk_size]) for i in todo]
+    with Meter(desc, total=sum(sizes), unit=unit) as meter:
+        done = 0
+        for index, size in zip(todo, sizes):
+            store.write(index, work(items[index * chunk_size:(index + 1) * chunk_size], meter.update))
+            done += size
+            meter.update_to(done)   # a work step that counts nothing still moves the meter per chunk
     return store.concatenate(n_chunks)

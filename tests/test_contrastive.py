@@ -131,3 +131,31 @@ def test_bad_input_from_the_command_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [done.stderr.strip()] and "no manifest.json" in done.stderr
     assert not (tmp_path / "contrastive").exists()
+
+
+def test_divergence_search_reports_progress_per_batch(testbed, memorized, monkeypatch):
+    import memcirc.contrastive as contrastive
+    from memcirc.logs import Meter
+
+    made = []
+
+    class Recording(Meter):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.updates = []
+            made.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            super().update(n)
+
+    plain = find_divergences(testbed.model, memorized, metric="bleu", batch_size=8)
+    monkeypatch.setattr(contrastive, "Meter", Recording)
+    counted = find_divergences(testbed.model, memorized, metric="bleu", batch_size=8)
+    assert [(d.position, d.generated) for d in counted] == [(d.position, d.generated) for d in plain]
+    first, rounds = made[0], made[1:]
+    assert first.desc == "divergence: teacher-forced pass" and first.total == len(memorized)
+    assert sum(first.updates) == len(memorized) and max(first.updates) == 8
+    assert rounds and all(sum(m.updates) == m.total and max(m.updates) <= 8 for m in rounds)
+    assert rounds[0].desc.startswith("divergence round 1 (") and "windows resolved)" in rounds[0].desc
+    assert rounds[0].unit == "continuations"

@@ -179,3 +179,77 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert score(["--output-dir", str(tmp_path / "run"), "--dry-run", "--prefix-len", "7"]) == 0
     assert "prefix_len: 7" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+# -- data checked before the weights load; document ids; BOS; progress -------------------------
+
+def test_bad_rows_are_reported_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    import memcirc.stages.memorization_score as stage
+
+    def no_weights(*_args, **_kw):
+        raise AssertionError("the model weights were loaded before the data was checked")
+
+    monkeypatch.setattr(stage, "load", no_weights)
+    rows = [{"text": "a line of text"}] * 41 + [{"text": ["a", "list"]}]
+    cases = [(["--dataset", _jsonl(tmp_path / "t.jsonl", rows)],
+              "t.jsonl: line 42: column 'text' holds a list, expected a string"),
+             (["--dataset", _jsonl(tmp_path / "d.jsonl", [{"name": "x", "tokens": [1] * 64}]),
+               "--doc-column", "title"], "no document-id column 'title'; columns found: name, tokens"),
+             (["--dataset", _jsonl(tmp_path / "v.jsonl", [{"tokens": [1] * 63 + [10 ** 6]}])],
+              "outside the model vocabulary"),
+             (["--dataset", _jsonl(tmp_path / "l.jsonl", [{"tokens": [1] * 300}]), "--prefix-len", "100",
+               "--suffix-len", "100"], "exceeds the model context")]
+    for argv, message in cases:
+        out = tmp_path / "run"
+        assert score(["--output-dir", str(out), "--device", "cpu", "--prefix-len", "32", "--suffix-len", "32",
+                      *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and message in err, err
+        assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory):
+    """A tiny random llama whose tokenizer adds BOS itself (the SmolLM2 / Llama convention)."""
+    from conftest import build_tiny_model
+    from test_data import build_bos_tokenizer
+
+    folder = tmp_path_factory.mktemp("bos_model")
+    build_tiny_model("llama").save_pretrained(folder)
+    build_bos_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_bos_model_every_window_starts_with_bos_and_doc_ids_flow(tmp_path, bos_model_dir):
+    from test_data import WORDS
+
+    data = _jsonl(tmp_path / "d.jsonl", [{"name": f"text-{i}", "text": " ".join(WORDS[i:] + WORDS[:i])}
+                                         for i in range(3)])
+    argv = ["--model", str(bos_model_dir), "--dataset", data, "--device", "cpu", "--prefix-len", "8",
+            "--suffix-len", "8", "--windowing", "sliding", "--stride", "2", "--doc-column", "name"]
+    for mode, bos_id in (("auto", 1), ("never", None)):
+        out = tmp_path / mode
+        assert score(["--output-dir", str(out), "--prepend-bos", mode, *argv]) == 0
+        rows = read_rows(out / "memorization" / "scores.jsonl")
+        assert len(rows) == 3 * 2 and [r["id"] for r in rows[:2]] == ["text-0@0", "text-0@2"]
+        assert all(r["doc"].startswith("text-") for r in rows)
+        if bos_id is None:
+            assert all(1 not in r["tokens"] and r["prefix_len"] == 8 for r in rows)
+        else:
+            assert all(r["tokens"][0] == 1 and 1 not in r["tokens"][1:] and r["prefix_len"] == 9 for r in rows)
+        manifest = json.loads((out / "memorization" / "manifest.json").read_text())
+        summary = json.loads((out / "memorization" / "summary.json").read_text())
+        assert manifest["windows"]["bos"] == summary["windows"]["bos"] == {"prepend_bos": mode,
+                                                                           "bos_token_id": bos_id}
+
+
+def test_progress_per_batch_with_rate_and_eta(tmp_path, monkeypatch, capsys):
+    import memcirc.logs
+
+    monkeypatch.setattr(memcirc.logs, "LOG_EVERY_S", 0.0)   # a log line at every update
+    argv = ["--output-dir", str(tmp_path), *FAST, "--limit", "40", "--batch-size", "8", "--chunk-size", "16"]
+    assert score(argv + ["--metrics", "exact"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "memcirc.progress: scoring:" in ln]
+    counts = [int(ln.split("scoring: ")[1].split("/")[0]) for ln in lines if "windows/s, ETA" in ln]
+    assert counts == [8, 16, 24, 32, 40]   # every batch of 8, across chunks of 16 (the last one short)
+    assert any("scoring: done, 40 windows in" in ln for ln in lines)

@@ -123,3 +123,49 @@ def test_summary_groups(ours):
     assert list(groups)[:7] == ["k=0", "k=1", "k=2", "k=4", "k=8", "k=16", "k=32"]
     assert sum(g["n"] for g in groups.values()) == len(ours)
     assert summary["metrics"]["exact"] == pytest.approx(np.mean([r["exact"] for r in ours]), abs=1e-6)
+
+
+def test_progress_counts_every_window_once_and_changes_nothing(testbed, testbed_windows, ours):
+    """`advance` is told per batch; the counts add up to the windows and the rows are the same bytes."""
+    pad = testbed.tokenizer.pad_token_id
+    for metrics, batch_size in ((GEN_METRICS, 64), (["exact"], 100)):
+        calls = []
+        rows = score_windows(testbed.model, testbed_windows, pad_id=pad, batch_size=batch_size,
+                             metrics=metrics, advance=calls.append)
+        assert sum(calls) == len(testbed_windows)
+        n_tf = -(-len(testbed_windows) // batch_size)
+        if metrics == ["exact"]:
+            assert len(calls) == n_tf and calls[:-1] == [batch_size] * (n_tf - 1)
+        else:
+            assert rows == ours
+            n_gen = -(-sum(not r["exact"] for r in ours) // batch_size)
+            assert len(calls) == n_tf + n_gen
+            assert sum(calls[:n_tf]) == sum(r["exact"] for r in ours)   # exact windows are done after one pass
+
+
+def test_meter_lines_carry_rate_and_eta(monkeypatch):
+    import logging
+
+    import memcirc.logs as logs
+
+    clock = iter([0.0, 5.0, 10.0, 40.0])   # start, two updates, close
+    monkeypatch.setattr(logs.time, "monotonic", lambda: next(clock))
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("memcirc.progress")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with logs.Meter("scoring", total=40, unit="windows", every_s=1.0) as meter:
+            meter.update(10)      # t = 5: 2 windows/s, 30 to go -> ETA 15 s
+            meter.update_to(20)   # t = 10: 2 windows/s, ETA 10 s
+            meter.update_to(5)    # behind the count: nothing
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert messages == ["scoring: 10/40 windows (25%), 2 windows/s, ETA 15 s",
+                        "scoring: 20/40 windows (50%), 2 windows/s, ETA 10 s",
+                        "scoring: done, 20 windows in 40 s (0.5 windows/s)"]
+    assert logs.duration(185) == "3 min 05 s" and logs.duration(7620) == "2 h 07 min"

@@ -99,6 +99,8 @@ def run(cfg: ContrastiveConfig) -> dict[str, Any]:
     else:
         # A dataset pair holds two documents; candidates come from the memorized document's split.
         split = split_by_document([w.doc for w in windows], cfg.heldout_fraction, cfg.seed)
+        log.info("matching %d resolved windows against %d non-memorized candidates",
+                 sum(d.resolved for d in divergences), len(non_memorized))
         pairs, skipped = dataset_pairs(loaded.model, divergences, non_memorized, split.__getitem__,
                                        cfg.similarity, cfg.batch_size)
     pairs = with_splits(pairs, split)

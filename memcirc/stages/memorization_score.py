@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from memcirc import artifacts as art
 from memcirc.config import Sharding, StageConfig, option
@@ -23,8 +24,10 @@ from memcirc.data import Columns, Window, WindowSet, load_documents, make_window
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, load
-from memcirc.models.arch import embedding_rows, n_ctx
+from memcirc.models.arch import dims, embedding_rows
 from memcirc.models.identity import results_key
+from memcirc.models.loading import load_config_and_tokenizer
+from memcirc.models.tokenizer import bos_policy, checked_documents, tokenizer_check_of
 from memcirc.plots import save_figure, subplots
 from memcirc.scoring import (
     GENERATION_METRICS,
@@ -34,7 +37,7 @@ from memcirc.scoring import (
     score_windows,
     summarize,
 )
-from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked
+from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked_by_batch
 from memcirc.stages.registry import DONE_MARKER
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,9 @@ class ScoreConfig(Sharding, StageConfig):
     text_column: str = option("text", "column holding raw text")
     token_column: str | None = option(None, "column holding token ids (default: 'tokens' if present)")
     group_column: str = option("group", "optional column copied into each window's provenance")
+    doc_column: str | None = option(None, "column holding the document id that window ids (doc@offset) "
+                                    "carry (default: the first of doc, index, id present, else the "
+                                    "0-based row number)")
     prefix_len: int = option(50, "prefix (prompt) tokens", aliases=("--prompt_tokens",), minimum=1)
     suffix_len: int = option(50, "suffix (continuation) tokens", aliases=("--generation_tokens",),
                              minimum=1)
@@ -92,8 +98,12 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     if cfg.merge:
         return _merge_shards(cfg)
     num_shards, shard_index = resolve_shards(cfg.num_shards, cfg.shard_index)
+    # Config and tokenizer first: every data row is read and checked before the weights load.
+    config, tokenizer = load_config_and_tokenizer(cfg.model_spec())
+    windows, inputs = _stage_windows(cfg, config, tokenizer)
     loaded = load(cfg.model_spec())
-    windows, inputs = _stage_windows(cfg, loaded)
+    loaded.tokenizer_check = tokenizer_check_of(tokenizer)   # in the manifest's model identity
+    _check_embedding_rows(windows, loaded, config)
     stage = StageRun.for_config(cfg, inputs, model=results_key(loaded))
     if (summary := stage.open(cfg.force)) is not None:
         print(format_summary(summary))
@@ -102,24 +112,25 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     # the other shards write next to this one at the same time
     stage.start(cfg.force, task_dir=shard_dir if num_shards > 1 else None)
 
-    def work(batch: Sequence[Window]) -> list[dict[str, Any]]:
+    def work(chunk: Sequence[Window], advance: Callable[[int], None]) -> list[dict[str, Any]]:
         # load() gives a tokenizer without a pad token eos as pad; the stubs type special-token ids as str | list[str]
-        return score_windows(loaded.model, batch, pad_id=cast(int, loaded.tokenizer.pad_token_id),
+        return score_windows(loaded.model, chunk, pad_id=cast(int, loaded.tokenizer.pad_token_id),
                              batch_size=cfg.batch_size, metrics=cfg.metrics, padding_side=cfg.padding_side,
-                             levenshtein_threshold=cfg.levenshtein_threshold)
+                             levenshtein_threshold=cfg.levenshtein_threshold, advance=advance)
 
     context = {"inputs": inputs, "model": loaded.identity(), "windows": windows.summary()}
     if num_shards == 1:
         store = art.ChunkStore(cfg.stage_dir / art.CHUNKS_DIR, stage.fingerprint)
-        return _finish(cfg, stage, run_chunked(windows.windows, work, store, cfg.chunk_size, "scoring"), context)
+        return _finish(cfg, stage, run_chunked_by_batch(windows.windows, work, store, cfg.chunk_size, "scoring",
+                                                        "windows"), context)
     if shard_done(shard_dir, stage.fingerprint, num_shards) and not cfg.force:   # a re-submitted finished shard
         log.info("shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards, shard_dir)
         return None
     (shard_dir / DONE_MARKER).unlink(missing_ok=True)
     start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
     store = art.ChunkStore(shard_dir / art.CHUNKS_DIR, stage.fingerprint)
-    data = run_chunked(windows.windows[start:stop], work, store, cfg.chunk_size,
-                       f"scoring shard {shard_index}") if stop > start else b""
+    data = run_chunked_by_batch(windows.windows[start:stop], work, store, cfg.chunk_size,
+                                f"scoring shard {shard_index}", "windows") if stop > start else b""
     art.atomic_write_bytes(shard_dir / art.SCORES_JSONL, data)
     art.write_json(shard_dir / DONE_MARKER, {"fingerprint": stage.fingerprint, "num_shards": num_shards,
                                              "shard_index": shard_index, "rows": data.count(b"\n"),
@@ -132,28 +143,45 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
 
 # -- inputs ----------------------------------------------------------------------------------
 
-def _stage_windows(cfg: ScoreConfig, loaded: LoadedModel) -> tuple[WindowSet, list[dict[str, Any]]]:
-    """The windows to score and the input descriptors the fingerprint covers."""
+def _stage_windows(cfg: ScoreConfig, config: PretrainedConfig,
+                   tokenizer: PreTrainedTokenizerBase) -> tuple[WindowSet, list[dict[str, Any]]]:
+    """The windows to score, checked against the model config, and the input descriptors the
+    fingerprint covers. Needs no weights: it runs before the model loads."""
+    policy = bos_policy(tokenizer, cfg.prepend_bos)
     if cfg.input_dir:  # re-score the windows of an earlier memorization run (e.g. another checkpoint)
         upstream = read_manifest(Path(cfg.input_dir), what="memorization")
-        windows = WindowSet(list(read_scores(Path(cfg.input_dir), cfg.limit)), source=str(cfg.input_dir))
+        windows = WindowSet(list(read_scores(Path(cfg.input_dir), cfg.limit)), source=str(cfg.input_dir),
+                            bos=(upstream.get("windows") or {}).get("bos"))
         inputs = [{"path": str(cfg.input_dir), "run_id": upstream["run_id"]}]
+        if windows.bos is not None and windows.bos != policy.to_dict():
+            log.warning("the windows of %s were cut with BOS policy %s; this model's is %s. They are "
+                        "re-scored as they are", cfg.input_dir, windows.bos, policy.to_dict())
     else:
-        columns = Columns(text=cfg.text_column, tokens=cfg.token_column, group=cfg.group_column)
+        columns = Columns(text=cfg.text_column, tokens=cfg.token_column, group=cfg.group_column,
+                          doc=cfg.doc_column)
         docs = load_documents(cfg.data_path("dataset"), columns, split=cfg.split, dataset_config=cfg.dataset_config,
                               streaming=cfg.streaming)
-        windows = make_windows(docs, loaded.tokenizer, cfg.dataset, cfg.prefix_len, cfg.suffix_len,
-                               cfg.windowing, cfg.stride, cfg.limit)
+        # the tokenizer's sanity check on the first documents' text, before any weights load
+        docs = checked_documents(docs, tokenizer, dims(config).d_vocab)
+        windows = make_windows(docs, tokenizer, cfg.dataset, cfg.prefix_len, cfg.suffix_len,
+                               cfg.windowing, cfg.stride, cfg.limit, bos=policy)
         local = Path(cfg.data_path("dataset"))
         entry: dict[str, Any] = {"dataset": cfg.dataset, "split": cfg.split, "config": cfg.dataset_config}
         if local.is_file():
             entry["sha256"] = art.sha256_file(local)
         inputs = [entry]
-    vocab_size = embedding_rows(loaded.model)
-    validate_windows(windows, vocab_size=vocab_size, n_ctx=n_ctx(loaded.model))
-    log.info("%d windows from %d documents (%d shorter than a window, skipped)", len(windows.windows),
-             windows.n_documents, windows.n_short_skipped)
+    size = dims(config)
+    validate_windows(windows, vocab_size=size.d_vocab, n_ctx=size.n_ctx)
+    log.info("%d windows from %d documents (%d shorter than a window, skipped); BOS policy %s",
+             len(windows.windows), windows.n_documents, windows.n_short_skipped, policy.to_dict())
     return windows, inputs
+
+
+def _check_embedding_rows(windows: WindowSet, loaded: LoadedModel, config: PretrainedConfig) -> None:
+    """The windows were checked against config.vocab_size; re-check when the embedding has other rows."""
+    rows = embedding_rows(loaded.model)
+    if rows != dims(config).d_vocab:
+        validate_windows(windows, vocab_size=rows, n_ctx=dims(config).n_ctx)
 
 
 # -- shards ----------------------------------------------------------------------------------
