@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from memcirc.benchmarks import Benchmarks, evaluate
 from memcirc.data import Columns, Window, load_documents
 from memcirc.errors import InputError
-from memcirc.evaluation import memorization, perplexity
+from memcirc.evaluation import forward_rows, memorization, perplexity
 from memcirc.logs import progress
 from memcirc.models.arch import ArchSpec, d_model, dims, get_module, n_layers
 from memcirc.scoring import pad_batch
@@ -123,9 +124,10 @@ def mean_attention_outputs(model: torch.nn.Module, arch: ArchSpec, blocks: Seque
 
     handles = [get_module(model, arch, "attn", i).register_forward_hook(hook_for(i)) for i in range(n)]
     device = next(model.parameters()).device
+    rows = forward_rows(model, max(len(b) for b in blocks), batch_size)   # the logits of a forward are bounded
     try:
-        for b in range(0, len(blocks), batch_size):
-            batch = blocks[b:b + batch_size]
+        for b in range(0, len(blocks), rows):
+            batch = blocks[b:b + rows]
             ids, mask = pad_batch(batch, pad_id, "right")
             mask_now[:] = [mask.to(device)]
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
@@ -137,6 +139,16 @@ def mean_attention_outputs(model: torch.nn.Module, arch: ArchSpec, blocks: Seque
 
 
 # -- the sweep -------------------------------------------------------------------------------
+
+def parse_layers(layers: Sequence[int], n_blocks: int) -> list[int] | None:
+    """--layers: the blocks bypassed one at a time (sorted, deduplicated); None (every block) when empty."""
+    if not layers:
+        return None
+    bad = sorted({i for i in layers if not 0 <= i < n_blocks})
+    if bad:
+        raise InputError(f"--layers: blocks {bad} are outside the model (blocks 0..{n_blocks - 1})")
+    return sorted(set(layers))
+
 
 def parse_layer_sets(specs: Sequence[str], n_blocks: int) -> list[list[int]]:
     """'0,1' -> [0, 1]; every index must be a block of the model."""
@@ -154,59 +166,47 @@ def parse_layer_sets(specs: Sequence[str], n_blocks: int) -> list[list[int]]:
     return out
 
 
-def _lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], batch_size: int) -> dict[str, Any] | None:
-    """lm-evaluation-harness on the (patched) in-memory model, or None when it is not installed."""
-    if not tasks:
-        return None
-    try:
-        from lm_eval import evaluator  # pyright: ignore[reportMissingImports]  (optional extra: lm-eval)
-        from lm_eval.models.huggingface import HFLM  # pyright: ignore[reportMissingImports]  (optional extra)
-    except ImportError:
-        return None
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = evaluator.simple_evaluate(model=lm, tasks=list(tasks), batch_size=batch_size)["results"]
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            for task, metrics in results.items()}
-
-
 def _measure(model: torch.nn.Module, windows: Sequence[Window], blocks: Sequence[np.ndarray], *, pad_id: int,
              batch_size: int, levenshtein_threshold: float, tokenizer: Any = None,
-             lm_eval_tasks: Sequence[str] = ()) -> dict[str, Any]:
+             benchmarks: Benchmarks | None = None) -> dict[str, Any]:
     row: dict[str, Any] = dict(memorization(model, windows, pad_id=pad_id, batch_size=batch_size, metrics=METRICS,
                                             levenshtein_threshold=levenshtein_threshold))
     row["ppl"] = round(perplexity(model, blocks, pad_id=pad_id, batch_size=batch_size), 6)
-    if (tasks := _lm_eval(model, tokenizer, lm_eval_tasks, batch_size)) is not None:
-        row["lm_eval"] = tasks
+    if benchmarks is not None:   # lm-evaluation-harness on the (patched) in-memory model
+        row["lm_eval"] = evaluate(model, tokenizer, benchmarks, batch_size)
     return row
 
 
 def sweep(model: torch.nn.Module, arch: ArchSpec, windows: Sequence[Window], blocks: Sequence[np.ndarray], *,
-          pad_id: int, batch_size: int = 32, mode: str = "self", layer_sets: Sequence[Sequence[int]] = (),
-          levenshtein_threshold: float = 0.75, tokenizer: Any = None, lm_eval_tasks: Sequence[str] = (),
+          pad_id: int, batch_size: int = 32, mode: str = "self", layers: Sequence[int] | None = None,
+          layer_sets: Sequence[Sequence[int]] = (),
+          levenshtein_threshold: float = 0.75, tokenizer: Any = None, benchmarks: Benchmarks | None = None,
           reference_blocks: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
-    """Baseline, then every block alone, then each of `layer_sets`: memorization means and perplexity
-    on `blocks`, all with the same batch settings. Mode `mean` replaces attention outputs by their mean
-    over `reference_blocks` (default: `blocks` themselves) on the unmodified model."""
+    """Baseline, then each of `layers` alone (default: every block), then each of `layer_sets`:
+    memorization means and perplexity on `blocks`, all with the same batch settings. Mode `mean`
+    replaces attention outputs by their mean over `reference_blocks` (default: `blocks` themselves)
+    on the unmodified model."""
     if not windows:
         raise InputError("no memorized windows to measure the bypass on")
     n = n_layers(model)
-    runs: list[list[int]] = [[i] for i in range(n)] + [sorted({int(i) for i in s}) for s in layer_sets]
-    for layers in runs:
-        if not layers or any(not 0 <= i < n for i in layers):
-            raise InputError(f"layer set {layers} is outside the model (blocks 0..{n - 1})")
+    singles = range(n) if layers is None else layers
+    runs: list[list[int]] = [[int(i)] for i in singles] + [sorted({int(i) for i in s}) for s in layer_sets]
+    for bypassed in runs:
+        if not bypassed or any(not 0 <= i < n for i in bypassed):
+            raise InputError(f"layer set {bypassed} is outside the model (blocks 0..{n - 1})")
     model.eval()
     reference = blocks if reference_blocks is None else reference_blocks
     means = (mean_attention_outputs(model, arch, reference, pad_id=pad_id, batch_size=batch_size)
              if mode == "mean" else None)
     kw: dict[str, Any] = dict(pad_id=pad_id, batch_size=batch_size, levenshtein_threshold=levenshtein_threshold,
-                              tokenizer=tokenizer, lm_eval_tasks=lm_eval_tasks)
+                              tokenizer=tokenizer, benchmarks=benchmarks)
     baseline = _measure(model, windows, blocks, **kw)
     entries = []
-    for layers in progress(runs, desc=f"bypass ({mode})", total=len(runs)):
-        with bypass_attention(model, arch, layers, mode, means):
+    for bypassed in progress(runs, desc=f"bypass ({mode})", total=len(runs)):
+        with bypass_attention(model, arch, bypassed, mode, means):
             row = _measure(model, windows, blocks, **kw)
         row["ppl_ratio"] = round(row["ppl"] / baseline["ppl"], 6)   # held-out perplexity relative to baseline
-        entries.append({"layer": layers[0] if len(layers) == 1 else layers, **row})
+        entries.append({"layer": bypassed[0] if len(bypassed) == 1 else bypassed, **row})
     return {"mode": mode, "n_windows": len(windows), "n_ppl_blocks": len(blocks),
             "n_mean_reference_blocks": len(reference) if mode == "mean" else None,
             "ppl_tokens": int(sum(len(b) - 1 for b in blocks)), "baseline": baseline, "layers": entries}

@@ -10,7 +10,7 @@ field, and a section named after a stage's folder (`memorization:`, `contrastive
 them for that stage only. A key no stage knows is an error that names it.
 
 Each stage's config class lives in its module (`memcirc.stages.<stage>`). Field groups that several
-stages share are declared once here (`CircuitOptions`, `MemorizedRule`, `HeldoutEval`, `Sharding`):
+stages share are declared once here (`CircuitOptions`, `MemorizedRule`, `HeldoutEval`, `LmEval`, `Sharding`):
 a stage config inherits a group, and hands the library a plain group object (`cfg.options(group)`),
 never itself. Every value is checked when the config is built, never later.
 """
@@ -380,9 +380,27 @@ class CircuitOptions(OptionGroup):
 class HeldoutEval(OptionGroup):
     """The before/after evaluation of an intervention: memorization and held-out perplexity."""
 
-    heldout: str = option("testbed", "held-out text for perplexity ('testbed': the held-out plays)")
-    ppl_blocks: int = option(64, "held-out token blocks (of the model context) for perplexity", minimum=1)
+    heldout: str = option("testbed", "held-out text for perplexity: any data source (.txt = one document, "
+                          "JSONL/Parquet with a text or token column, a folder or Hub id; 'testbed': the "
+                          "held-out plays)")
+    ppl_blocks: int = option(64, "held-out token blocks (of --ppl-block-len tokens) for perplexity", minimum=1)
+    ppl_block_len: int | None = option(None, "tokens per perplexity block, BOS included (default: "
+                                       "min(model context, 1024))", minimum=2)
     levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold")
+
+
+@dataclass
+class LmEval(OptionGroup):
+    """lm-evaluation-harness benchmarks on the model in memory (memcirc.benchmarks; the lm-eval extra)."""
+
+    lm_eval_tasks: list[str] = option([], "lm-evaluation-harness tasks or groups (the lm-eval extra: pip install "
+                                      "memcirc[lm-eval]), e.g. heldout_lastword (shipped, offline)")
+    lm_eval_limit: int | None = option(None, "at most N documents per lm-eval task (smoke runs; not comparable "
+                                       "with published numbers)", minimum=1)
+    lm_eval_num_fewshot: int | None = option(None, "few-shot examples per lm-eval prompt (none: each task's "
+                                             "own, else 0)", minimum=0)
+    lm_eval_include_path: str | None = option(None, "folder of local lm-eval task YAML files, searched before "
+                                              "the built-in tasks")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """attention_bypass: the self-only intervention against the paper's identity attention pattern for every
 family, independence from the attention implementation, cached generation, hook removal, the zero
-and mean variants, the sweep on every family, and the stage contract on the testbed."""
+and mean variants, the sweep on every family, the stage contract on the testbed, and --layers (only
+those blocks' runs; bad block numbers refused before the model loads)."""
 
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def bypass(argv):
 
 def test_stage_outputs_and_rerun(scored, capsys):
     argv = ["--config", "configs/testbed.yaml", "--output-dir", str(scored), "--device", "cpu",
-            "--ppl-blocks", "8", "--layer-sets", "1,2", "--lm-eval-tasks", "lambada_openai"]
+            "--ppl-blocks", "8", "--layer-sets", "1,2", "--lm-eval-limit", "20", "--lm-eval-tasks", "heldout_lastword"]
     assert bypass(argv) == 0
     stage = scored / "bypass"
     summary = json.loads((stage / "summary.json").read_text())
@@ -244,7 +245,8 @@ def test_stage_outputs_and_rerun(scored, capsys):
     for e in summary["layers"]:
         assert 0.0 <= e["exact"] <= 1.0 and e["ppl"] > 1.0 and "token_match" in e
     assert min(e["exact"] for e in summary["layers"]) < 0.5   # some block carries the memorization
-    assert "lm_eval_note" in summary                          # lm-eval is not installed: skipped cleanly
+    assert summary["lm_eval"]["tasks"] == ["heldout_lastword"]   # the shipped offline task, on every run
+    assert all(e["lm_eval"]["heldout_lastword"]["n_samples"] == 20 for e in [summary["baseline"], *summary["layers"]])
     assert (stage / "tradeoff.png").stat().st_size > 0
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["stage"] == "attention_bypass" and manifest["status"] == "complete"
@@ -314,3 +316,50 @@ def test_memorized_jsonl_without_upstream_splits_rows_in_half(scored, tmp_path):
     manifest = json.loads((out / "bypass" / "manifest.json").read_text())
     assert manifest["inputs"][0]["prefix_len"] == 20
     assert json.loads((out / "bypass" / "summary.json").read_text())["n_windows"] == 4
+
+
+# -- --layers (issue 11) ------------------------------------------------------------------------
+
+def test_sweep_runs_only_the_chosen_blocks(tiny_loaded):
+    from memcirc.bypass import parse_layers
+    from memcirc.errors import InputError
+
+    loaded = tiny_loaded["qwen2"]
+    windows = [Window(id="0", tokens=np.arange(3, 19, dtype=np.int64), prefix_len=8, source="t", doc="0", offset=0)]
+    blocks = [np.arange(1, 25) * (i + 1) % 300 for i in range(2)]
+    summary = sweep(loaded.model, loaded.arch, windows, blocks, pad_id=0, batch_size=2, layers=[1],
+                    layer_sets=[[0, 1]])
+    assert [e["layer"] for e in summary["layers"]] == [1, [0, 1]]
+    assert parse_layers([], 24) is None and parse_layers([5, 3, 5], 24) == [3, 5]
+    with pytest.raises(InputError, match=r"--layers: blocks \[24\] are outside the model \(blocks 0..23\)"):
+        parse_layers([3, 24], 24)
+
+
+def test_layers_limit_the_stage_runs(scored, tmp_path):
+    out = tmp_path / "layers"
+    shutil.copytree(scored / "memorization", out / "memorization")
+    assert bypass(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--device", "cpu", "--limit", "4",
+                   "--ppl-blocks", "3", "--ppl-block-len", "48", "--layers", "3", "1", "--layer-sets", "0,1"]) == 0
+    summary = json.loads((out / "bypass" / "summary.json").read_text())
+    assert [e["layer"] for e in summary["layers"]] == [1, 3, [0, 1]]
+    assert summary["ppl_block_len"] == 48 and summary["n_ppl_blocks"] == 3 and summary["ppl_tokens"] == 3 * 47
+    log = (out / "bypass" / "log.txt").read_text()
+    assert "3 held-out blocks of 48 tokens (144 tokens)" in log and "2 single-block runs + 1 sets" in log
+
+
+def test_bad_layers_exit_2_before_the_model_loads(scored, tmp_path, capsys, monkeypatch):
+    import memcirc.stages.attention_bypass as stage
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the input check")
+    monkeypatch.setattr(stage, "load", no_load)
+    base = ["--config", "configs/testbed.yaml", "--device", "cpu", "--input-dir", str(scored / "memorization")]
+    for extra, needle in ((["--layers", "1", "4"], "--layers: blocks [4] are outside the model (blocks 0..3)"),
+                          (["--layer-sets", "2,9"], "outside the model"),
+                          (["--ppl-block-len", "200"], "exceeds the model's context (128 tokens)")):
+        out = tmp_path / extra[0].strip("-")
+        capsys.readouterr()
+        assert bypass(base + ["--output-dir", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert not out.exists()

@@ -1,10 +1,12 @@
 """kfac_edit: factors add up over shards, the edit is the identity at rho = 1, the vectorized
-selection equals brute force (and the original heap), the stage contract and its bad input."""
+selection equals brute force (and the original heap), the factor-token budget is exact and too few
+tokens warn, the stage contract (model card, --no-save-model) and its bad input."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_CONFIGS
@@ -297,3 +299,131 @@ def test_bad_input_from_the_command_line(scored, tmp_path):
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "rho" in r.stderr, r.stderr
     assert not out.exists()
+
+
+# -- the factor-token budget and the rank of the factors (issue 11) ----------------------------
+
+@pytest.mark.parametrize("bos_id", [None, 7])
+@pytest.mark.parametrize("block_len, budget", [(128, 1024), (128, 127), (128, 50), (16, 1000), (2, 9)])
+def test_factor_blocks_hold_exactly_the_budget(block_len, budget, bos_id):
+    """The 1,024-asked / 1,533-collected case: ceil(budget / (L - 1)) whole blocks overshot. Now a last
+    shorter block makes the count exact; every block starts with BOS when there is one, and the blocks'
+    text is the stream's prefix, in order."""
+    from memcirc.kfac.factors import n_predicted, token_blocks
+
+    stream = np.arange(10, 10 + 5000, dtype=np.int64)
+    batches = token_blocks(stream, block_len, budget, 4, bos_id)
+    assert n_predicted(batches) == budget
+    assert all(b.shape[1] <= block_len and b.shape[0] <= 4 for b in batches)
+    rows = [row for b in batches for row in b]
+    if bos_id is not None:
+        assert all(int(row[0]) == bos_id for row in rows)
+        rows = [row[1:] for row in rows]
+    text = torch.cat(rows).numpy()
+    assert np.array_equal(text, stream[:len(text)])
+
+
+def test_factor_blocks_use_all_the_data_when_it_holds_less_than_the_budget():
+    """The data ends the collection: its whole blocks only (the testbed's 174k-token slice under the
+    200k default: 1,360 blocks of 128, as before the budget was made exact)."""
+    from memcirc.kfac.factors import n_predicted, token_blocks
+
+    batches = token_blocks(np.arange(174_084, dtype=np.int64), 128, 200_000, 32)
+    assert n_predicted(batches) == 1360 * 127 == 172_720
+    assert {b.shape[1] for b in batches} == {128}
+    with pytest.raises(InputError, match="fewer than one block"):
+        token_blocks(np.arange(100, dtype=np.int64), 128, 200_000, 32)
+
+
+def test_default_budget_scales_with_the_widest_factor():
+    from memcirc.kfac.budget import FACTOR_TOKENS_FLOOR, default_factor_tokens, resolve_factor_tokens
+
+    assert KfacConfig().factor_tokens is None
+    assert default_factor_tokens(512) == FACTOR_TOKENS_FLOOR == 200_000        # the testbed, small models
+    assert default_factor_tokens(4864) == 200_000                              # qwen2-0.5B's MLP width
+    assert default_factor_tokens(11_008) == 32 * 11_008                        # llama-2-7B's
+    assert resolve_factor_tokens(1024, 4864) == 1024
+
+
+def _rank_case(lm, n_tokens):
+    """Factors of the tiny llama's gate and up projections (G: 48 wide, A: 32) on `n_tokens` tokens."""
+    from memcirc.kfac.budget import factor_dims, rank_report, rank_warning
+    from memcirc.kfac.edit import ModelEdit
+    from memcirc.kfac.factors import n_predicted, token_blocks
+
+    targets = resolve_targets(lm.model, lm.arch, [1], ["mlp_gate", "mlp_in"])
+    stream = torch.randint(0, 300, (4 * n_tokens,), generator=torch.Generator().manual_seed(1)).numpy()
+    batches = token_blocks(stream, 16, n_tokens, 8)
+    assert n_predicted(batches) == n_tokens
+    factors = collect_factors(lm.model, targets, batches, FactorOptions(labels="sampled", seed=0))
+    report = rank_report(ModelEdit(lm.model, targets, factors).bases, factors.n_tokens)
+    return rank_warning(factors.n_tokens, factor_dims(lm.model, targets)), report
+
+
+def test_rank_warning_fires_at_a_tiny_budget_and_not_at_an_adequate_one(tiny_loaded):
+    lm = tiny_loaded["llama"]
+    warning, report = _rank_case(lm, 20)
+    assert warning is not None and "20 tokens" in warning and "48 wide" in warning and "at least 48" in warning
+    assert report["tokens_for_full_rank"] == 48
+    for factors in report["modules"].values():     # rank <= N, measured
+        assert factors["G"]["rank"] <= 20 and factors["A"]["rank"] <= 20
+    assert report["zero_eigenvalue_fraction"] >= 1 - 20 / 48 - 1e-6   # rounded to 6 digits
+    warning, report = _rank_case(lm, 32 * 48)
+    assert warning is None
+    assert report["zero_eigenvalue_fraction"] == 0.0
+    assert all(f["rank"] == f["dim"] for m in report["modules"].values() for f in m.values())
+
+
+# -- the stage: the budget, the rank warning, --no-save-model, the model card ------------------
+
+def test_model_card_numbers_equal_the_summary(edited):
+    from memcirc.kfac.card import read_card
+
+    stage, _ = edited
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["factor_tokens"] == summary["factor_token_budget"] == 2000      # exact: 15 x 127 + 95
+    assert summary["warnings"] == [] and summary["factor_rank"]["tokens_for_full_rank"] == 512
+    card = read_card(stage / "edited_model" / "README.md")
+    saved = summary["saved"]
+    for key in ("exact_before", "exact_after", "loose_before", "loose_after", "ppl_before", "ppl_after"):
+        assert card["measured"][key] == saved[key], key
+    assert card["edit"]["rho"] == saved["rho"] and card["edit"]["formula"] == saved["formula"]
+    assert card["edit"]["layers"] == summary["layers"] and card["edit"]["projections"] == summary["projections"]
+    assert card["edit"]["factor_tokens"] == 2000 and card["source_model"]["name_or_path"] == "testbed"
+    assert card["measured"]["ppl_block_len"] == summary["ppl_block_len"] == 128
+    assert card["produced_by"]["memcirc"] and "commit" in card["produced_by"]
+    text = (stage / "edited_model" / "README.md").read_text()
+    assert f"| held-out perplexity | {saved['ppl_before']:.3f} | {saved['ppl_after']:.3f} |" in text
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert "edited_model/README.md" in {o["path"] for o in manifest["outputs"]}
+
+
+def test_tiny_budget_warns_and_no_save_model_writes_no_model(scored, tmp_path):
+    out = tmp_path / "tiny"
+    args = ["--config", "configs/testbed.yaml", "--output-dir", str(out), "--input-dir", str(scored / "memorization"),
+            "--limit", "4", "--factor-tokens", "300", "--rhos", "0.6", "--formulas", "original", "--ppl-blocks", "2",
+            "--device", "cpu", "--no-save-model"]
+    assert main("kfac_edit", args) == 0
+    stage = out / "kfac"
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["factor_tokens"] == 300                     # 2 blocks of 128 + one of 47: exact
+    (warning,) = summary["warnings"]
+    assert "300 tokens" in warning and "at least 512" in warning and warning in (out / "kfac" / "log.txt").read_text()
+    assert summary["factor_rank"]["zero_eigenvalue_fraction"] >= 1 - 300 / 512 - 1e-6
+    assert not (stage / "edited_model").exists() and (stage / "deltas.safetensors").is_file()
+    assert summary["saved"]["edited_model"] is None
+    outputs = {o["path"] for o in json.loads((stage / "manifest.json").read_text())["outputs"]}
+    assert not any(p.startswith("edited_model/") for p in outputs) and "deltas.safetensors" in outputs
+
+
+def test_bad_layers_are_refused_before_the_model_loads(scored, tmp_path, capsys, monkeypatch):
+    import memcirc.stages.kfac_edit as stage
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the input check")
+    monkeypatch.setattr(stage, "load", no_load)
+    for extra, needle in ((["--layers", "4"], "layers [4]"), (["--ppl-block-len", "129"], "context (128")):
+        out = tmp_path / needle.split()[0]
+        err = _refused(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--input-dir",
+                        str(scored / "memorization"), *QUICK, *extra], capsys)
+        assert needle in err and not out.exists()

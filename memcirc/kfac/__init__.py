@@ -7,9 +7,11 @@ The edit writes W in that basis, C = U_Gᵀ W U_A, keeps the smallest set of com
 fraction ρ of the total importance and zeroes the rest: W' = U_G (C ⊙ M) U_Aᵀ.
 
 Modules: `targets` (which linear modules, and their weights as [out, in]), `factors` (collecting
-and storing the factor sums), `resume` (a collection that survives SIGTERM), `edit` (eigenbasis,
-component selection, the edit itself). The stage (inputs, sweep, outputs, factor shards of a job
-array) is memcirc/stages/kfac_edit.py.
+and storing the factor sums, the factor blocks of an exact token budget), `budget` (the default
+budget, the rank warning and the measured ranks), `resume` (a collection that survives SIGTERM),
+`shards` (factor shards of a job array and their merge), `edit` (eigenbasis, component selection,
+the edit itself), `card` (the edited model's README.md), `report` (the printed table, the rho
+curve). The stage (inputs, sweep, outputs) is memcirc/stages/kfac_edit.py.
 
 Choices (and where they differ from goodfire-ai/memorization_kfac):
 - Factors are the inputs *without* a bias column (as the original); biases are never edited.

@@ -25,6 +25,8 @@ class Eigenbasis:
     mu: torch.Tensor      # eigenvalues of A (mean)
     U_A: torch.Tensor
     C: torch.Tensor       # U_Gᵀ W U_A
+    rank_G: int = -1      # numerical ranks of the factors (before damping; -1: not measured)
+    rank_A: int = -1
 
     def importance(self, formula: str) -> torch.Tensor:
         P = self.lam[:, None] * self.mu[None, :]
@@ -39,20 +41,27 @@ class Eigenbasis:
         return self.U_G @ C @ self.U_A.t()
 
 
-def spectrum(factor: torch.Tensor, n_tokens: int, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues descending, eigenvectors) of the symmetrized mean factor, in float64."""
+def spectrum(factor: torch.Tensor, n_tokens: int, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(eigenvalues descending, eigenvectors, numerical rank) of the symmetrized mean factor, in float64.
+
+    The rank counts eigenvalues above max · eps(float32), the resolution of the float32 sums: the null
+    directions of a factor from fewer tokens than its width measure ~1e-9 · max (SmolLM2), while real
+    activation spectra reach down to ~1e-7 (numpy's max · dim · eps would call 30-50 % of a full-rank
+    SmolLM2 factor zero). Measured before the clamp at 0 and the damping."""
     F = factor.double() / n_tokens
     F = 0.5 * (F + F.t())
     evals, evecs = torch.linalg.eigh(F)
+    top = float(evals.abs().max()) if evals.numel() else 0.0
+    rank = int((evals > top * torch.finfo(torch.float32).eps).sum()) if top > 0 else 0
     evals = evals.clamp_min(0.0) + damping
-    return evals.flip(0), evecs.flip(1)
+    return evals.flip(0), evecs.flip(1), rank
 
 
 def eigenbasis(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, n_tokens: int, damping: float = 0.0) -> Eigenbasis:
-    mu, U_A = spectrum(A, n_tokens, damping)
-    lam, U_G = spectrum(G, n_tokens, damping)
+    mu, U_A, rank_A = spectrum(A, n_tokens, damping)
+    lam, U_G, rank_G = spectrum(G, n_tokens, damping)
     C = U_G.t() @ W.detach().to(U_A.device, torch.float64) @ U_A   # on the factors' device (CPU)
-    return Eigenbasis(lam, U_G, mu, U_A, C)
+    return Eigenbasis(lam, U_G, mu, U_A, C, rank_G, rank_A)
 
 
 # -- selection ---------------------------------------------------------------------------------

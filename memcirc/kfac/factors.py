@@ -10,7 +10,6 @@ module outputs. Each batch's a aᵀ is computed in float32 and added to float64 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,9 +24,11 @@ from memcirc import artifacts as art
 from memcirc.data import Columns, load_documents
 from memcirc.errors import InputError
 from memcirc.kfac.targets import Target, stored_weight
+from memcirc.models.tokenizer import BosPolicy, encode
 
 LABELS = ("sampled", "data")
 MAX_FACTOR_BLOCK = 512    # longest factor block (tokens), whatever the model's context
+FACTORS_FILE = "factors.safetensors"   # the factor sums of a kfac_edit run (and of each factor shard)
 
 
 # -- the sums and their file -------------------------------------------------------------------
@@ -86,21 +87,25 @@ def load_factors(path: Path) -> tuple[Factors, dict[str, Any], list[dict[str, An
 
 # -- the factor data ---------------------------------------------------------------------------
 
-def read_factor_tokens(source: str, tokenizer: Any, token_budget: int) -> np.ndarray:
-    """The token stream of the factor data (a file, folder or Hub id), documents joined
-    with EOS, read only as far as `token_blocks` can use for `token_budget`."""
+def read_factor_tokens(source: str, tokenizer: Any, token_budget: int, bos: BosPolicy | None = None) -> np.ndarray:
+    """The token stream of the factor data (a file, folder or Hub id): text encoded without special
+    tokens (the BOS of `bos` goes on each block, `token_blocks`), a token document's leading BOS
+    stripped, documents joined with EOS; read only as far as `token_blocks` can use for `token_budget`."""
     eos = tokenizer.eos_token_id
     parts: list[np.ndarray] = []
     n = 0
     for doc in load_documents(source, Columns()):
-        ids = doc.tokens if doc.tokens is not None else tokenizer(doc.text)["input_ids"]
+        if doc.tokens is not None:
+            ids = bos.strip(doc.tokens) if bos is not None else doc.tokens
+        else:
+            ids = encode(tokenizer, doc.text or "")
         parts.append(np.asarray(ids, np.int64))
         if eos is not None:
             parts.append(np.asarray([eos], np.int64))
         n += len(ids) + 1
-        # token_blocks takes ceil(budget / (L - 1)) blocks of L <= MAX_FACTOR_BLOCK tokens, at most
-        # budget * L / (L - 1) + L <= 2 * budget + MAX_FACTOR_BLOCK tokens for any L >= 2: with that
-        # many the budget, not the data, decides how many blocks there are.
+        # token_blocks reads at most budget * L / (L - 1) + L <= 2 * budget + MAX_FACTOR_BLOCK tokens
+        # for any block length L >= 2 (fewer with a BOS per block): with that many, the budget decides
+        # how many blocks there are, not the data.
         if n >= 2 * token_budget + MAX_FACTOR_BLOCK:
             break
     if not parts:
@@ -108,13 +113,38 @@ def read_factor_tokens(source: str, tokenizer: Any, token_budget: int) -> np.nda
     return np.concatenate(parts)
 
 
-def token_blocks(tokens: np.ndarray, block_len: int, token_budget: int, batch_size: int) -> list[torch.Tensor]:
-    """Consecutive blocks of `block_len` tokens, batched, up to the token budget (T-1 per block)."""
-    n_blocks = min(len(tokens) // block_len, math.ceil(token_budget / (block_len - 1)))
-    if n_blocks == 0:
+def token_blocks(tokens: np.ndarray, block_len: int, token_budget: int, batch_size: int,
+                 bos_id: int | None = None) -> list[torch.Tensor]:
+    """Consecutive blocks of `block_len` tokens (BOS + block_len - 1 stream tokens when `bos_id` is
+    set), batched, holding exactly `token_budget` predicted tokens (block_len - 1 per block): where
+    the budget ends inside a block, a last, shorter block of its own makes the count exact. When the
+    data holds fewer, all of its whole blocks (and fewer tokens)."""
+    n_bos = int(bos_id is not None)
+    content = block_len - n_bos            # stream tokens per block
+    n_data = len(tokens) // content
+    n_blocks, rest = divmod(token_budget, block_len - 1)
+    if n_blocks >= n_data:                 # the data ends the collection: whole blocks only
+        n_blocks, rest = n_data, 0
+    if n_blocks == 0 and rest == 0:
         raise InputError(f"factor data holds {len(tokens)} tokens, fewer than one block of {block_len}")
-    blocks = torch.as_tensor(tokens[:n_blocks * block_len].reshape(n_blocks, block_len), dtype=torch.long)
-    return list(blocks.split(batch_size))
+    rows = torch.as_tensor(tokens[:n_blocks * content].reshape(n_blocks, content), dtype=torch.long)
+    batches = list(_with_bos(rows, bos_id).split(batch_size)) if n_blocks else []
+    if rest:                               # rest + 1 tokens predict rest
+        start = n_blocks * content
+        tail = torch.as_tensor(tokens[start:start + rest + 1 - n_bos], dtype=torch.long)[None]
+        batches.append(_with_bos(tail, bos_id))
+    return batches
+
+
+def _with_bos(rows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    if bos_id is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=rows.dtype), rows], dim=1)
+
+
+def n_predicted(batches: Sequence[torch.Tensor]) -> int:
+    """The tokens `batches` hold for the factors: every position but the last of each block."""
+    return sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -227,11 +257,12 @@ def _draw_labels(logits: torch.Tensor, ids: torch.Tensor, opts: FactorOptions, b
         return ids[:, 1:]
     device = ids.device
     with torch.no_grad():
-        probs = torch.softmax(logits.detach(), -1)
-        if opts.seed is not None:
+        if opts.seed is not None:   # one row's probabilities at a time: no [B, T, V] copy of the logits
             return torch.stack([torch.multinomial(
-                probs[r], 1, generator=torch.Generator(device).manual_seed(block_seed(opts.seed, block + r)))
+                torch.softmax(logits[r].detach(), -1), 1,
+                generator=torch.Generator(device).manual_seed(block_seed(opts.seed, block + r)))
                 for r in range(ids.shape[0])]).view(ids.shape[0], -1)
+        probs = torch.softmax(logits.detach(), -1)
         gen_device = opts.generator.device if opts.generator is not None else device
         y = torch.multinomial(probs.reshape(-1, logits.shape[-1]).to(gen_device), 1, generator=opts.generator)
         return y.view(ids.shape[0], -1).to(device)

@@ -28,20 +28,25 @@ class Target:
         return f"{self.name}.weight"
 
 
-def resolve_targets(model: torch.nn.Module, arch: ArchSpec, layers: Sequence[int],
-                    roles: Sequence[str]) -> list[Target]:
-    """The modules to edit; an unknown role or layer is an InputError that lists the valid ones."""
-    n = dims(model).n_layers
+def check_targets(arch: ArchSpec, n_layers: int, layers: Sequence[int], roles: Sequence[str]) -> None:
+    """An unknown role or layer is an InputError that lists the valid ones (needs only the model's
+    config: callable before the weights load)."""
     valid_roles = [r for r in EDIT_ROLES if arch.path(r) is not None]
     bad_roles = [r for r in roles if r not in valid_roles]
     if bad_roles:
         raise InputError(f"projections {bad_roles} are not linear MLP modules of this {arch.family} model; "
                          f"valid: {', '.join(valid_roles)}")
-    bad_layers = [x for x in layers if not 0 <= x < n]
+    bad_layers = [x for x in layers if not 0 <= x < n_layers]
     if bad_layers:
-        raise InputError(f"layers {bad_layers} are not in the model; valid: 0..{n - 1}")
+        raise InputError(f"layers {bad_layers} are not in the model; valid: 0..{n_layers - 1}")
     if not roles:
         raise InputError(f"config key 'projections' is empty; valid: {', '.join(valid_roles)}")
+
+
+def resolve_targets(model: torch.nn.Module, arch: ArchSpec, layers: Sequence[int],
+                    roles: Sequence[str]) -> list[Target]:
+    """The modules to edit; an unknown role or layer is an InputError that lists the valid ones."""
+    check_targets(arch, dims(model).n_layers, layers, roles)
     targets = []
     for layer in layers:
         for role in roles:

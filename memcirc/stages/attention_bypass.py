@@ -1,5 +1,5 @@
-"""The attention_bypass stage: bypass the attention of each block (and of chosen block sets) and
-measure memorization of the memorized windows against held-out perplexity.
+"""The attention_bypass stage: bypass the attention of each block (or of the --layers chosen, and of
+--layer-sets block sets) and measure memorization of the memorized windows against held-out perplexity.
 
 Writes summary.json (baseline and one entry per bypassed block or set), tradeoff.png and
 manifest.json (last). The interventions and the sweep are in `memcirc.bypass`.
@@ -18,15 +18,25 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.bypass import METRICS, parse_layer_sets, sweep, windows_from_file
-from memcirc.config import HeldoutEval, StageConfig, option
+from memcirc.benchmarks import check_tasks
+from memcirc.bypass import METRICS, parse_layer_sets, parse_layers, sweep, windows_from_file
+from memcirc.config import HeldoutEval, LmEval, StageConfig, option
 from memcirc.data import Window
 from memcirc.errors import InputError
-from memcirc.evaluation import heldout_blocks, memorized_windows
+from memcirc.evaluation import (
+    LOGITS_BYTES,
+    describe_blocks,
+    forward_rows,
+    heldout_blocks,
+    memorized_windows,
+    ppl_block_len,
+)
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
 from memcirc.models.arch import embedding_rows, n_ctx, n_layers
 from memcirc.models.identity import check_same_model, results_key
+from memcirc.models.loading import load_config_and_tokenizer
+from memcirc.models.tokenizer import bos_policy
 from memcirc.plots import save_figure, subplots
 
 if TYPE_CHECKING:
@@ -39,7 +49,7 @@ TABLE_COLUMNS = ("exact", "lcp", "token_match", "loose_match")
 
 
 @dataclass
-class BypassConfig(HeldoutEval, StageConfig):
+class BypassConfig(HeldoutEval, LmEval, StageConfig):
     """attention_bypass: per-block attention interventions, memorization vs general ability."""
 
     stage: ClassVar[str] = "attention_bypass"
@@ -47,10 +57,10 @@ class BypassConfig(HeldoutEval, StageConfig):
     mode: str = option("self", "self: each token attends only to itself (the paper's intervention); "
                        "zero: attention output zeroed; mean: attention output replaced by its mean over "
                        "the held-out reference text", choices=("self", "zero", "mean"))
-    layer_sets: list[str] = option([], "extra block sets to bypass together, e.g. 0,1 2,3")
+    layers: list[int] = option([], "bypass only these blocks, one run each (default: every block)")
+    layer_sets: list[str] = option([], "block sets to bypass together, run after the single blocks, e.g. 0,1 2,3")
     memorized_file: str | None = option(None, "score these windows instead of the upstream memorized set "
                                         "(JSONL/Parquet with tokens, or the llm-memorization .npy format)")
-    lm_eval_tasks: list[str] = option([], "lm-evaluation-harness tasks (needs the lm-eval extra)")
     batch_size: int = option(32, "sequences per forward pass", aliases=("--batch_size",), minimum=1,
                              hashed=False)
 
@@ -59,21 +69,24 @@ Config = BypassConfig
 
 
 def run(cfg: BypassConfig) -> dict[str, Any]:
-    """Baseline, every block bypassed alone, then each block set: memorization and perplexity."""
+    """Baseline, each chosen block (default: every block) bypassed alone, then each block set:
+    memorization and perplexity."""
     torch.manual_seed(cfg.seed)
     windows, inputs, upstream = _memorized(cfg)
     if cfg.limit:
         windows = windows[:cfg.limit]
+    layers, layer_sets, block_len = _check_blocks(cfg)   # from config.json, before the weights load
+    bench = check_tasks(cfg.options(LmEval))              # lm-eval task names and data, likewise
     loaded = load(cfg.model_spec())
     model, tok = loaded.model, loaded.tokenizer
     warning = None
     if upstream is not None and not cfg.memorized_file:
         warning = check_same_model(upstream.get("model"), loaded, "memorization scores")
     _check_vocab(windows, model)
-    layer_sets = parse_layer_sets(cfg.layer_sets, n_layers(model))
+    bos = bos_policy(tok, cfg.prepend_bos)
     # Mode mean: the reference mean comes from the held-out blocks after the perplexity blocks, so
     # perplexity is never measured on the text the replacement was averaged over (unless too short).
-    every = heldout_blocks(cfg.data_path("heldout"), tok, n_ctx(model), 2 * cfg.ppl_blocks)
+    every = heldout_blocks(cfg.data_path("heldout"), tok, block_len, 2 * cfg.ppl_blocks, bos)
     blocks, reference = every[:cfg.ppl_blocks], every[cfg.ppl_blocks:]
     if cfg.mode == "mean" and not reference:
         log.warning("held-out text %s has no blocks beyond the %d perplexity blocks: the mean attention "
@@ -85,22 +98,26 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     if (done := stage.open(cfg.force)) is not None:
         print(format_table(done))
         return done
-    lm_eval_tasks, note = _available_lm_eval_tasks(cfg.lm_eval_tasks)
     stage.start(cfg.force)
     if warning:
         log.warning("%s", warning)
-    log.info("%d memorized windows; %d held-out blocks of %d tokens; mode %s; %d blocks + %d sets",
-             len(windows), len(blocks), n_ctx(model), cfg.mode, n_layers(model), len(layer_sets))
+    n_single = n_layers(model) if layers is None else len(layers)
+    log.info("%d memorized windows; %s; mode %s; %d single-block runs + %d sets", len(windows),
+             describe_blocks(blocks), cfg.mode, n_single, len(layer_sets))
+    if (rows := forward_rows(model, block_len, cfg.batch_size)) < cfg.batch_size:
+        log.info("perplexity: %d block(s) per forward pass (the logits of one pass are kept under %d MiB)",
+                 rows, LOGITS_BYTES >> 20)
     # special-token ids come from the tokenizer's __getattr__, which the stubs type as str | list[str]
     pad_token_id = cast("int | None", tok.pad_token_id)
     pad = pad_token_id if pad_token_id is not None else 0
     summary = sweep(model, loaded.arch, windows, blocks, pad_id=pad, batch_size=cfg.batch_size, mode=cfg.mode,
-                    layer_sets=layer_sets, levenshtein_threshold=cfg.levenshtein_threshold, tokenizer=tok,
-                    lm_eval_tasks=lm_eval_tasks, reference_blocks=reference)
+                    layers=layers, layer_sets=layer_sets, levenshtein_threshold=cfg.levenshtein_threshold,
+                    tokenizer=tok, benchmarks=bench, reference_blocks=reference)
     summary["heldout"] = cfg.heldout
-    summary["ppl_block_len"] = n_ctx(model)
-    if note:
-        summary["lm_eval_note"] = note
+    summary["ppl_block_len"] = block_len
+    summary["bos"] = bos.to_dict()
+    if bench is not None:
+        summary["lm_eval"] = bench.describe()   # the setting; each run's results are in its row's "lm_eval"
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     tradeoff_figure(summary, cfg.stage_dir / TRADEOFF_PNG)
     stage.finish({art.SUMMARY_JSON: None, TRADEOFF_PNG: None}, model=loaded.identity(), seed=cfg.seed,
@@ -130,27 +147,21 @@ def _memorized(cfg: BypassConfig) -> tuple[Sequence[Window], list[dict[str, Any]
     return windows, [{"path": str(upstream_dir), "run_id": upstream["run_id"]}], upstream
 
 
+def _check_blocks(cfg: BypassConfig) -> tuple[list[int] | None, list[list[int]], int]:
+    """(--layers or None for every block, --layer-sets, the perplexity block length), checked against
+    the model's config.json alone, so a bad block number exits before the weights load."""
+    config, _ = load_config_and_tokenizer(cfg.model_spec())
+    blocks = n_layers(config)
+    return (parse_layers(cfg.layers, blocks), parse_layer_sets(cfg.layer_sets, blocks),
+            ppl_block_len(cfg.ppl_block_len, n_ctx(config)))
+
+
 def _check_vocab(windows: Sequence[Window], model: PreTrainedModel) -> None:
     vocab = embedding_rows(model)
     high = max(int(w.tokens.max()) for w in windows)
     if high >= vocab or min(int(w.tokens.min()) for w in windows) < 0:
         raise InputError(f"memorized windows hold token ids outside the model's vocabulary (0..{vocab - 1}): "
                          "were they tokenized for another model?")
-
-
-def _available_lm_eval_tasks(tasks: Sequence[str]) -> tuple[list[str], str | None]:
-    """(the lm-eval tasks to run, a note when lm-evaluation-harness is not installed and they are skipped)."""
-    if not tasks:
-        return [], None
-    try:
-        import lm_eval  # noqa: F401  # pyright: ignore[reportMissingImports]  (optional extra: lm-eval)
-    except ImportError:
-        pass
-    else:
-        return list(tasks), None
-    note = "lm-evaluation-harness is not installed (pip install lm-eval): tasks skipped"
-    log.warning("%s: %s", note, ", ".join(tasks))
-    return [], note
 
 
 # -- outputs ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ memorization and perplexity before and after.
 
 Reads the memorized windows of memorization/ and writes kfac/: factors.safetensors (the factor
 sums, reusable with --factors-file), summary.json (the formula x rho sweep), rho_curve.png,
-deltas.safetensors and edited_model/ (the saved setting), manifest.json last. With N shards (a
+deltas.safetensors and edited_model/ (the saved setting, with a model card README.md; not with
+--no-save-model), manifest.json last. With N shards (a
 SLURM job array) each job collects the factor sums of its slice of the factor batches into
 shards/<i>/ and `--merge` adds them up and runs the edit: the outputs equal a one-job run's.
 The method and its choices: memcirc/kfac/__init__.py.
@@ -11,7 +12,6 @@ The method and its choices: memcirc/kfac/__init__.py.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,36 +23,53 @@ from typing import Any, ClassVar, cast
 import numpy as np
 import torch
 
+from memcirc import __version__
 from memcirc import artifacts as art
-from memcirc.config import HeldoutEval, MemorizedRule, Sharding, StageConfig, option
+from memcirc.benchmarks import Benchmarks, check_tasks
+from memcirc.benchmarks import evaluate as run_benchmarks
+from memcirc.config import HeldoutEval, LmEval, MemorizedRule, Sharding, StageConfig, option
 from memcirc.data import ScoredWindow
 from memcirc.errors import InputError
-from memcirc.evaluation import heldout_blocks, memorization, memorized_windows, perplexity
+from memcirc.evaluation import (
+    describe_blocks,
+    forward_rows,
+    heldout_blocks,
+    memorization,
+    memorized_windows,
+    perplexity,
+    ppl_block_len,
+)
+from memcirc.kfac.budget import factor_dims, measured_warning, rank_report, rank_warning, resolve_factor_tokens
+from memcirc.kfac.card import card_data, write_card
 from memcirc.kfac.edit import FORMULAS, ModelEdit
 from memcirc.kfac.factors import (
+    FACTORS_FILE,
     LABELS,
     MAX_FACTOR_BLOCK,
     FactorOptions,
     Factors,
     load_factors,
+    n_predicted,
     read_factor_tokens,
     token_blocks,
 )
+from memcirc.kfac.report import format_table, rho_curve
 from memcirc.kfac.resume import FactorCollection
-from memcirc.kfac.targets import Target, resolve_targets
-from memcirc.manifest import StageRun, read_manifest
+from memcirc.kfac.shards import collect_shard, merge_shards
+from memcirc.kfac.targets import Target, check_targets, resolve_targets
+from memcirc.manifest import StageRun, git_info, read_manifest
 from memcirc.models import LoadedModel, load
-from memcirc.models.arch import dims
+from memcirc.models.arch import arch_for, dims
 from memcirc.models.identity import check_same_model, results_key
-from memcirc.plots import save_figure, subplots
-from memcirc.sharding import resolve_shards, shard_bounds
-from memcirc.stages.registry import DONE_MARKER
+from memcirc.models.loading import load_config_and_tokenizer
+from memcirc.models.tokenizer import BosPolicy, bos_policy
+from memcirc.sharding import resolve_shards
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class KfacConfig(HeldoutEval, Sharding, StageConfig):
+class KfacConfig(HeldoutEval, LmEval, Sharding, StageConfig):
     """kfac_edit: K-FAC factors, eigenbasis edit keeping a fraction rho of importance, before/after."""
 
     stage: ClassVar[str] = "kfac_edit"
@@ -63,7 +80,8 @@ class KfacConfig(HeldoutEval, Sharding, StageConfig):
                                     "gate and up where gated, as the paper)")
     labels: str = option("sampled", "gradient labels: sampled from the model (true Fisher) or the data",
                          choices=LABELS)
-    factor_tokens: int = option(200_000, "token budget for collecting the factors", minimum=1)
+    factor_tokens: int | None = option(None, "factor-token budget, collected exactly (default: max(32 x the "
+                                       "widest edited factor, 200,000); memcirc/kfac/budget.py)", minimum=1)
     factor_data: str = option("testbed", "text the factors are collected on ('testbed': the training "
                               "corpus slice)")
     rhos: list[float] = option([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "fractions of importance to keep")
@@ -73,6 +91,8 @@ class KfacConfig(HeldoutEval, Sharding, StageConfig):
     save_rho: float | None = option(None, "save the edited model folder at this rho (default: the "
                                     "smallest rho whose perplexity rise is <= 20%)")
     save_formula: str = option("original", "formula of the saved edited model", choices=FORMULAS)
+    save_model: bool = option(True, "write edited_model/ (the saved setting as a from_pretrained folder, "
+                              "with a model card README.md); --no-save-model: deltas.safetensors only")
     factors_file: str | None = option(None, "reuse factors.safetensors of a previous kfac run (same model "
                                       "and modules) instead of collecting them")
     batch_size: int = option(32, "sequences per forward/backward pass", aliases=("--batch_size",), minimum=1,
@@ -90,7 +110,7 @@ class KfacConfig(HeldoutEval, Sharding, StageConfig):
 Config = KfacConfig
 
 MEMORIZED = MemorizedRule()          # the windows kfac_edit edits out: exact == 1 (the default rule)
-FACTORS = "factors.safetensors"
+FACTORS = FACTORS_FILE
 DELTAS = "deltas.safetensors"
 EDITED_MODEL = "edited_model"
 RHO_CURVE = "rho_curve.png"
@@ -107,38 +127,42 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     num_shards, shard_index = _shard_job(cfg)
     upstream, windows = _memorized_windows(cfg)
     reused = load_factors(Path(cfg.factors_file)) if cfg.factors_file else None   # before the model load
+    ppl_len = _check_before_loading(cfg)
+    bench = check_tasks(cfg.options(LmEval))   # lm-eval task names and data, before the weights load
     loaded = load(cfg.model_spec())
     warnings = [check_same_model(upstream.get("model", {}), loaded, "memorization scores")]
     layers, roles, targets = _targets(cfg, loaded)
     if reused is not None:
         assert cfg.factors_file is not None   # reused is read from it
         warnings.append(_check_reused(cfg.factors_file, reused, loaded, targets))
-    n_ctx = dims(loaded.model).n_ctx
-    blocks = heldout_blocks(cfg.data_path("heldout"), loaded.tokenizer, n_ctx, cfg.ppl_blocks)
-    block_len = min(n_ctx, MAX_FACTOR_BLOCK)
-    factor_ids = (None if reused else
-                  read_factor_tokens(cfg.data_path("factor_data"), loaded.tokenizer, cfg.factor_tokens))
-    batches = [] if factor_ids is None else token_blocks(factor_ids, block_len, cfg.factor_tokens, cfg.batch_size)
+    bos = bos_policy(loaded.tokenizer, cfg.prepend_bos)
+    blocks = heldout_blocks(cfg.data_path("heldout"), loaded.tokenizer, ppl_len, cfg.ppl_blocks, bos)
+    plan = _factor_plan(cfg, loaded, targets, reused, bos)
+    warnings.append(plan.warning)
     stage = StageRun.for_config(cfg, _inputs(cfg, upstream), model=results_key(loaded),
                                 factor_sampling=FACTOR_SAMPLING)
     if (done := stage.open(cfg.force)) is not None:
         print(format_table(done))
         return done
-    shard_sums, n_merged = _merge_shards(cfg, stage.fingerprint) if cfg.merge else (None, 1)
+    shard_sums, n_merged = (merge_shards(cfg.stage_dir / art.SHARDS_DIR, stage.fingerprint, cfg.num_shards)
+                            if cfg.merge else (None, 1))
     shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
     # the other factor shards write next to this one at the same time
     stage.start(cfg.force, task_dir=shard_dir if num_shards > 1 else None)
     for warning in filter(None, warnings):
         log.warning(warning)
+    log.info("perplexity on %s", describe_blocks(blocks))
 
     identity = loaded.identity()
-    collection = FactorCollection(loaded.model, targets, batches, FactorOptions(labels=cfg.labels, seed=cfg.seed),
+    collection = FactorCollection(loaded.model, targets, plan.batches, FactorOptions(labels=cfg.labels, seed=cfg.seed),
                                   stage.fingerprint, identity, cfg.chunk_size)
-    meta = {"factor_data": cfg.factor_data, "seed": cfg.seed, "block_len": block_len}
+    meta: dict[str, Any] = {"factor_data": cfg.factor_data, "seed": cfg.seed, "block_len": plan.block_len}
+    if bos.bos_id is not None:
+        meta["bos_token_id"] = bos.bos_id
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if num_shards > 1:
-        _collect_shard(cfg, collection, (num_shards, shard_index), shard_dir, meta)
+        collect_shard(collection, (num_shards, shard_index), shard_dir, meta, labels=cfg.labels, force=cfg.force)
         return None
     factors = _factors(cfg, collection, reused, shard_sums, meta)
     factors.save(cfg.stage_dir / FACTORS, identity, targets)
@@ -147,23 +171,38 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     edit = ModelEdit(loaded.model, targets, factors, cfg.damping)
     timings["eigh_s"] = time.perf_counter() - t0
+    rank = rank_report(edit.bases, factors.n_tokens)
+    if (measured := measured_warning(rank)) is not None:
+        log.warning(measured)
+        warnings.append(measured)
+    lm_before = _benchmarks(cfg, loaded, bench, timings)   # unedited (the edit is applied per setting below)
     t0 = time.perf_counter()
     evaluate = partial(_evaluate, cfg, loaded, windows, blocks)
     sweep = _sweep(cfg, edit, evaluate)
     timings["sweep_s"] = time.perf_counter() - t0
-    saved = _save_edited_model(cfg, loaded, edit, sweep, evaluate)
+    saved = _apply_saved_setting(cfg, edit, sweep, evaluate)
 
     summary = {
         "model": identity["name_or_path"], "n_memorized": len(windows), "layers": layers,
         "projections": roles, "modules": [t.name for t in targets],
-        "labels": factors.labels, "factor_tokens": factors.n_tokens, "damping": cfg.damping,
-        **sweep, "saved": saved, "timings": {k: round(v, 3) for k, v in timings.items()},
+        "labels": factors.labels, "factor_tokens": factors.n_tokens, "factor_token_budget": plan.budget,
+        "factor_rank": rank, "damping": cfg.damping, "heldout": cfg.heldout, "n_ppl_blocks": len(blocks),
+        "ppl_block_len": ppl_len, "ppl_tokens": sum(len(b) - 1 for b in blocks), "bos": bos.to_dict(),
+        "warnings": [w for w in warnings if w], **sweep, "saved": saved,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    if bench is not None:   # lm-eval before the edit and with the saved setting, still applied here
+        lm_after = _benchmarks(cfg, loaded, bench, timings)
+        summary["lm_eval"] = {**bench.describe(), "before": lm_before, "after": lm_after}
+        summary["timings"]["lm_eval_s"] = round(timings["lm_eval_s"], 3)
+    _write_edited_model(cfg, loaded, summary)   # the saved setting is still applied
+    edit.restore()
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    rho_curve(summary, cfg.stage_dir / RHO_CURVE)
+    rho_curve(summary, cfg.stage_dir / RHO_CURVE, PPL_LIMIT)
     outputs: dict[str, int | None] = {FACTORS: None, DELTAS: None, art.SUMMARY_JSON: None, RHO_CURVE: None}
-    for f in sorted((cfg.stage_dir / EDITED_MODEL).iterdir()):
-        outputs[f"{EDITED_MODEL}/{f.name}"] = None
+    if cfg.save_model:
+        for f in sorted((cfg.stage_dir / EDITED_MODEL).iterdir()):
+            outputs[f"{EDITED_MODEL}/{f.name}"] = None
     stage.finish(outputs, model=identity, seed=cfg.seed, factor_shards=n_merged)
     art.remove_tree(cfg.stage_dir / art.CHUNKS_DIR)
     art.remove_tree(cfg.stage_dir / art.SHARDS_DIR)
@@ -189,6 +228,15 @@ def _memorized_windows(cfg: KfacConfig) -> tuple[dict[str, Any], list[ScoredWind
     upstream = read_manifest(upstream_dir, what="memorization")
     windows = memorized_windows(upstream_dir, MEMORIZED)
     return upstream, windows[:cfg.limit] if cfg.limit else windows
+
+
+def _check_before_loading(cfg: KfacConfig) -> int:
+    """--layers, --projections and --ppl-block-len checked against config.json alone (a bad value exits
+    before the weights load); returns the perplexity block length."""
+    config, _ = load_config_and_tokenizer(cfg.model_spec())
+    arch, sizes = arch_for(config), dims(config)
+    check_targets(arch, sizes.n_layers, cfg.layers, cfg.projections or arch.mlp_in_roles)
+    return ppl_block_len(cfg.ppl_block_len, sizes.n_ctx)
 
 
 def _targets(cfg: KfacConfig, loaded: LoadedModel) -> tuple[list[int], list[str], list[Target]]:
@@ -219,76 +267,48 @@ def _inputs(cfg: KfacConfig, upstream: dict[str, Any]) -> list[dict[str, Any]]:
 
 # -- the factors ----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class FactorPlan:
+    """The factor batches to collect (none with --factors-file), the token budget they hold, their
+    block length and the rank warning for that many tokens (None when there are enough)."""
+
+    batches: list[torch.Tensor]
+    budget: int | None
+    block_len: int
+    warning: str | None
+
+
+def _factor_plan(cfg: KfacConfig, loaded: LoadedModel, targets: list[Target],
+                 reused: tuple[Factors, Any, Any] | None, bos: BosPolicy) -> FactorPlan:
+    """The budget (--factor-tokens, default scaled to the widest factor), the factor data cut into
+    blocks of min(n_ctx, 512) tokens holding exactly that many (fewer if the data runs out), batched
+    so a forward's logits stay bounded, and the rank warning."""
+    widths = factor_dims(loaded.model, targets)
+    block_len = min(dims(loaded.model).n_ctx, MAX_FACTOR_BLOCK)
+    if reused is not None:
+        return FactorPlan([], None, block_len, rank_warning(reused[0].n_tokens, widths))
+    budget = resolve_factor_tokens(cfg.factor_tokens, max(max(w) for w in widths.values()))
+    rows = forward_rows(loaded.model, block_len, cfg.batch_size)
+    if rows < cfg.batch_size:
+        log.info("K-FAC factors: %d block(s) per forward/backward pass (bounded logits)", rows)
+    factor_ids = read_factor_tokens(cfg.data_path("factor_data"), loaded.tokenizer, budget, bos)
+    batches = token_blocks(factor_ids, block_len, budget, rows, bos.bos_id)
+    n = n_predicted(batches)
+    return FactorPlan(batches, budget, block_len, rank_warning(n, widths, short_of_budget=n < budget))
+
+
 def _factors(cfg: KfacConfig, collection: FactorCollection, reused: tuple[Factors, Any, Any] | None,
              shard_sums: Factors | None, meta: dict[str, Any]) -> Factors:
     """The targets' float32 factor sums: of a --factors-file, of the merged shards, or collected here."""
     if reused is not None:
         return reused[0].only(collection.targets)
     if shard_sums is None:
-        log.info("collecting K-FAC factors (%s labels) for %d modules on up to %d tokens", cfg.labels,
-                 len(collection.targets), cfg.factor_tokens)
+        log.info("collecting K-FAC factors (%s labels) for %d modules on %d tokens", cfg.labels,
+                 len(collection.targets), n_predicted(collection.batches))
         shard_sums = collection.resumable(0, len(collection.batches), cfg.stage_dir / art.CHUNKS_DIR, "factors")
     factors = shard_sums.to(torch.float32)
     factors.meta = meta
     return factors
-
-
-# -- factor shards (a SLURM job array) -------------------------------------------------------
-
-def _collect_shard(cfg: KfacConfig, collection: FactorCollection, shard: tuple[int, int], shard_dir: Path,
-                   meta: dict[str, Any]) -> None:
-    """One array task: the float64 factor sums of its slice of the batches, then its done marker."""
-    num_shards, shard_index = shard
-    marker = shard_dir / DONE_MARKER
-    if marker.is_file() and not cfg.force:
-        done = json.loads(marker.read_text())
-        if (done.get("fingerprint") == collection.fingerprint and done.get("num_shards") == num_shards
-                and (done.get("n_tokens") == 0 or (shard_dir / FACTORS).is_file())):
-            log.info("factor shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards,
-                     shard_dir)
-            return
-    marker.unlink(missing_ok=True)
-    first, last = shard_bounds(len(collection.batches), num_shards, shard_index)
-    entry = {"fingerprint": collection.fingerprint, "num_shards": num_shards, "shard_index": shard_index,
-             "batches": [first, last]}
-    if last <= first:   # more shards than factor batches: this one has nothing to add
-        art.write_json(marker, {**entry, "n_tokens": 0})
-        log.info("factor shard %d/%d: no batches (the factor data holds %d); nothing to collect", shard_index,
-                 num_shards, len(collection.batches))
-        return
-    log.info("collecting K-FAC factors (%s labels), shard %d/%d: batches %d..%d of %d", cfg.labels, shard_index,
-             num_shards, first, last - 1, len(collection.batches))
-    sums = collection.resumable(first, last, shard_dir / art.CHUNKS_DIR, f"factors shard {shard_index}")
-    sums.meta = meta
-    sums.save(shard_dir / FACTORS, collection.identity, collection.targets)
-    art.write_json(marker, {**entry, "n_tokens": sums.n_tokens})
-    art.remove_tree(shard_dir / art.CHUNKS_DIR)
-    log.info("factor shard %d/%d done (%d tokens); run with --merge once all shards are done", shard_index,
-             num_shards, sums.n_tokens)
-
-
-def _merge_shards(cfg: KfacConfig, fingerprint: str) -> tuple[Factors | None, int]:
-    """The float64 sum of every factor shard, in shard order (None when no shard holds tokens); InputError
-    unless all are there for this config."""
-    shards_dir = cfg.stage_dir / art.SHARDS_DIR
-    done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{DONE_MARKER}"))]
-    if not done:
-        raise InputError(f"no finished factor shards in {shards_dir}: run the shard jobs first, then --merge")
-    num_shards = cfg.num_shards or done[0]["num_shards"]
-    done = [d for d in done if d["num_shards"] == num_shards]
-    stale = sorted(d["shard_index"] for d in done if d["fingerprint"] != fingerprint)
-    if stale:
-        raise InputError(f"factor shards {stale} in {shards_dir} come from another config; re-run the shard "
-                         "jobs with this config, then --merge")
-    missing = sorted(set(range(num_shards)) - {d["shard_index"] for d in done})
-    if missing:
-        raise InputError(f"factor shards {missing} of {num_shards} have not finished; re-run them, then --merge")
-    total: Factors | None = None
-    for d in sorted(done, key=lambda d: d["shard_index"]):
-        if d["n_tokens"]:
-            sums, _, _ = load_factors(shards_dir / f"{d['shard_index']:05d}" / FACTORS)
-            total = sums if total is None else total + sums
-    return total, num_shards
 
 
 # -- the sweep and the saved edit ------------------------------------------------------------
@@ -304,6 +324,17 @@ def _evaluate(cfg: KfacConfig, loaded: LoadedModel, windows: list[ScoredWindow],
     mem = memorization(loaded.model, windows, pad_id=pad, batch_size=cfg.batch_size,
                        levenshtein_threshold=cfg.levenshtein_threshold)
     return {**mem, "ppl": perplexity(loaded.model, blocks, pad_id=pad, batch_size=cfg.batch_size)}
+
+
+def _benchmarks(cfg: KfacConfig, loaded: LoadedModel, bench: Benchmarks | None,
+                timings: dict[str, float]) -> dict[str, Any] | None:
+    """lm-eval on the model as it is now (None without --lm-eval-tasks); its time adds to timings."""
+    if bench is None:
+        return None
+    t0 = time.perf_counter()
+    results = run_benchmarks(loaded.model, loaded.tokenizer, bench, cfg.batch_size)
+    timings["lm_eval_s"] = timings.get("lm_eval_s", 0.0) + time.perf_counter() - t0
+    return results
 
 
 def _sweep(cfg: KfacConfig, edit: ModelEdit, evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -333,19 +364,27 @@ def _saved_setting(cfg: KfacConfig, results: list[dict[str, Any]]) -> float:
     return min(ok) if ok else max(cfg.rhos)
 
 
-def _save_edited_model(cfg: KfacConfig, loaded: LoadedModel, edit: ModelEdit, sweep: dict[str, Any],
-                       evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Write the deltas and the edited model folder of the saved setting; its result for the summary."""
+def _apply_saved_setting(cfg: KfacConfig, edit: ModelEdit, sweep: dict[str, Any],
+                         evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Apply the saved setting (left applied for `_write_edited_model`), write its deltas; its result."""
     rho = _saved_setting(cfg, sweep["results"])
     kept = edit.apply(cfg.save_formula, rho)
     after = evaluate()
     art.save_tensors(cfg.stage_dir / DELTAS, edit.deltas(), metadata={"formula": cfg.save_formula, "rho": str(rho)})
+    return {"formula": cfg.save_formula, "rho": rho, **_result(cfg.save_formula, rho, sweep["before"], after, kept),
+            "edited_model": EDITED_MODEL if cfg.save_model else None}
+
+
+def _write_edited_model(cfg: KfacConfig, loaded: LoadedModel, summary: dict[str, Any]) -> None:
+    """edited_model/: the model as edited now (a from_pretrained folder) and its model card; with
+    --no-save-model none, and an old one is removed (it would not match this run)."""
     edited_dir = cfg.stage_dir / EDITED_MODEL
     art.remove_tree(edited_dir)
+    if not cfg.save_model:
+        return
     loaded.model.save_pretrained(edited_dir)
     loaded.tokenizer.save_pretrained(edited_dir)
-    edit.restore()
-    return {"formula": cfg.save_formula, "rho": rho, **_result(cfg.save_formula, rho, sweep["before"], after, kept)}
+    write_card(edited_dir, card_data(summary, loaded.identity(), {"memcirc": __version__, **git_info()}))
 
 
 def _result(formula: str, rho: float, before: dict[str, Any], after: dict[str, Any],
@@ -359,45 +398,6 @@ def _result(formula: str, rho: float, before: dict[str, Any], after: dict[str, A
 
 
 # -- reporting -------------------------------------------------------------------------------
-
-def format_table(summary: dict[str, Any]) -> str:
-    lines = [f"{'formula':<9} {'rho':>6} {'exact':>13} {'loose':>13} {'ppl':>17} {'kept':>7}"]
-    for r in summary["results"]:
-        lines.append(f"{r['formula']:<9} {r['rho']:>6.3f} {r['exact_before']:>6.3f}>{r['exact_after']:<6.3f} "
-                     f"{r['loose_before']:>6.3f}>{r['loose_after']:<6.3f} {r['ppl_before']:>8.2f}>"
-                     f"{r['ppl_after']:<8.2f} {r['kept_fraction']:>7.3f}")
-    a = summary["ablated"]
-    lines.append(f"edited weights zeroed: exact {a['exact']:.3f}, loose {a['loose_match']:.3f}, ppl {a['ppl']:.2f}")
-    s = summary["saved"]
-    lines.append(f"saved edited_model: {s['formula']} rho={s['rho']} (exact {s['exact_after']:.3f}, "
-                 f"ppl {s['ppl_after']:.2f})")
-    return "\n".join(lines)
-
-
-def rho_curve(summary: dict[str, Any], path: Path) -> None:
-    """Exact match and perplexity ratio against rho, one line per formula."""
-    fig, (left, right) = subplots(1, 2, figsize=(11, 4))
-    for formula in dict.fromkeys(r["formula"] for r in summary["results"]):
-        rows = sorted((r for r in summary["results"] if r["formula"] == formula), key=lambda r: r["rho"])
-        rhos = [r["rho"] for r in rows]
-        left.plot(rhos, [r["exact_after"] for r in rows], marker="o", label=f"{formula} exact")
-        left.plot(rhos, [r["loose_after"] for r in rows], marker="x", ls="--", label=f"{formula} loose")
-        right.plot(rhos, [r["ppl_after"] for r in rows], marker="o", label=formula)
-    left.axhline(summary["before"]["exact"], color="grey", lw=0.8)
-    left.axhline(summary["ablated"]["exact"], color="black", lw=0.8, ls=":", label="weights zeroed")
-    left.set_xlabel("rho (fraction of importance kept)")
-    left.set_ylabel("memorized windows reproduced")
-    left.set_ylim(-0.05, 1.05)
-    left.legend(fontsize=8)
-    left.set_title(f"{summary['n_memorized']} memorized windows")
-    right.axhline(summary["before"]["ppl"], color="grey", lw=0.8, label="before")
-    right.axhline(summary["before"]["ppl"] * (1 + PPL_LIMIT), color="grey", lw=0.8, ls=":", label="+20 %")
-    right.axhline(summary["ablated"]["ppl"], color="black", lw=0.8, ls=":", label="weights zeroed")
-    right.set_xlabel("rho (fraction of importance kept)")
-    right.set_ylabel("held-out perplexity")
-    right.legend(fontsize=8)
-    save_figure(fig, path)
-
 
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's lines in the run report: one per importance formula."""

@@ -1,0 +1,76 @@
+"""Factor shards of a SLURM job array: each array task collects the float64 factor sums of its slice
+of the factor batches into shards/<i>/, and the `--merge` job adds them up in shard order (so the
+merged factors equal a one-job run's)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from memcirc import artifacts as art
+from memcirc.errors import InputError
+from memcirc.kfac.factors import FACTORS_FILE, Factors, load_factors
+from memcirc.kfac.resume import FactorCollection
+from memcirc.sharding import shard_bounds
+from memcirc.stages.registry import DONE_MARKER
+
+log = logging.getLogger(__name__)
+
+
+def collect_shard(collection: FactorCollection, shard: tuple[int, int], shard_dir: Path, meta: dict[str, Any],
+                  *, labels: str, force: bool) -> None:
+    """One array task: the float64 factor sums of its slice of the batches, then its done marker
+    (`force`: recollect a finished shard)."""
+    num_shards, shard_index = shard
+    marker = shard_dir / DONE_MARKER
+    if marker.is_file() and not force:
+        done = json.loads(marker.read_text())
+        if (done.get("fingerprint") == collection.fingerprint and done.get("num_shards") == num_shards
+                and (done.get("n_tokens") == 0 or (shard_dir / FACTORS_FILE).is_file())):
+            log.info("factor shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards,
+                     shard_dir)
+            return
+    marker.unlink(missing_ok=True)
+    first, last = shard_bounds(len(collection.batches), num_shards, shard_index)
+    entry = {"fingerprint": collection.fingerprint, "num_shards": num_shards, "shard_index": shard_index,
+             "batches": [first, last]}
+    if last <= first:   # more shards than factor batches: this one has nothing to add
+        art.write_json(marker, {**entry, "n_tokens": 0})
+        log.info("factor shard %d/%d: no batches (the factor data holds %d); nothing to collect", shard_index,
+                 num_shards, len(collection.batches))
+        return
+    log.info("collecting K-FAC factors (%s labels), shard %d/%d: batches %d..%d of %d", labels, shard_index,
+             num_shards, first, last - 1, len(collection.batches))
+    sums = collection.resumable(first, last, shard_dir / art.CHUNKS_DIR, f"factors shard {shard_index}")
+    sums.meta = meta
+    sums.save(shard_dir / FACTORS_FILE, collection.identity, collection.targets)
+    art.write_json(marker, {**entry, "n_tokens": sums.n_tokens})
+    art.remove_tree(shard_dir / art.CHUNKS_DIR)
+    log.info("factor shard %d/%d done (%d tokens); run with --merge once all shards are done", shard_index,
+             num_shards, sums.n_tokens)
+
+
+def merge_shards(shards_dir: Path, fingerprint: str, num_shards: int | None) -> tuple[Factors | None, int]:
+    """The float64 sum of every factor shard in `shards_dir`, in shard order (None when no shard holds
+    tokens), and the shard count (`num_shards`, else the shards' own); InputError unless all are there
+    for this config (`fingerprint`)."""
+    done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{DONE_MARKER}"))]
+    if not done:
+        raise InputError(f"no finished factor shards in {shards_dir}: run the shard jobs first, then --merge")
+    count = int(num_shards or done[0]["num_shards"])
+    done = [d for d in done if d["num_shards"] == count]
+    stale = sorted(d["shard_index"] for d in done if d["fingerprint"] != fingerprint)
+    if stale:
+        raise InputError(f"factor shards {stale} in {shards_dir} come from another config; re-run the shard "
+                         "jobs with this config, then --merge")
+    missing = sorted(set(range(count)) - {d["shard_index"] for d in done})
+    if missing:
+        raise InputError(f"factor shards {missing} of {count} have not finished; re-run them, then --merge")
+    total: Factors | None = None
+    for d in sorted(done, key=lambda d: d["shard_index"]):
+        if d["n_tokens"]:
+            sums, _, _ = load_factors(shards_dir / f"{d['shard_index']:05d}" / FACTORS_FILE)
+            total = sums if total is None else total + sums
+    return total, count
