@@ -77,6 +77,11 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a JSONL file; a malformed line is an InputError naming the file and line."""
+    return (row for _, row in read_jsonl_numbered(path))
+
+
+def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, row) of a JSONL file; blank lines are skipped but counted."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file not found: {path}")
@@ -90,7 +95,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield row
+            yield lineno, row
 
 
 def canonical_safetensors(blob: bytes) -> bytes:

@@ -17,7 +17,6 @@ for JSONL, `row N (0-based)` for Parquet and 🤗 datasets, whose rows are index
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memcirc.artifacts import SCORES_JSONL, read_jsonl
+from memcirc.artifacts import SCORES_JSONL, read_jsonl, read_jsonl_numbered
 from memcirc.errors import InputError
 
 if TYPE_CHECKING:
@@ -173,21 +172,7 @@ Located = tuple[str, dict[str, Any]]
 
 def _line_numbered(path: Path) -> Iterator[Located]:
     """JSONL rows with their 1-based line numbers (blank lines are skipped but counted)."""
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                yield f"line {lineno}", _parse_jsonl_line(path, lineno, line)
-
-
-def _parse_jsonl_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
-    # The messages of artifacts.read_jsonl, which numbers lines the same way but does not yield them.
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-    return row
+    return ((f"line {lineno}", row) for lineno, row in read_jsonl_numbered(path))
 
 
 def _row_numbered(rows: Iterator[dict[str, Any]]) -> Iterator[Located]:

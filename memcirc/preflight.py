@@ -12,20 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from typing import Any
 
 from memcirc.config import build_config
 from memcirc.errors import InputError
 from memcirc.models.preflight import check_model
 from memcirc.stages.registry import STAGES
-
-# The stages that convert the model to a TransformerLens HookedTransformer, and when (their config).
-TL_STAGES: dict[str, Callable[[Any], bool]] = {
-    "find_circuits": lambda _cfg: True,
-    "verify_circuit": lambda _cfg: True,
-    "training_dynamics": lambda cfg: bool(cfg.circuits),
-}
 
 
 def check_stages(stages: list[str], argv: list[str]) -> None:
@@ -34,7 +25,7 @@ def check_stages(stages: list[str], argv: list[str]) -> None:
         if name not in STAGES:
             raise InputError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         cfg = build_config(STAGES[name].config, argv)
-        check_model(cfg.model_spec(), needs_tl=name in TL_STAGES and TL_STAGES[name](cfg), what=name)
+        check_model(cfg.model_spec(), needs_tl=STAGES[name].needs_tl(cfg), what=name)
 
 
 def main(argv: list[str] | None = None) -> int:

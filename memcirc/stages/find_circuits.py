@@ -250,3 +250,8 @@ def circuit_graph_figure(edges: Sequence[Mapping[str, Any]], path: Path, title: 
     ax.set_title(f"{title}{shown}\nred: positive score, blue: negative; into heads: Q solid, K dashed, "
                  "V dotted", fontsize=9)
     save_figure(fig, path)
+
+
+def needs_transformer_lens(_cfg: CircuitsConfig) -> bool:
+    """This stage converts the model to TransformerLens."""
+    return True

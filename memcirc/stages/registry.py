@@ -60,6 +60,12 @@ class Stage:
         """The stage's lines in the run report, from its summary.json."""
         return self.module.headline(summary, stage_dir)
 
+    def needs_tl(self, cfg: Any) -> bool:
+        """Does this run of the stage convert the model to TransformerLens (the module's optional
+        `needs_transformer_lens(cfg)`)? The pipeline preflight refuses an unconvertible family first."""
+        check = getattr(self.module, "needs_transformer_lens", None)
+        return bool(check(cfg)) if check is not None else False
+
     @property
     def script(self) -> str:
         return f"{self.name}.py"

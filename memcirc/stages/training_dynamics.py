@@ -434,3 +434,8 @@ def _or_dash(x: float | None, spec: str = ".2f") -> str:
 def array_tasks(cfg: DynamicsConfig) -> int:
     """SLURM array size (memcirc.slurm.plan): one task per checkpoint of the sweep (nothing is loaded)."""
     return len(resolve_checkpoints(_checkpoint_list(cfg)))
+
+
+def needs_transformer_lens(cfg: DynamicsConfig) -> bool:
+    """This stage converts the model to TransformerLens when it finds circuits."""
+    return bool(cfg.circuits)

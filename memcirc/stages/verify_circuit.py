@@ -272,3 +272,8 @@ def faithfulness_vs_edges_figure(results: Mapping[str, Mapping[str, Any]], minim
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
+
+
+def needs_transformer_lens(_cfg: VerifyConfig) -> bool:
+    """This stage converts the model to TransformerLens."""
+    return True
