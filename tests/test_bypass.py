@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from memcirc.bypass import bypass_attention, mean_attention_outputs, sweep
+from memcirc.bypass import bypass_attention, mean_attention_outputs, sweep, windows_from_file
 from memcirc.cli import main
 from memcirc.data import Window
 from memcirc.models import ModelSpec, load
@@ -363,3 +363,14 @@ def test_bad_layers_exit_2_before_the_model_loads(scored, tmp_path, capsys, monk
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
         assert not out.exists()
+
+
+def test_memorized_file_rows_of_a_bos_run_keep_their_bos_in_the_prefix(tmp_path):
+    # an upstream run with BOS cut [BOS] + prefix_len + suffix windows: the split must not shift
+    path = tmp_path / "mem.jsonl"
+    rows = [{"tokens": [1, 10, 11, 12, 20, 21]}, {"tokens": [10, 11, 12, 20, 21]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_bos, without = windows_from_file(str(path), prefix_len=3, bos_id=1)
+    assert with_bos.tokens[:with_bos.prefix_len].tolist() == [1, 10, 11, 12]
+    assert without.tokens[:without.prefix_len].tolist() == [10, 11, 12]
+    assert [w.prefix_len for w in windows_from_file(str(path), prefix_len=3)] == [3, 3]   # no BOS run: as before

@@ -8,7 +8,7 @@ there), config.json, the corrected tokenizer - and every later load of any stage
 The cache root is `$MEMCIRC_CACHE`, else `~/.cache/memcirc`. A folder is written under a temporary
 name and renamed into place once complete; its marker file `memcirc_gguf.json` (written last) names
 the GGUF (file name, size, sha256) and what the conversion corrected. A folder without a current
-marker is never used. `python -m memcirc.models.gguf convert FOLDER FILE.gguf [--out DIR]` converts
+marker is never used. `python -m memcirc.models convert FOLDER FILE.gguf [--out DIR]` converts
 ahead of time and prints the folder.
 """
 
@@ -230,8 +230,8 @@ def _lock(path: Path) -> Iterator[None]:
 # -- CLI ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m memcirc.models.gguf convert FOLDER FILE.gguf [--out DIR]`: print the folder."""
-    parser = argparse.ArgumentParser(prog="python -m memcirc.models.gguf",
+    """`python -m memcirc.models convert FOLDER FILE.gguf [--out DIR]`: print the folder."""
+    parser = argparse.ArgumentParser(prog="python -m memcirc.models",
                                      description="Convert a GGUF model once to a safetensors folder.")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert FOLDER/FILE.gguf (default: into the cache) and print the folder")

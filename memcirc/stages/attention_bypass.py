@@ -137,7 +137,9 @@ def _memorized(cfg: BypassConfig) -> tuple[Sequence[Window], list[dict[str, Any]
         if upstream_dir is not None and (upstream_dir / art.MANIFEST).is_file():
             upstream = read_manifest(upstream_dir, what="memorization")
         prefix_len = (upstream or {}).get("config", {}).get("prefix_len")
-        windows = windows_from_file(cfg.memorized_file, prefix_len)
+        # the upstream run's windows are [BOS] + prefix_len + suffix when it prepended BOS
+        bos_id = (((upstream or {}).get("windows") or {}).get("bos") or {}).get("bos_token_id")
+        windows = windows_from_file(cfg.memorized_file, prefix_len, bos_id)
         inputs = [{"path": cfg.memorized_file, "sha256": art.sha256_file(Path(cfg.memorized_file)),
                    "prefix_len": windows[0].prefix_len}]
         return windows, inputs, upstream
