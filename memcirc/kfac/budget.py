@@ -82,6 +82,8 @@ def measured_warning(report: dict[str, Any]) -> str | None:
     zero = report["zero_eigenvalue_fraction"]
     if zero <= MEASURED_ZERO_WARN or report["n_tokens"] < report["tokens_for_full_rank"]:
         return None
+    ratio = report["n_tokens"] / report["tokens_for_full_rank"]
     return (f"K-FAC factors are numerically rank-deficient: {zero:.0%} of the eigenvalues of some factor are "
-            f"zero although {report['n_tokens']:,} tokens were collected; the factor data may repeat itself "
-            "(more varied --factor-data, or --damping)")
+            f"zero with {report['n_tokens']:,} tokens, {ratio:.1f}x the widest factor (the default budget is "
+            f"{FACTOR_TOKENS_PER_DIM}x): collect more tokens (--factor-tokens), more varied --factor-data if "
+            "it repeats itself, or set --damping")
