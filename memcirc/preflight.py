@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from memcirc.config import build_config
-from memcirc.errors import InputError
+from memcirc.errors import InputError, exit_code
 from memcirc.models.preflight import check_model
 from memcirc.stages.registry import STAGES
 
@@ -33,12 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Check the model of each stage before the first one runs.")
     parser.add_argument("--stages", nargs="+", required=True, metavar="STAGE")
     own, rest = parser.parse_known_args(argv)
-    try:
-        check_stages(own.stages, rest)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: check_stages(own.stages, rest))
 
 
 if __name__ == "__main__":

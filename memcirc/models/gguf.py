@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from memcirc import artifacts as art
-from memcirc.errors import InputError
+from memcirc.errors import InputError, exit_code
 
 log = logging.getLogger(__name__)
 
@@ -240,16 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--out", help="write the folder here instead of the cache")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+
+    def work() -> None:
         folder = Path(args.folder).expanduser()
         if not folder.is_dir():
             raise InputError(f"model folder {folder} does not exist")
         print(convert(gguf_file(folder / args.file), Path(args.out) if args.out else None))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return exit_code(work)

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from memcirc.errors import InputError
+from memcirc.errors import InputError, exit_code
 from memcirc.models.arch import ArchSpec, arch_for, require_tl
 from memcirc.models.loading import ModelSpec, load_config
 
@@ -54,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-file", "--gguf_file", dest="gguf_file", help="GGUF file inside --model")
     parser.add_argument("--needs-tl", action="store_true", help="refuse a family TransformerLens cannot convert")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    try:
+
+    def work() -> None:
         args = parser.parse_args(argv)
         spec = ModelSpec(args.model, revision=args.revision, gguf_file=args.gguf_file, device="cpu")
         check_model(spec, needs_tl=args.needs_tl)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(work)
 
 
 if __name__ == "__main__":
