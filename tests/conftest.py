@@ -28,6 +28,23 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parent.parent
+# The MIT licence body: whole-word text for tokenizer fixtures (a BPE trained on it has 'Ġhereby').
+MIT_LICENCE = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
+       "and associated documentation files (the \"Software\"), to deal in the Software without restriction, "
+       "including without limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, "
+       "and/or sell copies of the Software, and to permit persons to whom the Software is furnished to do so, "
+       "subject to the following conditions: The above copyright notice and this permission notice shall be "
+       "included in all copies or substantial portions of the Software.")
+
+
+@pytest.fixture
+def memcirc_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty GGUF conversion cache for one test ($MEMCIRC_CACHE)."""
+    from memcirc.models import gguf
+
+    root = tmp_path_factory.mktemp("memcirc-cache")
+    monkeypatch.setenv(gguf.CACHE_ENV, str(root))
+    return root
 
 
 def pytest_configure(config: pytest.Config) -> None:

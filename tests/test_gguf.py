@@ -17,6 +17,7 @@ import gguf as gguf_lib
 import numpy as np
 import pytest
 import torch
+from conftest import MIT_LICENCE as MIT
 from conftest import build_tiny_model
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
@@ -30,24 +31,25 @@ from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.preflight import check_model
 from memcirc.models.tokenizer import check_tokenizer, encode
 
+pytestmark = pytest.mark.usefixtures("memcirc_cache")   # a fresh GGUF cache per test
 T = gguf_lib.TokenType
-MIT = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
-       "and associated documentation files (the \"Software\"), to deal in the Software without restriction, "
-       "including without limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, "
-       "and/or sell copies of the Software, and to permit persons to whom the Software is furnished to do so, "
-       "subject to the following conditions: The above copyright notice and this permission notice shall be "
-       "included in all copies or substantial portions of the Software.")
 OTHER = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be, that is the question:",
          "Now is the winter of our discontent made glorious summer by this sun of York."]
 TEXTS = [MIT, *OTHER, "The Software is provided as is, without warranty of any kind."]
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh memcirc cache per test: conversions never touch ~/.cache."""
-    root = tmp_path_factory.mktemp("memcirc-cache")
-    monkeypatch.setenv(gguf.CACHE_ENV, str(root))
-    return root
+def _writer(cfg: Any, path: Path, arch: str) -> gguf_lib.GGUFWriter:
+    """A GGUF writer for a tiny float32 `arch` model with the keys every architecture has."""
+    writer = gguf_lib.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_file_type(gguf_lib.LlamaFileType.ALL_F32)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    return writer
 
 
 def _finish(writer: gguf_lib.GGUFWriter) -> None:
@@ -67,15 +69,7 @@ def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_llama_gguf(model, tokenizer, path: Path) -> None:
     cfg = model.config
-    writer = gguf_lib.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
-    writer.add_file_type(gguf_lib.LlamaFileType.ALL_F32)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer = _writer(cfg, path, "llama")
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -114,12 +108,12 @@ def _ids(n: int = 12) -> torch.Tensor:
     return torch.randint(1, 290, (2, n), generator=gen)
 
 
-def test_converted_once_and_logits_equal_direct_gguf_loading(llama_gguf: tuple, cache: Path) -> None:
+def test_converted_once_and_logits_equal_direct_gguf_loading(llama_gguf: tuple, memcirc_cache: Path) -> None:
     source, folder = llama_gguf
     spec = ModelSpec(str(folder), gguf_file="tiny.gguf", device="cpu")
     loaded = load(spec)
     sha = hashlib.sha256((folder / "tiny.gguf").read_bytes()).hexdigest()
-    converted = cache / "gguf" / sha
+    converted = memcirc_cache / "gguf" / sha
     assert (gguf.read_marker(converted) or {})["gguf_sha256"] == sha
     assert (converted / "model.safetensors").is_file() and (converted / "config.json").is_file()
     assert (converted / "tokenizer.json").is_file() and not (converted / "tokenizer.model").exists()
@@ -135,7 +129,7 @@ def test_converted_once_and_logits_equal_direct_gguf_loading(llama_gguf: tuple, 
     assert weights_key(loaded)["gguf_sha256"] == sha == results_key(loaded)["gguf_sha256"]
 
 
-def test_second_load_reads_the_conversion(llama_gguf: tuple, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_load_reads_the_conversion(llama_gguf: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     _, folder = llama_gguf
     spec = ModelSpec(str(folder), gguf_file="tiny.gguf", device="cpu")
     first = load(spec)
@@ -164,7 +158,7 @@ def test_sha256_is_hashed_again_when_the_file_changes(tmp_path: Path) -> None:
     assert gguf.gguf_file(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_an_incomplete_folder_is_never_used(llama_gguf: tuple, cache: Path) -> None:
+def test_an_incomplete_folder_is_never_used(llama_gguf: tuple) -> None:
     """A folder without its marker (a crash, a copy cut short) is converted again, not loaded."""
     _, folder = llama_gguf
     src = gguf.gguf_file(folder / "tiny.gguf")
@@ -175,13 +169,13 @@ def test_an_incomplete_folder_is_never_used(llama_gguf: tuple, cache: Path) -> N
     assert not list(src.folder.parent.glob(".tmp-*"))
 
 
-def test_config_and_tokenizer_before_conversion(llama_gguf: tuple, cache: Path, tiny_tokenizer) -> None:
+def test_config_and_tokenizer_before_conversion(llama_gguf: tuple, memcirc_cache: Path, tiny_tokenizer) -> None:
     """Cheap checks before the weights load read the GGUF's metadata: no conversion; the same
     tokenizer as the conversion's."""
     _, folder = llama_gguf
     spec = ModelSpec(str(folder), gguf_file="tiny.gguf", device="cpu")
     config, tokenizer = load_config_and_tokenizer(spec)
-    assert not (cache / "gguf" / gguf.gguf_file(folder / "tiny.gguf").sha256).exists()
+    assert not (memcirc_cache / "gguf" / gguf.gguf_file(folder / "tiny.gguf").sha256).exists()
     assert config.model_type == "llama"
     loaded = load(spec)
     for text in TEXTS:
@@ -277,15 +271,7 @@ def gemma_vocab(merges, alphabet, higher_first: bool = True) -> tuple[list[str],
 def write_gemma3_gguf(model, vocab: tuple, path: Path) -> None:
     cfg = model.config
     tokens, scores, types = vocab
-    writer = gguf_lib.GGUFWriter(str(path), "gemma3")
-    writer.add_name("tiny-gemma3")
-    writer.add_file_type(gguf_lib.LlamaFileType.ALL_F32)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer = _writer(cfg, path, "gemma3")
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -388,10 +374,10 @@ def test_a_gguf_as_tokenizer_override(llama_gguf: tuple, gemma_gguf: tuple) -> N
     assert loaded.identity()["tokenizer"] == str(gemma_folder / "tiny.gguf")
 
 
-def test_gemma3_gguf_refused_for_transformer_lens_without_converting(gemma_gguf: tuple, cache: Path) -> None:
+def test_gemma3_gguf_refused_for_transformer_lens_without_converting(gemma_gguf: tuple, memcirc_cache: Path) -> None:
     _, folder, _ = gemma_gguf
     spec = ModelSpec(str(folder), gguf_file="tiny.gguf", device="cpu")
     assert check_model(spec).family == "gemma3"
     with pytest.raises(InputError, match="find_circuits needs TransformerLens: .*family gemma3"):
         check_model(spec, needs_tl=True, what="find_circuits")
-    assert not list((cache / "gguf").glob("[0-9a-f]*"))
+    assert not list((memcirc_cache / "gguf").glob("[0-9a-f]*"))

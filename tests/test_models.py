@@ -19,7 +19,6 @@ from conftest import build_tiny_model
 from memcirc import preflight as pipeline_preflight
 from memcirc.errors import InputError
 from memcirc.models import ModelSpec, load, loading, preflight, resolve_device, resolve_dtype
-from memcirc.models import gguf as memcirc_gguf
 from memcirc.models.arch import SPECS, TL_HOOK_NAMES, dims, parallel_attn_mlp, tl_hook_name
 from memcirc.models.tl import check_circuit_flags, to_hooked_transformer, weight_processing_of
 
@@ -27,14 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 TL_FAMILIES = [f for f, spec in SPECS.items() if spec.tl_supported]
 NO_TL_FAMILIES = [f for f, spec in SPECS.items() if not spec.tl_supported]
 ATOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def gguf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """GGUF conversions of these tests go to a temporary cache, never ~/.cache/memcirc."""
-    root = tmp_path_factory.mktemp("memcirc-cache")
-    monkeypatch.setenv(memcirc_gguf.CACHE_ENV, str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("memcirc_cache")   # GGUF conversions into a fresh cache per test
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
@@ -459,10 +451,10 @@ def test_preflight_from_config_alone(family: str, tiny_model_dirs: dict, monkeyp
         one_line_error(err)
 
 
-def test_preflight_does_not_convert_a_gguf(gguf_source: tuple, gguf_cache: Path) -> None:
+def test_preflight_does_not_convert_a_gguf(gguf_source: tuple, memcirc_cache: Path) -> None:
     _, folder = gguf_source
     assert preflight.check_model(ModelSpec(str(folder), gguf_file="tiny-f32.gguf"), needs_tl=True).family == "gpt2"
-    assert not (gguf_cache / "gguf").exists() or not any((gguf_cache / "gguf").glob("[0-9a-f]*"))
+    assert not (memcirc_cache / "gguf").exists() or not any((memcirc_cache / "gguf").glob("[0-9a-f]*"))
 
 
 def test_preflight_command(tiny_model_dirs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import MIT_LICENCE as MIT
 from conftest import build_tiny_model
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
@@ -23,12 +24,6 @@ from memcirc.models.tokenizer import (
     tokenizer_check_of,
 )
 
-MIT = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
-       "and associated documentation files (the \"Software\"), to deal in the Software without restriction, "
-       "including without limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, "
-       "and/or sell copies of the Software, and to permit persons to whom the Software is furnished to do so, "
-       "subject to the following conditions: The above copyright notice and this permission notice shall be "
-       "included in all copies or substantial portions of the Software.")
 EOT = "<|endoftext|>"
 
 

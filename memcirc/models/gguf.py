@@ -171,8 +171,8 @@ def _write_conversion(src: GGUFFile, tmp: Path) -> None:
     with quiet_tokenizer_warnings():
         tokenizer, fixes = from_gguf(src.path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(src.path.parent, trust_remote_code=False, gguf_file=src.name,
+                                                     dtype=torch.float32)
     except (OSError, ValueError, KeyError, NotImplementedError) as err:
         raise InputError(f"cannot convert {src.path}: {str(err).strip().splitlines()[0][:300]}") from err
     model.save_pretrained(tmp, safe_serialization=True)

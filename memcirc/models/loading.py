@@ -156,14 +156,11 @@ def _resolve_source(spec: ModelSpec) -> _Source:
     return _Source(name, None, is_hub=True)
 
 
-# from_pretrained arguments for a plain local folder (a GGUF's conversion).
-_SAFE: dict[str, Any] = {"trust_remote_code": False}
-
-
 def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    """from_pretrained arguments of every file read; a repository's own Python code is never run."""
+    """from_pretrained arguments (revision, gguf_file) of every file read from the source. (Every
+    from_pretrained call here passes trust_remote_code=False itself: a repository's code never runs.)"""
     kw = {"revision": spec.revision, "gguf_file": spec.gguf_file}
-    return {**{k: v for k, v in kw.items() if v is not None}, "trust_remote_code": False}
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _not_cached(src: _Source, spec: ModelSpec) -> InputError:
@@ -202,7 +199,8 @@ def _files(spec: ModelSpec) -> tuple[_Source, gguf.GGUFFile | None, Path | None]
 
 def _load_config(src: _Source, spec: ModelSpec, kwargs: dict[str, Any] | None = None) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(src.ref, **(_hub_kwargs(spec) if kwargs is None else kwargs))
+        return AutoConfig.from_pretrained(src.ref, trust_remote_code=False,
+                                          **(_hub_kwargs(spec) if kwargs is None else kwargs))
     except OSError as err:
         if not src.is_hub:
             raise InputError(f"cannot read the model config in {src.ref}: {_first_line(err)}") from err
@@ -214,9 +212,9 @@ def _load_config(src: _Source, spec: ModelSpec, kwargs: dict[str, Any] | None = 
 def _config(src: _Source, spec: ModelSpec, gg: gguf.GGUFFile | None, folder: Path | None) -> PretrainedConfig:
     """The config: of the conversion, else of the GGUF's metadata (no weights read), else the source's."""
     if folder is not None:
-        return _load_config(_plain(folder), spec, _SAFE)
+        return _load_config(_plain(folder), spec, {})
     if gg is not None:
-        return _load_config(_plain(gg.path.parent), spec, {**_SAFE, "gguf_file": gg.name})
+        return _load_config(_plain(gg.path.parent), spec, {"gguf_file": gg.name})
     return _load_config(src, spec)
 
 
@@ -227,7 +225,7 @@ def _first_line(err: BaseException) -> str:
 def _pretrained_tokenizer(ref: str, kwargs: dict[str, Any], what: str) -> PreTrainedTokenizerBase:
     try:
         with quiet_tokenizer_warnings():
-            return AutoTokenizer.from_pretrained(ref, **kwargs)
+            return AutoTokenizer.from_pretrained(ref, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:  # what transformers raises
         raise InputError(f"no usable tokenizer for {what}: {_first_line(err)}") from err
 
@@ -249,7 +247,7 @@ def _override_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise InputError(f"no usable tokenizer for --tokenizer {name}: the folder has none of "
                          f"{', '.join(_TOKENIZER_FILES)}")
-    return _pretrained_tokenizer(str(path.resolve()) if path.exists() else name, _SAFE, f"--tokenizer {name}")
+    return _pretrained_tokenizer(str(path.resolve()) if path.exists() else name, {}, f"--tokenizer {name}")
 
 
 def _load_tokenizer(src: _Source, spec: ModelSpec, gg: gguf.GGUFFile | None, folder: Path | None,
@@ -260,7 +258,7 @@ def _load_tokenizer(src: _Source, spec: ModelSpec, gg: gguf.GGUFFile | None, fol
     elif spec.tokenizer is not None:
         tok = _override_tokenizer(spec.tokenizer)
     elif folder is not None:
-        tok = _pretrained_tokenizer(str(folder), _SAFE, str(folder))
+        tok = _pretrained_tokenizer(str(folder), {}, str(folder))
     elif gg is not None:
         with quiet_tokenizer_warnings():
             tok = from_gguf(gg.path)[0]
@@ -288,7 +286,7 @@ def _cache_location(
 
 def _load_weights(ref: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as err:  # no (readable) weight files; a bad attn_implementation
         raise InputError(f"cannot load the model weights from {ref}: {_first_line(err)}") from err
 
@@ -349,7 +347,7 @@ def load(spec: ModelSpec | str) -> LoadedModel:
     if gg is not None and folder is None:
         folder = gguf.convert(gg)
     weights = _plain(folder) if folder is not None else src
-    kwargs = _SAFE.copy() if folder is not None else _hub_kwargs(spec)
+    kwargs: dict[str, Any] = {} if folder is not None else _hub_kwargs(spec)
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
     tokenizer, pad_from_eos = _load_tokenizer(src, spec, gg, folder, override)  # before the weights

@@ -241,8 +241,8 @@ def _check_tokenizers(cfg: PredictConfig, labels: Labels, models: Models) -> Non
                              f", whose vocabulary differs from the reference model "
                              f"{models.reference_spec.name_or_path!r}'s: use a reference model with the same tokenizer")
     if cfg.corpus == TESTBED_NAME and not cfg.index_file:
-        if tokenizer_sha256(AutoTokenizer.from_pretrained(str(_testbed_checkpoints()[0]),
-                                                       trust_remote_code=False)) != models.reference_sha:
+        testbed = AutoTokenizer.from_pretrained(str(_testbed_checkpoints()[0]), trust_remote_code=False)
+        if tokenizer_sha256(testbed) != models.reference_sha:
             raise InputError("the testbed corpus is tokenized with the testbed tokenizer; the reference model has "
                              "another vocabulary: pass --corpus")
 
