@@ -8,9 +8,11 @@ cheap `--merge` step concatenates the shard outputs in order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from memcirc.artifacts import ChunkStore
@@ -21,14 +23,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else int(value)
+    except ValueError:
+        raise InputError(f"environment variable {name}={value!r} is not an integer (set by SLURM job arrays; "
+                         "unset it or pass --num-shards/--shard-index)") from None
+
+
 def resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
     """(num_shards, shard_index), defaulting from a SLURM job array, else (1, 0)."""
-    env = os.environ
     if num_shards is None:
-        num_shards = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+        num_shards = _env_int("SLURM_ARRAY_TASK_COUNT", 1)
     if shard_index is None:
         # Array ids may start anywhere (--array=1-4); shard ids always start at 0.
-        shard_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        shard_index = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
     if not 0 <= shard_index < num_shards:
         raise InputError(f"shard index {shard_index} is outside 0..{num_shards - 1} (--shard-index/--num-shards)")
     return num_shards, shard_index
@@ -50,10 +60,27 @@ def chunk_aligned_bounds(n_items: int, chunk_size: int, num_shards: int, shard_i
     return min(first * chunk_size, n_items), min(last * chunk_size, n_items)
 
 
+def read_marker(path: Path, keys: Sequence[str] = ("fingerprint", "num_shards", "shard_index")
+                ) -> dict[str, Any] | None:
+    """An array task's done marker; None when there is none, or it is unreadable or lacks `keys` (then
+    the task counts as not done and is recomputed: a marker is written last, so it is never needed)."""
+    try:
+        marker = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:   # ValueError: cut JSON, bytes that are not UTF-8
+        log.info("%s is unreadable (%s); its task is treated as not done", path, e)
+        return None
+    if not isinstance(marker, dict) or any(k not in marker for k in keys):
+        log.info("%s is not a done marker of this memcirc; its task is treated as not done", path)
+        return None
+    return marker
+
+
 def run_chunked(items: Sequence[T], work: Callable[[Sequence[T]], list[dict[str, Any]]],
                 store: ChunkStore, chunk_size: int, desc: str, unit: str = "items") -> bytes:
-    """Apply `work` chunk by chunk, skipping chunks already on disk; returns all rows as JSONL.
-    Progress is counted per chunk (`run_chunked_by_batch` counts inside a chunk)."""
+    """Apply `work` (one row per item) chunk by chunk, skipping intact chunks already on disk; returns
+    all rows as JSONL. Progress is counted per chunk (`run_chunked_by_batch` counts inside a chunk)."""
     return run_chunked_by_batch(items, lambda chunk, _advance: work(chunk), store, chunk_size, desc, unit)
 
 
@@ -71,7 +98,13 @@ def run_chunked_by_batch(items: Sequence[T],
     with Meter(desc, total=sum(sizes), unit=unit) as meter:
         done = 0
         for index, size in zip(todo, sizes):
-            store.write(index, work(items[index * chunk_size:(index + 1) * chunk_size], meter.update))
+            rows = work(items[index * chunk_size:(index + 1) * chunk_size], meter.update)
+            if len(rows) != size:   # one row per item: anything else would shift every later row
+                raise RuntimeError(f"chunk {index} of {desc}: {len(rows)} rows for {size} items")
+            store.write(index, rows)
             done += size
             meter.update_to(done)   # a work step that counts nothing still moves the meter per chunk
-    return store.concatenate(n_chunks)
+    data = store.concatenate(n_chunks)
+    if (n_rows := data.count(b"\n")) != len(items):
+        raise RuntimeError(f"{store.directory}: {n_rows} rows for {len(items)} items after {desc}")
+    return data

@@ -22,6 +22,23 @@ log = logging.getLogger(__name__)
 PARTIAL = "partial.safetensors"    # running factor sums of an unfinished job
 
 
+def _saved_sums(partial: Path) -> Factors | None:
+    """The running sums saved in `partial`; None when there are none, or when the file is damaged (cut,
+    overwritten): that is logged and the file dropped, so the sums are collected again from the start,
+    rather than failing on every re-run."""
+    if not partial.is_file():
+        return None
+    try:
+        sums, _, _ = load_factors(partial)
+        if not isinstance(sums.meta.get("next"), int):
+            raise ValueError("no batch count in its metadata")
+    except Exception as e:  # noqa: BLE001 - our own save, unreadable in any way: collect again
+        log.warning("%s is damaged (%s); discarding it and collecting the factors from the start", partial, e)
+        partial.unlink(missing_ok=True)
+        return None
+    return sums
+
+
 @dataclass
 class FactorCollection:
     """The factor collection of one stage run: the model and its targets, the token batches, how the
@@ -40,9 +57,8 @@ class FactorCollection:
         partial = directory / PARTIAL
         key = {"fingerprint": self.fingerprint, "first": first, "last": last}
         start, initial = first, None
-        if partial.is_file():
-            sums, _, _ = load_factors(partial)
-            if {k: sums.meta.get(k) for k in key} == key:
+        if (sums := _saved_sums(partial)) is not None:
+            if {k: sums.meta.get(k) for k in key} == key and first <= sums.meta["next"] <= last:
                 start, initial = sums.meta["next"], sums
                 log.info("resuming: %d of %d factor batches already done in %s", start - first, last - first,
                          directory)

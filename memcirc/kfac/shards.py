@@ -4,7 +4,6 @@ merged factors equal a one-job run's)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,24 @@ from memcirc import artifacts as art
 from memcirc.errors import InputError
 from memcirc.kfac.factors import FACTORS_FILE, Factors, load_factors
 from memcirc.kfac.resume import FactorCollection
-from memcirc.sharding import shard_bounds
+from memcirc.sharding import read_marker, shard_bounds
 from memcirc.stages.registry import DONE_MARKER
 
 log = logging.getLogger(__name__)
+
+
+KEYS = ("fingerprint", "num_shards", "shard_index", "n_tokens")   # what a factor shard's done marker holds
+
+
+def _shard_damage(shard_dir: Path, done: dict[str, Any]) -> str | None:
+    """Why the shard's factors do not match its done marker, or None when they do (or it has none)."""
+    if not done.get("n_tokens"):
+        return None
+    path = shard_dir / FACTORS_FILE
+    if not path.is_file():
+        return f"{path} is missing"
+    sha = art.sha256_file(path)
+    return None if sha == done.get("sha256") else f"{path} differs from its done marker (sha256 {sha[:12]})"
 
 
 def collect_shard(collection: FactorCollection, shard: tuple[int, int], shard_dir: Path, meta: dict[str, Any],
@@ -25,10 +38,10 @@ def collect_shard(collection: FactorCollection, shard: tuple[int, int], shard_di
     (`force`: recollect a finished shard)."""
     num_shards, shard_index = shard
     marker = shard_dir / DONE_MARKER
-    if marker.is_file() and not force:
-        done = json.loads(marker.read_text())
-        if (done.get("fingerprint") == collection.fingerprint and done.get("num_shards") == num_shards
-                and (done.get("n_tokens") == 0 or (shard_dir / FACTORS_FILE).is_file())):
+    done = read_marker(marker, KEYS)
+    if done is not None and not force:
+        if (done["fingerprint"] == collection.fingerprint and done["num_shards"] == num_shards
+                and _shard_damage(shard_dir, done) is None):
             log.info("factor shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards,
                      shard_dir)
             return
@@ -46,7 +59,8 @@ def collect_shard(collection: FactorCollection, shard: tuple[int, int], shard_di
     sums = collection.resumable(first, last, shard_dir / art.CHUNKS_DIR, f"factors shard {shard_index}")
     sums.meta = meta
     sums.save(shard_dir / FACTORS_FILE, collection.identity, collection.targets)
-    art.write_json(marker, {**entry, "n_tokens": sums.n_tokens})
+    art.write_json(marker, {**entry, "n_tokens": sums.n_tokens,
+                            "sha256": art.sha256_file(shard_dir / FACTORS_FILE)})
     art.remove_tree(shard_dir / art.CHUNKS_DIR)
     log.info("factor shard %d/%d done (%d tokens); run with --merge once all shards are done", shard_index,
              num_shards, sums.n_tokens)
@@ -56,7 +70,8 @@ def merge_shards(shards_dir: Path, fingerprint: str, num_shards: int | None) -> 
     """The float64 sum of every factor shard in `shards_dir`, in shard order (None when no shard holds
     tokens), and the shard count (`num_shards`, else the shards' own); InputError unless all are there
     for this config (`fingerprint`)."""
-    done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{DONE_MARKER}"))]
+    done = [d for p in sorted(shards_dir.glob(f"*/{DONE_MARKER}"))
+            if (d := read_marker(p, KEYS)) is not None]
     if not done:
         raise InputError(f"no finished factor shards in {shards_dir}: run the shard jobs first, then --merge")
     count = int(num_shards or done[0]["num_shards"])
@@ -68,6 +83,10 @@ def merge_shards(shards_dir: Path, fingerprint: str, num_shards: int | None) -> 
     missing = sorted(set(range(count)) - {d["shard_index"] for d in done})
     if missing:
         raise InputError(f"factor shards {missing} of {count} have not finished; re-run them, then --merge")
+    for d in done:
+        if (why := _shard_damage(shards_dir / f"{d['shard_index']:05d}", d)) is not None:
+            raise InputError(f"factor shard {d['shard_index']} is damaged ({why}): re-run it (--shard-index "
+                             f"{d['shard_index']}), then --merge")
     total: Factors | None = None
     for d in sorted(done, key=lambda d: d["shard_index"]):
         if d["n_tokens"]:
