@@ -16,6 +16,7 @@ import transformer_lens.loading_from_pretrained as tl_loading
 import transformers
 from conftest import build_tiny_model
 
+from memcirc import artifacts as art
 from memcirc import preflight as pipeline_preflight
 from memcirc.errors import InputError
 from memcirc.models import ModelSpec, load, loading, preflight, resolve_device, resolve_dtype
@@ -106,14 +107,15 @@ def test_folder_without_config_or_a_file(tmp_path: Path) -> None:
 def test_folder_without_tokenizer_or_weights(tmp_path: Path, tiny_tokenizer) -> None:
     model = build_tiny_model("gpt2")
     model.config.save_pretrained(tmp_path)
+    # the weights are checked first, from the folder listing (memcirc.models.weights)
+    with pytest.raises(InputError, match=r"has no safetensors weights \(model.safetensors") as err:
+        load(ModelSpec(str(tmp_path), device="cpu"))
+    one_line_error(err)
+    model.save_pretrained(tmp_path)
     with pytest.raises(InputError, match="no usable tokenizer for") as err:
         load(ModelSpec(str(tmp_path), device="cpu"))
     one_line_error(err)
     tiny_tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(InputError, match="cannot load the model weights from") as err:
-        load(ModelSpec(str(tmp_path), device="cpu"))
-    one_line_error(err)
-    model.save_pretrained(tmp_path)
     with pytest.raises(InputError, match="cannot load the model weights from .*nope"):
         load(ModelSpec(str(tmp_path), device="cpu", attn_implementation="nope"))
     assert load(ModelSpec(str(tmp_path), device="cpu")).arch.family == "gpt2"
@@ -237,6 +239,8 @@ def test_revisions_load_from_the_hf_cache_offline(tmp_path: Path, tiny_tokenizer
         ident = out[rev]["identity"]
         assert (ident["revision"], ident["commit_hash"]) == (rev, commit)
         assert ident["local_path"] == str(repo / "snapshots" / commit)
+        # the content of the cached snapshot's weights, as for a local folder
+        assert ident["weights_sha256"] == art.sha256_file(repo / "snapshots" / commit / "model.safetensors")
     assert out["step1000"]["logits"] != out["step3000"]["logits"]
     assert "neither a local folder nor in the Hugging Face cache" in out["missing_revision"]
     assert "revision step9999" in out["missing_revision"]
@@ -297,6 +301,8 @@ def test_gguf_file_loads_with_identical_logits(gguf_source: tuple, tiny_tokenize
     source, folder = gguf_source
     loaded = load(ModelSpec(str(folder), gguf_file="tiny-f32.gguf", device="cpu"))
     assert loaded.arch.family == "gpt2" and not (folder / "config.json").exists()
+    # a GGUF is identified by its own file's sha256; its conversion is memcirc's and not hashed again
+    assert loaded.identity()["weights_sha256"] is None and loaded.identity()["gguf_sha256"]
     text = "The quick brown fox jumps over the lazy dog."
     assert loaded.tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
     ids = input_ids(loaded)

@@ -52,7 +52,7 @@ from memcirc.errors import InputError
 from memcirc.models import LoadedModel, ModelSpec, load, resolve_device, resolve_dtype
 from memcirc.models.device import dtype_name
 from memcirc.models.identity import signature, weights_key
-from memcirc.models.loading import load_config_and_tokenizer
+from memcirc.models.loading import load_config_and_tokenizer, local_weights_sha256
 from memcirc.pairs import Pair
 from memcirc.scoring import GENERATION_METRICS, TEACHER_FORCED_METRICS, score_windows
 from memcirc.sharding import run_chunked
@@ -156,14 +156,21 @@ class UnitSpec:
 def unit_fingerprint(spec: UnitSpec, ckpt: Checkpoint) -> str:
     """What a unit's files depend on: the checkpoint, precision, windows, metrics and circuit method.
 
-    Not its index, label or step (the merge takes those from the current checkpoint list)."""
+    A local checkpoint folder is its weights' content hash (new weights there: the unit is recomputed;
+    the same weights elsewhere: not), a Hub checkpoint its name and revision. Not its index, label or
+    step (the merge takes those from the current checkpoint list).
+
+    Raises:
+        InputError: a local checkpoint folder without safetensors weights (nothing is written yet).
+    """
     model = spec.model
     dtype = dtype_name(resolve_dtype(model.dtype, resolve_device(model.device)))
     circuits = None
     if spec.circuit is not None:
         circuits = {k: getattr(spec.circuit, k) for k in CIRCUIT_KEYS} | {"pairs_sha256": spec.pairs_sha}
-    return art.sha256_json({"method": METHOD_VERSION, "name_or_path": ckpt.name_or_path, "revision": ckpt.revision,
-                            "gguf_file": model.gguf_file, "dtype": dtype,
+    sha = local_weights_sha256(ckpt.spec(model))
+    source = {"weights_sha256": sha} if sha else {"name_or_path": ckpt.name_or_path, "revision": ckpt.revision}
+    return art.sha256_json({"method": METHOD_VERSION, **source, "gguf_file": model.gguf_file, "dtype": dtype,
                             "attn_implementation": model.attn_implementation, "seed": spec.seed,
                             "windows_run_id": spec.windows_run_id, "limit": spec.limit,
                             "metrics": list(spec.metrics), "circuits": circuits})
@@ -252,11 +259,11 @@ def run_unit(spec: UnitSpec, ckpt: Checkpoint, directory: Path, fingerprint: str
     """Compute one checkpoint's unit in `directory` (scores, then circuits); write its done.json last.
 
     Returns the done.json marker."""
+    torch.manual_seed(spec.seed)
+    loaded, sig = _load_checkpoint(spec, ckpt)   # first: a checkpoint that cannot load leaves no unit folder
     art.ensure_writable(directory)
     (directory / UNIT_DONE).unlink(missing_ok=True)   # a unit of another config is replaced, never mixed
     art.clean_stale_temp_files(directory)
-    torch.manual_seed(spec.seed)
-    loaded, sig = _load_checkpoint(spec, ckpt)
     # load() gives a tokenizer without a pad token eos as pad; the stubs type special-token ids as str | list[str]
     pad = cast(int, loaded.tokenizer.pad_token_id)
 

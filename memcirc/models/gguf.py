@@ -31,20 +31,17 @@ from typing import Any
 
 from memcirc import artifacts as art
 from memcirc.errors import InputError, exit_code
+from memcirc.models.cache import CACHE_ENV, cache_root, sha256_cached
+
+__all__ = ["CACHE_ENV", "GGUFFile", "cache_root", "convert", "converted", "gguf_file", "identity", "main",
+           "read_marker"]
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MEMCIRC_CACHE"
 MARKER = "memcirc_gguf.json"
 # Bump when the conversion changes what it writes: folders of an older format are converted again.
 FORMAT_VERSION = 2
 _STALE_TEMP_S = 24 * 3600   # a temporary folder this old belongs to a conversion that died
-
-
-def cache_root() -> Path:
-    """`$MEMCIRC_CACHE`, else `~/.cache/memcirc`."""
-    value = os.environ.get(CACHE_ENV, "").strip()
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "memcirc"
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ class GGUFFile:
 
 
 def gguf_file(path: Path) -> GGUFFile:
-    """The GGUF at `path` with its sha256 (hashed once per path, size and mtime).
+    """The GGUF at `path` with its sha256 (hashed once: `memcirc.models.cache.sha256_cached`).
 
     Raises:
         InputError: no such file, or not a GGUF file.
@@ -77,24 +74,6 @@ def gguf_file(path: Path) -> GGUFFile:
         if fh.read(4) != b"GGUF":
             raise InputError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
     return GGUFFile(path, sha256_cached(path))
-
-
-# -- the sha256, hashed once ---------------------------------------------------------------------
-
-def sha256_cached(path: Path) -> str:
-    """sha256 of `path`, remembered under the cache root by (path, size, mtime): a 100 MB+ model is
-    not re-read by every stage. A changed file (size or mtime) is hashed again."""
-    stat = path.stat()
-    key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    record = cache_root() / "gguf" / "sha256" / f"{art.sha256_json(key)[:32]}.json"
-    with contextlib.suppress(OSError, ValueError):
-        known = json.loads(record.read_text())
-        if {k: known.get(k) for k in key} == key and len(str(known.get("sha256", ""))) == 64:
-            return str(known["sha256"])
-    digest = art.sha256_file(path)   # streamed in 1 MiB blocks
-    with contextlib.suppress(OSError):  # a read-only cache only costs the re-hash next time
-        art.write_json(record, {**key, "sha256": digest})
-    return digest
 
 
 # -- the converted folder ----------------------------------------------------------------------
@@ -231,10 +210,11 @@ def _lock(path: Path) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m memcirc.models convert FOLDER FILE.gguf [--out DIR]`: print the folder."""
-    parser = argparse.ArgumentParser(prog="python -m memcirc.models",
+    parser = argparse.ArgumentParser(prog="python -m memcirc.models", allow_abbrev=False,
                                      description="Convert a GGUF model once to a safetensors folder.")
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="convert FOLDER/FILE.gguf (default: into the cache) and print the folder")
+    conv = sub.add_parser("convert", allow_abbrev=False,   # --o is not --out
+                          help="convert FOLDER/FILE.gguf (default: into the cache) and print the folder")
     conv.add_argument("folder", help="the folder holding the GGUF file")
     conv.add_argument("file", help="the GGUF file name inside FOLDER")
     conv.add_argument("--out", help="write the folder here instead of the cache")

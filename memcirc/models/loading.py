@@ -4,7 +4,8 @@ The code path is always `AutoConfig/AutoModelForCausalLM/AutoTokenizer.from_pret
 folder, a Hub id (through the HF cache; `revision` selects e.g. a Pythia `step3000`), or the embedded
 testbed (the name "testbed"). A GGUF file (in a folder or a Hub repo) is converted once to a plain
 folder (`memcirc.models.gguf`), which every load then reads; until it is, config and tokenizer come
-from the GGUF's metadata, so checks before the weights load stay cheap.
+from the GGUF's metadata, so checks before the weights load stay cheap. Weights are safetensors only
+and no model's own code runs (`memcirc.models.weights`); `LoadedModel.weights_sha256` identifies them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from transformers import (
 )
 
 from memcirc.errors import InputError
-from memcirc.models import gguf
+from memcirc.models import gguf, weights
 from memcirc.models.arch import ArchSpec, arch_for
 from memcirc.models.device import (
     check_device_name,
@@ -89,6 +90,7 @@ class LoadedModel:
     commit_hash: str | None = None   # known when loaded from the HF cache
     pad_from_eos: bool = field(default=False)  # True when the tokenizer had no pad token
     gguf: dict[str, Any] | None = None         # the GGUF the weights came from (`gguf.identity`)
+    weights_sha256: str | None = None          # content hash of the safetensors files (None for a GGUF)
     tokenizer_check: dict[str, Any] | None = None  # `tokenizer.check_tokenizer` on the data, if run
 
     def identity(self) -> dict[str, Any]:
@@ -102,6 +104,7 @@ class LoadedModel:
             "commit_hash": self.commit_hash,
             "gguf_file": self.spec.gguf_file,
             "gguf_sha256": (self.gguf or {}).get("gguf_sha256"),
+            "weights_sha256": self.weights_sha256,
             "converted_path": (self.gguf or {}).get("converted_path"),
             "tokenizer": self.spec.tokenizer,
             "model_type": config.model_type,
@@ -206,7 +209,8 @@ def _load_config(src: _Source, spec: ModelSpec, kwargs: dict[str, Any] | None = 
             raise InputError(f"cannot read the model config in {src.ref}: {_first_line(err)}") from err
         raise _not_cached(src, spec) from err
     except ValueError as err:  # e.g. a model_type this transformers version does not know
-        raise InputError(f"cannot read the model config of {src.ref}: {_first_line(err)}") from err
+        raise InputError(_custom_code(src.ref, "config.json", err)
+                         or f"cannot read the model config of {src.ref}: {_first_line(err)}") from err
 
 
 def _config(src: _Source, spec: ModelSpec, gg: gguf.GGUFFile | None, folder: Path | None) -> PretrainedConfig:
@@ -222,12 +226,22 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
+def _custom_code(ref: str, where: str, err: BaseException) -> str | None:
+    """The refusal of a model that needs its own Python code (an `auto_map` transformers has no class
+    for), in memcirc's words: transformers asks for trust_remote_code=True, which memcirc never passes."""
+    if "trust_remote_code" not in str(err):
+        return None
+    return (f"{ref} needs its own Python code (the auto_map of its {where} names classes transformers does not "
+            "have); memcirc never runs a model's code: use a model of a family transformers supports")
+
+
 def _pretrained_tokenizer(ref: str, kwargs: dict[str, Any], what: str) -> PreTrainedTokenizerBase:
     try:
         with quiet_tokenizer_warnings():
             return AutoTokenizer.from_pretrained(ref, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:  # what transformers raises
-        raise InputError(f"no usable tokenizer for {what}: {_first_line(err)}") from err
+    except Exception as err:   # transformers' OSError/ValueError/...; tokenizers raises a bare Exception
+        raise InputError(_custom_code(what, "tokenizer_config.json", err)
+                         or f"no usable tokenizer for {what}: {_first_line(err)}") from err
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -285,10 +299,51 @@ def _cache_location(
 
 
 def _load_weights(ref: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> PreTrainedModel:
-    try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=False, **kwargs)
+    try:   # safetensors only: a pickle checkpoint is never opened (memcirc.models.weights)
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+                                                    **kwargs)
     except (OSError, ValueError) as err:  # no (readable) weight files; a bad attn_implementation
         raise InputError(f"cannot load the model weights from {ref}: {_first_line(err)}") from err
+
+
+def _check_local_weights(src: _Source, gg: gguf.GGUFFile | None) -> None:
+    """A local folder's weights must be safetensors (pickle-only or none: refused before anything loads)."""
+    if src.local_path is not None and gg is None:
+        weights.weight_files(src.local_path)
+
+
+def _check_hub_weights(src: _Source, spec: ModelSpec) -> None:
+    """A Hub repo's weights must be safetensors; checked first, as transformers, given a pickle-only `main`
+    and use_safetensors=True, would start the Hub's conversion service on it."""
+    found = weights.hub_has_safetensors(src.ref, spec.revision)
+    if found is None:
+        raise _not_cached(src, spec)
+    if not found:
+        rev = f", revision={spec.revision!r}" if spec.revision else ""
+        raise InputError(
+            f"Hub model {src.ref!r}{rev} has no safetensors weights ({weights.SAFE_WEIGHTS} or "
+            f"{weights.SAFE_INDEX}); memcirc never unpickles: use a revision that has them, or convert it once "
+            f"in an environment you trust: python -c \"from transformers import AutoModelForCausalLM as M, "
+            f"AutoTokenizer as T; r = '{src.ref}'; M.from_pretrained(r{rev}).save_pretrained('DIR', "
+            f"safe_serialization=True); T.from_pretrained(r{rev}).save_pretrained('DIR')\" and pass --model DIR")
+
+
+def _weights_sha256(folder: Path | None) -> str | None:
+    return weights.weights_sha256(weights.weight_files(folder)) if folder is not None else None
+
+
+def local_weights_sha256(spec: ModelSpec | str) -> str | None:
+    """The `weights_sha256` that `load(spec)` records, without loading: for a local folder of safetensors
+    weights (None for a Hub id or a GGUF, identified by revision / gguf_sha256).
+
+    Raises:
+        InputError: as `load` does for a missing folder or one without safetensors weights.
+    """
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    src = _resolve_source(spec)
+    if src.local_path is None or spec.gguf_file is not None or gguf.identity(src.local_path) is not None:
+        return None
+    return _weights_sha256(src.local_path)
 
 
 def load_config(spec: ModelSpec | str) -> PretrainedConfig:
@@ -316,6 +371,7 @@ def load_config_and_tokenizer(spec: ModelSpec | str) -> tuple[PretrainedConfig, 
     src, gg, folder = _files(spec)
     config = _config(src, spec, gg, folder)
     arch_for(config)
+    _check_local_weights(src, gg)
     tokenizer, _ = _load_tokenizer(src, spec, gg, folder)
     return config, tokenizer
 
@@ -342,22 +398,27 @@ def load(spec: ModelSpec | str) -> LoadedModel:
     src, gg, folder = _files(spec)
     config = _config(src, spec, gg, folder)
     arch = arch_for(config)  # fail on an unknown family before reading (or converting) any weights
+    _check_local_weights(src, gg)
     # cheap: a bad --tokenizer fails before any conversion or weights
     override = _override_tokenizer(spec.tokenizer) if spec.tokenizer is not None else None
     if gg is not None and folder is None:
         folder = gguf.convert(gg)
-    weights = _plain(folder) if folder is not None else src
+    source = _plain(folder) if folder is not None else src
     kwargs: dict[str, Any] = {} if folder is not None else _hub_kwargs(spec)
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
     tokenizer, pad_from_eos = _load_tokenizer(src, spec, gg, folder, override)  # before the weights
-    model = _load_weights(weights.ref, dtype, kwargs)
+    if source.is_hub:
+        _check_hub_weights(src, spec)
+    model = _load_weights(source.ref, dtype, kwargs)
     # PreTrainedModel.to is `@wraps(nn.Module.to)`, which type checkers read as an unbound function;
     # the upcast only picks nn.Module's signature (the call still runs PreTrainedModel.to).
     cast(torch.nn.Module, model).to(device).eval().requires_grad_(False)
     local_path, commit = _cache_location(src, spec, model.config, gg)
+    from_gguf_file = gguf.identity(source.local_path) if source.local_path else None
     loaded = LoadedModel(model, tokenizer, arch, device, dtype, spec, local_path, commit, pad_from_eos,
-                         gguf=gguf.identity(weights.local_path) if weights.local_path else None)
+                         gguf=from_gguf_file,
+                         weights_sha256=None if from_gguf_file else _weights_sha256(source.local_path or local_path))
     log.info("loaded %s (%s, %s params) on %s as %s", spec.name_or_path, arch.family,
              f"{loaded.identity()['n_params']:,}", device, dtype_name(dtype))
     return loaded

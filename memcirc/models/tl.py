@@ -84,6 +84,8 @@ def _stage_folder(loaded: LoadedModel, folder: Path) -> Path:
     folder.mkdir(parents=True)
     hf_config = loaded.model.config
     config = hf_config.to_dict()
+    # TL reads this with its own AutoConfig call (trust_remote_code not pinned there): no code to point at
+    config.pop("auto_map", None)
     # TL reads config.architectures[0]; configs saved without a model (or from GGUF) lack it.
     config["architectures"] = [loaded.arch.hf_architecture]
     for tl_key, hf_attr in loaded.arch.tl_hf_config_aliases.items():

@@ -9,6 +9,7 @@ own provenance (the testbed's `group`, which is k, or which table a row came fro
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from memcirc.errors import InputError
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import tokenizer_sha256
 from memcirc.testbed import MODEL_DIR, TESTBED_NAME
+from memcirc.token_ids import kind, token_array
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -142,28 +144,41 @@ def row_tokens(row: dict[str, Any], source: str, i: int) -> np.ndarray:
     if col is None or not isinstance(row[col], (list, tuple, np.ndarray)):
         raise InputError(f"{source}: row {i} has no token list (columns {', '.join(TOKEN_COLUMNS)}); "
                          f"columns found: {', '.join(row)}")
-    return np.asarray(row[col], np.int64)
+    return token_array(row[col], f"{source}: row {i}", col)   # strict: 5.7 or true is refused, never cast
 
 
 def _row_example(row: dict[str, Any], i: int, tokens: np.ndarray, table: Table, opts: TableOptions) -> Example:
     """The example of one table row (`tokens` already cut to the row length)."""
     index_col = _pick(row, INDEX_COLUMNS)
-    index = int(row[index_col]) if index_col else None
+    where = f"{table.source}: row {i}"
+    index = int(_number(row, index_col, where, whole=True)) if index_col else None
     label = table.label
     if opts.label_column and opts.label_column in row:
-        label = int(float(row[opts.label_column]) >= opts.threshold)
+        label = int(_number(row, opts.label_column, where) >= opts.threshold)
     baseline = None
     if opts.baseline_column:
         if opts.baseline_column not in row:
             raise InputError(f"{table.source}: no baseline column '{opts.baseline_column}'; columns found: "
                              f"{', '.join(row)}")
-        baseline = float(row[opts.baseline_column])
+        baseline = _number(row, opts.baseline_column, where)
     domain = row.get(opts.domain_column)
     ident = f"{table.origin}:{index if index is not None else i}"
     window = Window(id=ident, tokens=tokens, prefix_len=opts.prefix_len or len(tokens) // 2, source=table.origin,
                     doc=ident, offset=0)
     return Example(window, label, table.origin, domain=None if domain is None else str(domain), train_index=index,
                    baseline_score=baseline)
+
+
+def _number(row: dict[str, Any], column: str, where: str, whole: bool = False) -> float:
+    """A numeric cell of a table row (a boolean score counts as 0/1), or an InputError naming it."""
+    value = row[column]
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    if whole:
+        ok = ok and not isinstance(value, (bool, np.bool_)) and float(value).is_integer()
+    if not ok:
+        raise InputError(f"{where}: column '{column}' holds {kind(value)} ({value!r:.40}), expected "
+                         f"{'a whole number' if whole else 'a number'}")
+    return float(value)
 
 
 def examples_from_tables(tables: Sequence[Table], opts: TableOptions) -> list[Example]:
