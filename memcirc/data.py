@@ -18,6 +18,7 @@ for JSONL, `row N (0-based)` for Parquet and 🤗 datasets, whose rows are index
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memcirc.artifacts import SCORES_JSONL, read_jsonl, read_jsonl_numbered
+from memcirc.artifacts import SCORES_JSONL, read_jsonl_numbered, unreadable
 from memcirc.errors import InputError
+from memcirc.sources import load_hub_dataset, npy_tokens, parquet_rows, read_text
+from memcirc.token_ids import kind, token_array, token_list
 
 if TYPE_CHECKING:
     from memcirc.config import MemorizedRule
@@ -97,9 +100,13 @@ class Columns:
 def load_documents(source: str, columns: Columns = Columns(), *, split: str = "train",
                    dataset_config: str | None = None, streaming: bool = False) -> Iterator[Document]:
     """Documents of any supported source, in a stable order."""
+    if not source.strip():
+        raise InputError("--dataset is empty: give a data file, a folder or a Hub dataset id")
     path = Path(source)
     if path.is_file():
         return _local_documents(path, columns)
+    if os.path.lexists(path) and not path.exists():   # a symlink loop, or a symlink to nothing
+        raise InputError(unreadable(path))
     if path.suffix in LOCAL_SUFFIXES or (source.startswith((".", "/")) and not path.exists()):
         raise InputError(f"data file not found: {source}")
     # A Hub id, or a local folder: 🤗 datasets reads both the same way (one row per JSONL line,
@@ -114,56 +121,21 @@ def _local_documents(path: Path, columns: Columns) -> Iterator[Document]:
     if path.suffix == ".npy":
         return _npy_documents(path)
     if path.suffix == ".txt":
-        return iter([Document(doc=path.name, text=path.read_text())])
+        return iter([Document(doc=path.name, text=read_text(path))])
     if path.suffix == ".parquet":
         return _rows_to_documents(_row_numbered(parquet_rows(path)), columns, str(path))
     return _rows_to_documents(_line_numbered(path), columns, str(path))
 
 
 def _npy_documents(path: Path) -> Iterator[Document]:
-    # allow_pickle=False: an object array would need unpickling, which we never do.
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise InputError(f"{path} is not a plain NumPy token array ({e})") from None
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"{path} must hold a 2-D integer token array, got shape {array.shape} "
-                         f"dtype {array.dtype}")
-    for i, row in enumerate(array):
+    for i, row in enumerate(npy_tokens(path)):
         yield Document(doc=str(i), tokens=row.astype(np.int64).tolist())
-
-
-def parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of a Parquet file, batch by batch."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise InputError(f"{path} is not a readable Parquet file ({e})") from None
-    for batch in table.iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
-
-
-def load_hub_dataset(source: str, split: str, dataset_config: str | None = None, streaming: bool = False,
-                     what: str = "dataset") -> Any:
-    """`datasets.load_dataset` (Hub or local cache); a missing or unreadable dataset is an InputError."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(source, dataset_config, split=split, streaming=streaming)
-    except FileNotFoundError:
-        raise InputError(f"{what} {source!r} is neither a local file or folder nor a dataset "
-                         "found on the Hub or in the local cache") from None
-    except (ConnectionError, OSError, ValueError) as e:
-        raise InputError(f"could not load {what} {source!r} (split {split!r}): "
-                         f"{str(e).splitlines()[0]}") from None
 
 
 def _hub_documents(source: str, columns: Columns, split: str, dataset_config: str | None,
                    streaming: bool) -> Iterator[Document]:
-    dataset = load_hub_dataset(source, split, dataset_config, streaming)
-    return _rows_to_documents(_row_numbered(iter(dataset)), columns, source)
+    rows = load_hub_dataset(source, split, dataset_config, streaming)
+    return _rows_to_documents(_row_numbered(rows), columns, source)
 
 
 # A row and where it is, as an error message names it ("line 42", "row 41 (0-based)").
@@ -197,46 +169,25 @@ def _rows_to_documents(rows: Iterator[Located], columns: Columns, where: str) ->
             yield Document(doc=doc, text=_text(row, columns.text, f"{where}: {at}"), group=group)
 
 
-def _kind(value: Any) -> str:
-    """A value's type as a data file's reader thinks of it (JSON names)."""
-    if value is None:
-        return "null"
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-             tuple: "a list", dict: "an object", np.ndarray: "an array"}
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
 def _text(row: dict[str, Any], column: str, at: str) -> str:
     if column not in row:
         raise InputError(f"{at} has no column '{column}' (columns: {', '.join(row)})")
     text = row[column]
     if not isinstance(text, str):
-        raise InputError(f"{at}: column '{column}' holds {_kind(text)}, expected a string")
+        raise InputError(f"{at}: column '{column}' holds {kind(text)}, expected a string")
     return text
 
 
 def _token_ids(row: dict[str, Any], column: str, at: str) -> list[int]:
     if column not in row:
         raise InputError(f"{at} has no column '{column}' (columns: {', '.join(row)})")
-    tokens = row[column]
-    if not isinstance(tokens, (list, tuple, np.ndarray)):
-        raise InputError(f"{at}: column '{column}' holds {_kind(tokens)}, expected a list of token ids")
-    ids = []
-    for k, t in enumerate(tokens):
-        # Arrow stores a list column with one float in it as floats throughout, so a whole number is
-        # an id; bool (an int subclass) and a fractional number are refused, never truncated.
-        whole = isinstance(t, (int, np.integer)) or (isinstance(t, (float, np.floating)) and float(t).is_integer())
-        if isinstance(t, bool) or not whole:
-            raise InputError(f"{at}: column '{column}' holds {_kind(t)} at position {k} ({t!r}), "
-                             "expected integer token ids")
-        ids.append(int(t))
-    return ids
+    return token_list(row[column], at, column)   # strict: 5.7, true, "5", 1e30 refused, never coerced
 
 
 def _doc_id(row: dict[str, Any], column: str, at: str) -> str:
     value = row.get(column)
     if value is None or isinstance(value, (list, tuple, dict, np.ndarray)):
-        raise InputError(f"{at}: column '{column}' holds {_kind(value)}, expected a document id "
+        raise InputError(f"{at}: column '{column}' holds {kind(value)}, expected a document id "
                          "(a string or a number)")
     return str(value)
 
@@ -291,7 +242,10 @@ def make_windows(documents: Iterator[Document], tokenizer: Any, source: str, pre
     result = WindowSet(windows=[], source=source, bos=policy.to_dict())
     for document in documents:
         result.n_documents += 1
-        tokens = _document_tokens(document, tokenizer, policy)
+        # the tokens the windows can use: a 'start' window (or --limit windows) needs only a prefix
+        remaining = None if limit is None else limit - len(result.windows)
+        needed = length if windowing == "start" else None if remaining is None else (remaining - 1) * step + length
+        tokens = _document_tokens(document, tokenizer, policy, needed)
         if len(tokens) < length:
             result.n_short_skipped += 1
             continue
@@ -308,13 +262,49 @@ def make_windows(documents: Iterator[Document], tokenizer: Any, source: str, pre
     return result
 
 
-def _document_tokens(document: Document, tokenizer: Any, policy: BosPolicy) -> list[int]:
+def _document_tokens(document: Document, tokenizer: Any, policy: BosPolicy, needed: int | None) -> list[int]:
+    """The document's tokens: all of them, or (`needed`) at least its first `needed`, as they are in
+    the whole document's tokenization."""
     from memcirc.models.tokenizer import encode
 
     if document.tokens is not None:
         return policy.strip(document.tokens)
     assert document.text is not None, "a Document holds token ids or text"
+    if needed is not None:
+        return encode_prefix(tokenizer, document.text, needed)
+    if len(document.text) > HUGE_DOCUMENT_CHARS:
+        log.warning("document %s has %s characters and is tokenized whole for sliding windows (about %d GB "
+                    "of memory); split it into several rows, or use --limit or --windowing start",
+                    document.doc, f"{len(document.text):,}", len(document.text) * BYTES_PER_CHAR // 10**9)
     return encode(tokenizer, document.text)
+
+
+# A text cut short may end in other tokens than the whole text has there (a merge across the cut, a
+# word split differently), so a cut's tokens are trusted only CUT_MARGIN tokens before its end, and
+# only when a cut twice as long gives the same ones.
+CHARS_PER_TOKEN = 8          # the first cut: 8 characters per needed token (English BPE has ~4)
+MIN_CUT = 256                # ... and at least this many characters
+CUT_MARGIN = 16
+HUGE_DOCUMENT_CHARS = 10**7  # tokenizing a whole document this long is worth a warning
+BYTES_PER_CHAR = 190         # peak memory of a fast tokenizer per character of text (measured, 30 MB)
+
+
+def encode_prefix(tokenizer: Any, text: str, needed: int) -> list[int]:
+    """At least the first `needed` tokens of `encode(tokenizer, text)` (all of them when the text has
+    fewer), from a bounded prefix of the text: one 64-token window of a 30 MB document needs ~1 KB.
+
+    The cut grows 4x at a time until its first `needed` tokens are followed by CUT_MARGIN more and
+    agree with those of a cut twice as long; a cut reaching the end is the whole tokenization.
+    """
+    from memcirc.models.tokenizer import encode
+
+    cut = max(needed * CHARS_PER_TOKEN, MIN_CUT)
+    while 2 * cut < len(text):
+        ids = encode(tokenizer, text[:cut])
+        if len(ids) >= needed + CUT_MARGIN and encode(tokenizer, text[:2 * cut])[:needed] == ids[:needed]:
+            return ids[:needed]
+        cut *= 4
+    return encode(tokenizer, text)
 
 
 def validate_windows(windows: WindowSet, vocab_size: int, n_ctx: int | None) -> None:
@@ -356,31 +346,61 @@ class ScoredWindow(Window):
 
     @classmethod
     def from_row(cls, row: dict[str, Any], where: str = "scores.jsonl") -> ScoredWindow:
+        """The window of one scores.jsonl row, its schema checked; `where` names the row ("FILE:LINE")."""
         missing = [k for k in WINDOW_KEYS if k not in row]
         if missing:
             raise InputError(f"{where}: row {row.get('id', '?')!r} lacks {', '.join(missing)}; is this a "
                              "memorization stage's scores.jsonl?")
-        return cls(id=row["id"], tokens=np.asarray(row["tokens"], np.int64), prefix_len=row["prefix_len"],
-                   source=row["source"], doc=row["doc"], offset=row["offset"], group=row.get("group"), row=row)
+        tokens = token_array(row["tokens"], where, "tokens")
+        prefix_len, offset = row["prefix_len"], row["offset"]
+        if not _is_int(prefix_len) or not 1 <= prefix_len < len(tokens):
+            raise InputError(f"{where}: prefix_len {prefix_len!r} is not a whole number between 1 and "
+                             f"{len(tokens) - 1} (the row has {len(tokens)} tokens)")
+        if not _is_int(offset) or offset < 0:
+            raise InputError(f"{where}: offset {offset!r} is not a whole number >= 0")
+        group = row.get("group")
+        return cls(id=_label(row, "id", where), tokens=tokens, prefix_len=prefix_len,
+                   source=_label(row, "source", where), doc=_label(row, "doc", where), offset=offset,
+                   group=None if group is None else _label(row, "group", where), row=row)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _label(row: dict[str, Any], key: str, where: str) -> str:
+    """An id-like field of an upstream row: a string (or a number, as hand-made tables hold)."""
+    value = row[key]
+    if isinstance(value, str) or _is_int(value):
+        return str(value)
+    raise InputError(f"{where}: '{key}' holds {kind(value)}, expected a string")
 
 
 def read_scores(stage_dir: Path, limit: int | None = None) -> list[ScoredWindow]:
-    """The scored windows of a finished memorization stage folder (its manifest is checked first)."""
-    from memcirc.manifest import read_manifest
+    """The scored windows of a finished memorization stage folder (its manifest and the file's sha256
+    are checked first)."""
+    from memcirc.manifest import read_output
 
-    read_manifest(stage_dir, what="memorization")
-    path = Path(stage_dir) / SCORES_JSONL
+    path = read_output(Path(stage_dir), SCORES_JSONL, what="memorization")
     rows = []
-    for row in read_jsonl(path):
+    for lineno, row in read_jsonl_numbered(path):
         if limit is not None and len(rows) >= limit:
             break
-        rows.append(ScoredWindow.from_row(row, str(path)))
+        rows.append(ScoredWindow.from_row(row, f"{path}:{lineno}"))   # a bad row names its line
     return rows
 
 
 def memorized(windows: list[ScoredWindow], rule: MemorizedRule, where: str = "scores.jsonl") -> list[bool]:
     """For each window: is it memorized by `rule` (`rule.memorized_by >= rule.threshold`)?"""
-    if windows and rule.memorized_by not in windows[0].row:
-        raise InputError(f"{where} has no '{rule.memorized_by}' column; re-run memorization_score with "
-                         f"--metrics ... {rule.memorized_by}, or use --memorized-by exact")
-    return [float(w.row[rule.memorized_by]) >= rule.threshold for w in windows]
+    column = rule.memorized_by
+    if windows and column not in windows[0].row:
+        raise InputError(f"{where} has no '{column}' column; re-run memorization_score with "
+                         f"--metrics ... {column}, or use --memorized-by exact")
+    out = []
+    for w in windows:
+        value = w.row.get(column)
+        if not isinstance(value, (bool, int, float)):   # a row the file's writer did not make
+            held = f"{kind(value)} in '{column}'" if column in w.row else f"no '{column}'"
+            raise InputError(f"{where}: window {w.id!r} has {held}, expected a number")
+        out.append(float(value) >= rule.threshold)
+    return out

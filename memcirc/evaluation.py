@@ -20,7 +20,7 @@ import torch
 
 from memcirc import artifacts as art
 from memcirc.config import MemorizedRule
-from memcirc.data import Columns, ScoredWindow, Window, load_documents, memorized, read_scores
+from memcirc.data import Columns, ScoredWindow, Window, encode_prefix, load_documents, memorized, read_scores
 from memcirc.errors import InputError
 from memcirc.models.arch import dims
 from memcirc.models.tokenizer import BosPolicy, encode
@@ -75,7 +75,12 @@ def heldout_blocks(source: str, tokenizer: Any, block_len: int, max_blocks: int 
         raise InputError(f"--ppl-block-len {block_len} leaves no room for text after the BOS token")
     blocks: list[np.ndarray] = []
     for doc in load_documents(source, Columns()):
-        tokens = bos.strip(doc.tokens) if doc.tokens is not None else encode(tokenizer, doc.text or "")
+        if doc.tokens is not None:
+            tokens = bos.strip(doc.tokens)
+        elif max_blocks is not None:   # only the text of the blocks still wanted is tokenized
+            tokens = encode_prefix(tokenizer, doc.text or "", (max_blocks - len(blocks)) * step)
+        else:
+            tokens = encode(tokenizer, doc.text or "")
         for start in range(0, len(tokens), step):
             block = np.asarray(bos.apply(tokens[start:start + step]), np.int64)
             if len(block) >= 2:

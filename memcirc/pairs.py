@@ -13,7 +13,7 @@ from typing import Any
 
 from memcirc import artifacts as art
 from memcirc.errors import InputError
-from memcirc.manifest import read_manifest
+from memcirc.manifest import output_sha256, read_manifest, read_output
 
 PAIRS_JSONL = "pairs.jsonl"
 SPLITS = ("discovery", "heldout")
@@ -106,12 +106,7 @@ def write_pairs(path: Path, pairs: list[Pair]) -> int:
 def pairs_input(stage_dir: Path, what: str = "contrastive") -> tuple[Path, dict[str, Any], str]:
     """(pairs.jsonl path, its stage manifest, its sha256), checked against the manifest."""
     manifest = read_manifest(stage_dir, what)
-    path = stage_dir / PAIRS_JSONL
-    recorded = {o["path"]: o.get("sha256") for o in manifest.get("outputs", [])}
-    if PAIRS_JSONL not in recorded or not path.is_file():
-        raise InputError(f"{what} folder {stage_dir} has no {PAIRS_JSONL}: re-run contrastive_dataset")
-    sha = art.sha256_file(path)
-    if recorded[PAIRS_JSONL] and recorded[PAIRS_JSONL] != sha:
-        raise InputError(f"{path} changed after its stage wrote it (sha256 differs from its manifest); "
-                         "re-run contrastive_dataset")
+    path = read_output(stage_dir, PAIRS_JSONL, what, manifest)
+    sha = output_sha256(manifest, PAIRS_JSONL)
+    assert sha is not None   # read_output has checked the file against it
     return path, manifest, sha

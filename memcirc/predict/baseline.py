@@ -14,10 +14,10 @@ from typing import cast
 import numpy as np
 
 from memcirc.config import MemorizedRule
-from memcirc.data import TOKEN_COLUMNS, ScoredWindow, memorized
+from memcirc.data import ScoredWindow, memorized
 from memcirc.errors import InputError
 from memcirc.models import LoadedModel
-from memcirc.predict.labels import Example, file_rows
+from memcirc.predict.labels import Example, file_rows, row_tokens
 from memcirc.scoring import score_windows
 
 
@@ -36,10 +36,7 @@ def memorized_table_tokens(path: Path, length: int) -> set[tuple[int, ...]]:
     """The sequences (first `length` tokens) of a local table of a smaller model's memorized sequences."""
     out = set()
     for i, row in enumerate(file_rows(path)):
-        col = next((c for c in TOKEN_COLUMNS if c in row), None)
-        if col is None:
-            raise InputError(f"{path}: row {i} has no token list (columns {', '.join(TOKEN_COLUMNS)})")
-        out.add(tuple(int(t) for t in row[col][:length]))
+        out.add(tuple(row_tokens(row, str(path), i)[:length].tolist()))   # ids checked, never cast
     if not out:
         raise InputError(f"the baseline table {path} holds no rows")
     return out

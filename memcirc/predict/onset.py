@@ -20,7 +20,7 @@ from sklearn.model_selection import KFold
 
 from memcirc import artifacts as art
 from memcirc.errors import InputError
-from memcirc.manifest import read_manifest
+from memcirc.manifest import read_manifest, read_output
 from memcirc.predict.labels import Example
 
 ONSETS_JSONL = "onsets.jsonl"    # written by training_dynamics: per window onset_step (None: not memorized at the end)
@@ -39,9 +39,11 @@ class OnsetTargets:
 def onset_targets(dynamics_dir: Path, examples: Sequence[Example], folds: int) -> OnsetTargets:
     """The onsets of the examples that the run in `dynamics_dir` finds memorized for good."""
     manifest = read_manifest(dynamics_dir, what="training_dynamics")
-    onsets = {r["id"]: r.get("onset_step") for r in art.read_jsonl(dynamics_dir / ONSETS_JSONL)}
+    onsets_path = read_output(dynamics_dir, ONSETS_JSONL, "training_dynamics", manifest)
+    onsets = {r["id"]: r.get("onset_step") for r in art.read_jsonl(onsets_path)}
     onset_of = {k: v for k, v in onsets.items() if v is not None}
-    steps = sorted({int(c["step"]) for c in art.read_json(dynamics_dir / art.SUMMARY_JSON).get("checkpoints", [])
+    summary = art.read_json(read_output(dynamics_dir, art.SUMMARY_JSON, "training_dynamics", manifest))
+    steps = sorted({int(c["step"]) for c in summary.get("checkpoints", [])
                     if c.get("step") is not None})
     matched = [i for i, e in enumerate(examples) if e.id in onsets]
     if not matched:
