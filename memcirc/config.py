@@ -21,47 +21,22 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
 from memcirc.errors import InputError
+from memcirc.logs import LEVELS as LOG_LEVELS
+from memcirc.options import OptionGroup, field_type, option
+from memcirc.parsing import Parser, load_yaml_file, unknown_name
 from memcirc.stages.registry import DEFAULT_PIPELINE, PIPELINE_KEY, STAGES, config_classes
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SLURM_KEY = "slurm"   # job resources for `run_pipeline.sh --slurm`, validated by memcirc.slurm
 T = typing.TypeVar("T", bound="OptionGroup")
-
-
-def option(
-    default: Any = None,
-    help: str = "",
-    *,
-    aliases: tuple[str, ...] = (),
-    choices: tuple[Any, ...] | None = None,
-    hashed: bool = True,
-    minimum: float | None = None,
-) -> Any:
-    """A config field. `hashed=False` marks run control that cannot change the results."""
-    meta = {"help": help, "aliases": aliases, "choices": choices, "hashed": hashed, "minimum": minimum}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class OptionGroup:
-    """A set of config fields; every field is checked against its type, choices and minimum on
-    construction. Subclasses add their own checks in `__post_init__` after calling super()."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_value(f, getattr(self, f.name))
 
 
 @dataclass
@@ -85,7 +60,8 @@ class StageConfig(OptionGroup):
     attn_implementation: str | None = option(None, "HF attention implementation (eager, sdpa, ...)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", hashed=False)
     dtype: str = option("auto", "model dtype (auto = float32 on CPU, bfloat16 on GPU)", choices=DTYPES)
-    seed: int = option(0, "random seed, applied once at stage start")
+    # 32 bits: sklearn's random_state (predict) and numpy's legacy seeding take no more; torch's 64
+    seed: int = option(0, "random seed, applied once at stage start", within="[0, 4294967295]")
     limit: int | None = option(None, "process at most N items (smoke runs; results not reportable)",
                                minimum=1)
     force: bool = option(False, "recompute even if a complete run with another config exists",
@@ -162,64 +138,11 @@ def testbed_data(name: str, value: str) -> str:
     return str(files[name])
 
 
-# -- value checking -------------------------------------------------------------------------
-
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) for annotations like `int | None` or `list[str]`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def _field_type(f: dataclasses.Field) -> tuple[Any, bool]:
-    # Annotations are strings under `from __future__ import annotations`; resolve them once.
-    # `typing.__dict__` is `vars(typing)`; spelled so because typeshed types vars() as a mappingproxy.
-    tp = f.type if not isinstance(f.type, str) else eval(f.type, typing.__dict__, {})  # noqa: S307
-    return _base_type(tp)
-
-
-def _check_value(f: dataclasses.Field, value: Any) -> None:
-    tp, optional = _field_type(f)
-    key = f.name
-    if value is None:
-        if not optional:
-            raise InputError(f"config key '{key}' must not be empty")
-        return
-    if typing.get_origin(tp) is list:
-        (item_type,) = typing.get_args(tp)
-        accepted = (int, float) if item_type is float else item_type
-        if not isinstance(value, list) or not all(isinstance(v, accepted) and not isinstance(v, bool)
-                                                  for v in value):
-            raise InputError(f"config key '{key}' must be a list of {item_type.__name__}, got {value!r}")
-        items = value
-    else:
-        ok = {int: isinstance(value, int) and not isinstance(value, bool),
-              float: isinstance(value, (int, float)) and not isinstance(value, bool),
-              bool: isinstance(value, bool), str: isinstance(value, str)}.get(tp, True)
-        if not ok:
-            raise InputError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
-        items = [value]
-    choices = f.metadata.get("choices")
-    for item in items:
-        if choices and item not in choices:
-            raise InputError(f"config key '{key}' has bad value {item!r}; choose from {', '.join(map(str, choices))}")
-    minimum = f.metadata.get("minimum")
-    if minimum is not None and value < minimum:
-        raise InputError(f"config key '{key}' must be >= {minimum}, got {value!r}")
-
-
 # -- YAML ------------------------------------------------------------------------------------
 
 def load_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    """A config file's top-level mapping (safe tags only; a key twice in one mapping is an error)."""
+    data = load_yaml_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -243,18 +166,26 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
             stage_fields = {f.name for f in dataclasses.fields(sections[key])}
             for sub in value:
                 if sub not in stage_fields:
-                    raise InputError(f"unknown config key '{key}.{sub}' in {path}; "
-                                     f"known keys of {key}: {', '.join(sorted(stage_fields))}")
+                    raise InputError(_unknown_key(f"{key}.{sub}", sub, stage_fields, path,
+                                                  f"the keys of {key} are the flags of "
+                                                  f"{STAGES[sections[key].stage].script} --help"))
             continue
         if key not in known_anywhere:
-            raise InputError(f"unknown config key '{key}' in {path}; known keys: "
-                             f"{', '.join(sorted(known_anywhere))}, or a stage section "
-                             f"({', '.join(sorted(sections))})")
+            top = known_anywhere | set(sections) | {PIPELINE_KEY, SLURM_KEY}
+            raise InputError(_unknown_key(key, key, top, path,
+                                          "top-level keys are the flags of any stage (see <stage>.py --help) "
+                                          f"or a stage section ({', '.join(sorted(sections))})"))
         if key in own:
             values[key] = value
     values.update(data.get(cls.folder()) or {})
     values.pop("config", None)
     return values
+
+
+def _unknown_key(shown: str, key: str, known: set[str], path: str, help_hint: str) -> str:
+    """"unknown config key 'memorization.prefix_lenn' in FILE (did you mean 'prefix_len'?)"."""
+    message = unknown_name("config key", key, known, path, help_hint)
+    return message.replace(f"'{key}'", f"'{shown}'", 1)
 
 
 def pipeline_stages(path: str) -> list[str]:
@@ -268,12 +199,6 @@ def pipeline_stages(path: str) -> list[str]:
 
 # -- CLI -------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        # argparse exits 2 already; route through InputError for one uniform line on stderr.
-        raise InputError(f"{message} (see --help)")
-
-
 def _flags(f: dataclasses.Field) -> list[str]:
     names = [f"--{f.name.replace('_', '-')}"]
     if "_" in f.name:
@@ -282,17 +207,18 @@ def _flags(f: dataclasses.Field) -> list[str]:
 
 
 def build_parser(cls: type[StageConfig], description: str = "", epilog: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
+    parser = Parser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        tp, _ = _field_type(f)
+        tp, _ = field_type(f)
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             raise TypeError(f"{cls.__name__}.{f.name} has no default; declare config fields with option()")
-        help_text = f"{f.metadata['help']} (default: {default})"
+        # argparse %-formats help texts ("<= 20%)" broke kfac_edit.py --help)
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
         if tp is bool:
             # --force and --dry-run are one-shot actions (no config file sets them, so no --no-force)
             action = "store_true" if f.name in ("force", "dry_run") else argparse.BooleanOptionalAction
@@ -347,7 +273,9 @@ class MemorizedRule(OptionGroup):
 
     memorized_by: str = option("exact", "scores.jsonl column that defines a memorized window",
                                choices=MEMORIZED_BY)
-    threshold: float = option(1.0, "a window is memorized when memorized_by >= threshold")
+    # > 0: at 0 an unmemorized window would count. No upper bound: predict's --label-column may hold
+    # a score of any scale; above the [0, 1] of these columns the stages say no window is memorized.
+    threshold: float = option(1.0, "a window is memorized when memorized_by >= threshold", within="(0, inf)")
 
 
 @dataclass
@@ -365,15 +293,10 @@ class CircuitOptions(OptionGroup):
                                       "M(empty))", aliases=("--optimize_metric",),
                                       choices=FAITHFULNESS_METRICS)
     target: float = option(0.85, "faithfulness the minimal circuit must reach",
-                           aliases=("--target_performance",))
+                           aliases=("--target_performance",), within="(0, 1]")
     weight_processing: str = option("none", "TransformerLens weight processing: none (HF-identical "
                                     "logits) or tl_default", choices=WEIGHT_PROCESSING)
     curve_points: int = option(16, "log-spaced edge counts on the faithfulness curve", minimum=2)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.target <= 1.0:
-            raise InputError(f"config key 'target' must be in (0, 1], got {self.target}")
 
 
 @dataclass
@@ -386,7 +309,8 @@ class HeldoutEval(OptionGroup):
     ppl_blocks: int = option(64, "held-out token blocks (of --ppl-block-len tokens) for perplexity", minimum=1)
     ppl_block_len: int | None = option(None, "tokens per perplexity block, BOS included (default: "
                                        "min(model context, 1024))", minimum=2)
-    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold")
+    # Lev/S is in [0, 1] (generated and truth have S tokens each): outside [0, 1] all or none match
+    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold", within="[0, 1]")
 
 
 @dataclass

@@ -12,9 +12,12 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from memcirc.errors import InputError
+
 T = TypeVar("T")
 LOG_EVERY_S = 30.0   # without a terminal, a progress line at most this often
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -32,18 +35,22 @@ class _StderrHandler(logging.StreamHandler):
 class _HeldHandler(_StderrHandler):
     """Holds records below WARNING back until `let_through()`; `drop_held()` discards them.
 
-    (Not `release`: logging.Handler.release is its lock.)
+    Once the inputs are checked (`checked`), a WARNING or worse lets the held records through first,
+    so the lines keep their order. (Not `release`: logging.Handler.release is its lock.)
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.held: list[logging.LogRecord] | None = []
+        self.checked = False
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.held is not None and record.levelno < logging.WARNING:
             self.held.append(record)
-        else:
-            super().emit(record)
+            return
+        if self.checked:
+            self.let_through()
+        super().emit(record)
 
     def let_through(self) -> None:
         held, self.held = self.held or [], None
@@ -61,11 +68,18 @@ def _held_handler() -> _HeldHandler | None:
 def setup_logging(level: str = "INFO") -> None:
     """Log to stderr; MEMCIRC_LOG_LEVEL overrides the flag.
 
-    Records below WARNING are held back until `release_logs()` (called once a stage has checked
-    its inputs), so a run stopped by bad input prints exactly one line: the error.
+    Records below WARNING are held back from stderr until the stage's first long step: the first
+    progress loop (`Meter`) after `release_logs()` (which a stage calls once its inputs are checked),
+    the first warning after it, or the end of the stage (`flush_logs()`), whichever comes first. A
+    run stopped by bad input before then prints exactly one line on stderr: the error. Found later,
+    the error line still comes last (memcirc.cli). log.txt gets every record from its creation on.
     """
     logger = logging.getLogger("memcirc")
-    logger.setLevel(os.environ.get("MEMCIRC_LOG_LEVEL", level).upper())
+    chosen = os.environ.get("MEMCIRC_LOG_LEVEL", level).upper()
+    if chosen not in logging.getLevelNamesMapping():   # the flag is checked by the config, the environment here
+        raise InputError(f"MEMCIRC_LOG_LEVEL={os.environ.get('MEMCIRC_LOG_LEVEL')!r} is not a logging level; "
+                         f"use one of {', '.join(LEVELS)} or unset it")
+    logger.setLevel(chosen)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -76,7 +90,23 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def release_logs() -> None:
-    """Print the held-back records and log straight to stderr from now on."""
+    """The stage's inputs are checked: the held-back records go to stderr at its first long step
+    (a progress loop), its first warning or its end, and from then on every record at once."""
+    handler = _held_handler()
+    if handler is not None:
+        handler.checked = True
+
+
+def long_step() -> None:
+    """A long step begins (a progress loop): after `release_logs()`, print the held records now."""
+    handler = _held_handler()
+    if handler is not None and handler.checked:
+        handler.let_through()
+
+
+def flush_logs() -> None:
+    """Print the held-back records and log straight to stderr from now on (the stage ended, or was
+    stopped by a signal or an unexpected error: what it logged is context for that)."""
     handler = _held_handler()
     if handler is not None:
         handler.let_through()
@@ -89,16 +119,42 @@ def discard_held_logs() -> None:
         handler.drop_held()
 
 
+class _LogFile(logging.FileHandler):
+    """log.txt. A failed write (disk full) stops it quietly: logging's default is a traceback on stderr
+    per record, and the file is a copy of what stderr shows anyway."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: ARG002 - logging's signature
+        self.broken = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+
 def attach_log_file(path: Path) -> logging.Handler:
     """Also log to the stage folder (called once the folder is known to be writable)."""
     logger = logging.getLogger("memcirc")
     for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
         logger.removeHandler(old)
         old.close()
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter(_FORMAT))
     logger.addHandler(handler)
     return handler
+
+
+def log_to_file_only(message: str) -> None:
+    """An ERROR record in log.txt only (the error line the CLI prints on stderr itself), so the stage
+    folder's log says why the run stopped."""
+    logger = logging.getLogger("memcirc")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 class Meter:
@@ -115,6 +171,7 @@ class Meter:
         self.desc, self.total, self.unit = desc, total, unit
         self.every_s = LOG_EVERY_S if every_s is None else every_s
         self.n = 0
+        long_step()   # the held log lines first, then the bar
         self.bar = tqdm(desc=desc, total=total, unit=f" {unit}", disable=None, dynamic_ncols=True, leave=False)
         self.to_log = bool(self.bar.disable)   # disable=None: tqdm turns itself off without a terminal
         self.start = self.last = time.monotonic()

@@ -350,6 +350,34 @@ def test_grid_runs_the_experiment_templates(config_file, cluster_run, env):
     assert "no finished circuit in" in log and "memorization_decision" in log   # not in this grid: skipped
 
 
+# -- paths sbatch must not split (w07) ----------------------------------------------------------
+
+ODD_DIR = "w07 dir ü #1 100%x"   # space, umlaut, '#' (sbatch: a comment), '%x' (sbatch: the job name)
+
+
+def test_an_output_dir_with_spaces_umlauts_hash_and_percent_reaches_the_cluster_intact(config_file, env, cluster,
+                                                                                       tmp_path):
+    """w07: `#SBATCH --output=<dir with space>/...` was unquoted. sbatch parses #SBATCH lines itself
+    (double quotes group, an unquoted '#' ends the line, '%' starts a file-name pattern): the quoted,
+    %-escaped values must reach slurmd as the very folder, for the log and for the stage's outputs."""
+    out = tmp_path / ODD_DIR
+    r = subprocess.run([sys.executable, "-m", "memcirc.slurm", "submit", "--config", str(config_file),
+                        "--output-dir", str(out), "--stages", "memorization_score", "--num-shards", "1", "--wait",
+                        *(f"--common-arg={a}" for a in ("--device", "cpu", "--limit", "8"))],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    jobs = _latest_jobs(out)
+    assert list(jobs) == ["memorization_score", "report"]
+    assert json.loads((out / "memorization" / "manifest.json").read_text())["status"] == "complete"
+    for job in jobs.values():
+        log = out / "slurm" / "logs" / f"{job['name']}-{job['job_id']}.out"
+        assert log.is_file() and "memcirc: job" in log.read_text(), sorted(p.name for p in out.rglob("*.out"))
+        assert f"WorkDir={REPO}\n" in cluster.sh("scontrol", "show", "job", job["job_id"]).stdout
+    script = Path(jobs["memorization_score"]["script"]).read_text()
+    assert f'#SBATCH --output="{out}/slurm/logs/memorization_score-%j.out"'.replace("100%x", "100%%x") in script
+    assert f'#SBATCH --chdir="{REPO}"' in script
+
+
 # -- no cluster needed -----------------------------------------------------------------------
 
 def _slurm_cli(*argv, cwd=REPO):
@@ -384,6 +412,39 @@ def test_dry_run_prints_the_scripts_and_writes_nothing(config_file, tmp_path):
     for text in scripts:
         check = subprocess.run(["bash", "-n"], input=text.split("\n", 1)[1], text=True, capture_output=True)
         assert check.returncode == 0, check.stderr
+
+
+def test_odd_output_dirs_are_quoted_and_control_characters_refused(config_file, tmp_path):
+    """The dry run of an output dir with a space, an umlaut, '#' and '%': every path value quoted, the
+    scripts valid bash. A newline (it would end the header comment and start a shell line), another
+    control character or a backslash (sbatch drops it from --output) is refused before anything runs."""
+    out = tmp_path / ODD_DIR
+    r = subprocess.run([str(REPO / "run_pipeline.sh"), "--slurm", "--dry-run", "--config", str(config_file),
+                        "--output-dir", str(out), *FLAGS], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    logs = f"{out}/slurm/logs".replace("%", "%%")
+    assert f'#SBATCH --output="{logs}/memorization_score-%A_%a.out"' in r.stdout
+    assert f'#SBATCH --output="{logs}/report-%j.out"' in r.stdout and f'#SBATCH --chdir="{REPO}"' in r.stdout
+    for text in re.split(r"^# ---- ", r.stdout, flags=re.M)[1:]:
+        check = subprocess.run(["bash", "-n"], input=text.split("\n", 1)[1], text=True, capture_output=True)
+        assert check.returncode == 0, check.stderr
+    for name, shown in (("a\nb", r"'\n'"), ("a\rb", r"'\r'"), ("tab\there", r"'\t'"), ("back\\slash", "'\\\\'")):
+        bad = tmp_path / name
+        for cmd in ([str(REPO / "run_pipeline.sh"), "--slurm", "--dry-run", "--config", str(config_file),
+                     "--output-dir", str(bad)],
+                    [sys.executable, "-m", "memcirc.slurm", "submit", "--config", str(config_file),
+                     "--output-dir", str(bad)]):
+            r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                               env={**os.environ, "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, (name, r.stderr)
+            assert r.stderr.startswith("error: --output-dir") and shown in r.stderr and "job script" in r.stderr
+            assert not bad.exists() and r.stdout == ""
+    # a value of the slurm: section becomes part of one line too
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('model: testbed\nslurm:\n  partition: "gpu\\n#SBATCH --x"\n')
+    with pytest.raises(InputError, match="'slurm.partition' must be a one-line string"):
+        read_settings(str(bad))
 
 
 def test_stage_runner_requeues_only_a_running_job(tmp_path):

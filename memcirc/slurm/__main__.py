@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 import memcirc.slurm
 from memcirc.errors import InputError
+from memcirc.parsing import Parser
 from memcirc.slurm.grid import plan_grid
-from memcirc.slurm.plan import plan_pipeline
+from memcirc.slurm.plan import REPO, plan_pipeline
+from memcirc.slurm.render import check_script_path
 from memcirc.slurm.settings import EXPERIMENTS, Settings, read_settings
 from memcirc.slurm.status import POLL_S, status_report, wait
 from memcirc.slurm.submit import submit
@@ -37,9 +40,11 @@ def _stage_args(pairs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: ANN201 - one line, exit 2, like the stages
-        raise InputError(f"{message} (see --help)")
+def _poll_seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):   # nan/inf would fail in time.sleep, 0 would spin
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _add_submit_options(p: argparse.ArgumentParser, name: str) -> None:
@@ -52,7 +57,7 @@ def _add_submit_options(p: argparse.ArgumentParser, name: str) -> None:
                    help="a flag for every stage (repeat; --common-arg=--device)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the jobs, then print the status report")
-    p.add_argument("--poll", type=float, default=POLL_S, help="seconds between status polls with --wait")
+    p.add_argument("--poll", type=_poll_seconds, default=POLL_S, help="seconds between status polls with --wait")
     if name == "submit":
         p.add_argument("--stages", nargs="+", default=list(DEFAULT_PIPELINE), help="stages to submit")
         p.add_argument("--stage-arg", action="append", default=[], metavar="STAGE=ARG",
@@ -63,9 +68,9 @@ def _add_submit_options(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m memcirc.slurm", description=(memcirc.slurm.__doc__ or "").split("\n\n")[0],
+    parser = Parser(prog="python -m memcirc.slurm", description=(memcirc.slurm.__doc__ or "").split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, help_text in (("submit", "submit pipeline stages as jobs"),
                             ("grid", "submit the verify_scripts/ experiment grid")):
         _add_submit_options(sub.add_parser(name, help=help_text), name)
@@ -73,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="report the latest submission" if name == "status" else
                            "wait for the latest submission, then report")
         p.add_argument("run_dir")
-        p.add_argument("--poll", type=float, default=POLL_S, help="seconds between polls (wait)")
+        p.add_argument("--poll", type=_poll_seconds, default=POLL_S, help="seconds between polls (wait)")
     return parser
 
 
@@ -90,6 +95,8 @@ def _report(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     """submit / grid: plan the jobs (every stage's config checked), submit or print them."""
     run_dir = _run_dir(args.output_dir)
+    check_script_path(run_dir, "--output-dir")   # before anything is planned, written or submitted
+    check_script_path(REPO, "the memcirc checkout")
     config = os.path.abspath(args.config) if args.config else None
     settings = read_settings(config)
     python = _python(args.python, settings)

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memcirc.errors import InputError
 from memcirc.slurm.plan import ARRAY_TASK, REPO, Job
 from memcirc.slurm.records import LOGS_DIR, SLURM_DIR
 
@@ -48,12 +49,41 @@ def shell_words(command: list[str]) -> str:
 
 
 def log_pattern(run_dir: Path, job: Job) -> str:
-    suffix = "%A_%a" if job.kind == "array" else "%j"
-    return str(run_dir / SLURM_DIR / LOGS_DIR / f"{job.name}-{suffix}.out")
+    """The job's log file as sbatch names it (%A_%a or %j replaced by the ids), for the records."""
+    return str(run_dir / SLURM_DIR / LOGS_DIR / f"{job.name}-{_log_suffix(job)}")
+
+
+def _log_suffix(job: Job) -> str:
+    return f"{'%A_%a' if job.kind == 'array' else '%j'}.out"
+
+
+def check_script_path(path: Path | str, what: str) -> None:
+    """InputError for a path a job script cannot hold: a control character (a newline would end the
+    #SBATCH line or the header comment and start a shell line) or a backslash (sbatch drops it from
+    --output paths). Spaces, '#', '%', quotes and non-ASCII letters are fine, quoted by `sbatch_value`."""
+    bad = sorted({c for c in str(path) if ord(c) < 32 or ord(c) == 127 or c == "\\"})
+    if bad:
+        raise InputError(f"{what} {str(path)!r} contains {' '.join(repr(c) for c in bad)}, which a SLURM job "
+                         "script cannot hold; choose a folder without it")
+
+
+def sbatch_value(value: str) -> str:
+    """`value` double-quoted for an #SBATCH line. sbatch reads those lines itself, not bash: it splits
+    them at whitespace and ends them at an unquoted '#'; double quotes group, and \\" and \\\\ escape."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _output_value(run_dir: Path, job: Job) -> str:
+    # sbatch expands %-patterns (%j, %A, ...) in --output: a '%' of the folder is written %%
+    folder = str(run_dir / SLURM_DIR / LOGS_DIR).replace("%", "%%")
+    return sbatch_value(f"{folder}/{job.name}-{_log_suffix(job)}")
 
 
 def render(job: Job, settings: Settings, run_dir: Path, dependency_ids: list[str]) -> str:
-    """The sbatch script of `job`: #SBATCH lines from the settings, then the stage runner and command."""
+    """The sbatch script of `job`: #SBATCH lines from the settings, then the stage runner and command.
+    Path values are quoted (`sbatch_value`); the stage command is shell-quoted (`shell_words`)."""
+    check_script_path(run_dir, "run folder")
+    check_script_path(REPO, "the memcirc checkout")
     res = settings.resources(job.name)
     lines = ["#!/bin/bash",
              f"# memcirc {job.kind} job '{job.name}' of {run_dir} (written by memcirc.slurm)",
@@ -61,8 +91,9 @@ def render(job: Job, settings: Settings, run_dir: Path, dependency_ids: list[str
     if job.tasks:
         throttle = f"%{settings.max_parallel}" if settings.max_parallel else ""
         lines.append(f"--array=0-{job.tasks - 1}{throttle}")
-    lines += [f"--output={log_pattern(run_dir, job)}", "--open-mode=append",
-              "--requeue" if settings.requeue else "--no-requeue", f"--chdir={REPO}", *res.sbatch_lines()]
+    lines += [f"--output={_output_value(run_dir, job)}", "--open-mode=append",
+              "--requeue" if settings.requeue else "--no-requeue", f"--chdir={sbatch_value(str(REPO))}",
+              *res.sbatch_lines()]
     if dependency_ids:
         lines += [f"--dependency=afterok:{':'.join(dependency_ids)}", "--kill-on-invalid-dep=yes"]
     header = [line if line.startswith("#") else f"#SBATCH {line}" for line in lines]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from memcirc.config import SLURM_KEY, load_yaml
 from memcirc.errors import InputError
+from memcirc.parsing import did_you_mean
 from memcirc.stages.registry import STAGES
 
 # the verify_scripts/ experiments (memcirc.slurm.grid), which a slurm: section may give resources too
@@ -47,7 +49,7 @@ NO_GPU = {**{f"{s.name}.merge": {"gpus": 0} for s in STAGES.values() if s.array 
 VALUE_TYPES = {"partition": "str", "account": "str", "qos": "str", "gpus": "count", "cpus_per_task": "positive",
                "mem": "strnum", "time": "strnum", "extra": "lines", "num_shards": "positive", "setup": "lines",
                "python": "str", "max_parallel": "positive", "requeue": "bool"}
-WANTED = {"str": "a string", "strnum": "a string or a number", "count": "an integer >= 0",
+WANTED = {"str": "a one-line string", "strnum": "a one-line string or a number", "count": "an integer >= 0",
           "positive": "an integer >= 1", "bool": "true or false", "lines": "a list of one-line strings"}
 
 
@@ -81,15 +83,20 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _one_line(value: Any) -> bool:
+    """No control character but tab: each value becomes (part of) one line of a job script."""
+    return isinstance(value, str) and not any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value)
+
+
 def valid(key: str, value: Any) -> Any:
     """`value` of `slurm.<key>` if it has the key's type (numbers of mem/time become strings), else InputError."""
     rule = VALUE_TYPES[key.rsplit(".", 1)[-1]]
-    ok = {"str": isinstance(value, str) and bool(value.strip()),
-          "strnum": isinstance(value, (str, int)) and not isinstance(value, bool),
+    ok = {"str": _one_line(value) and bool(value.strip()),
+          "strnum": (_one_line(value) or _is_int(value)),
           "count": _is_int(value) and value >= 0,
           "positive": _is_int(value) and value >= 1,
           "bool": isinstance(value, bool),
-          "lines": isinstance(value, list) and all(isinstance(v, str) and "\n" not in v for v in value)}[rule]
+          "lines": isinstance(value, list) and all(_one_line(v) for v in value)}[rule]
     if value is not None and not ok:
         raise InputError(f"config key '{SLURM_KEY}.{key}' must be {WANTED[rule]}, got {value!r}")
     return str(value) if rule == "strnum" and value is not None else value
@@ -99,8 +106,8 @@ def _resources(section: dict[str, Any], prefix: str) -> dict[str, Any]:
     values = {}
     for key, value in section.items():
         if key not in RESOURCE_KEYS:
-            raise InputError(f"unknown config key '{SLURM_KEY}.{prefix}{key}'; known keys of a job: "
-                             f"{', '.join(RESOURCE_KEYS)}")
+            raise InputError(_unknown(f"{prefix}{key}", key, RESOURCE_KEYS, f"known keys of a job: "
+                                      f"{', '.join(RESOURCE_KEYS)}"))
         if value is not None:
             values[key] = valid(prefix + key, value)
     return values
@@ -125,7 +132,14 @@ def read_settings(config: str | None) -> Settings:
         elif key in RESOURCE_KEYS:
             settings.base.update(_resources({key: value}, ""))
         else:
-            raise InputError(f"unknown config key '{SLURM_KEY}.{key}' in {config}; known keys: "
-                             f"{', '.join(RESOURCE_KEYS + GLOBAL_KEYS)}, or a job section "
-                             f"({', '.join(known_jobs)})")
+            raise InputError(_unknown(key, key, [*RESOURCE_KEYS, *GLOBAL_KEYS, *known_jobs],
+                                      f"known keys: {', '.join(RESOURCE_KEYS + GLOBAL_KEYS)}, or a job section "
+                                      "(a stage, <stage>.merge, report or a verify_scripts experiment)", config))
     return settings
+
+
+def _unknown(shown: str, key: str, known: Sequence[str], listing: str, config: str | None = None) -> str:
+    """"unknown config key 'slurm.gpu' in FILE (did you mean 'gpus'?)", else the listing of known keys."""
+    head = f"unknown config key '{SLURM_KEY}.{shown}'" + (f" in {config}" if config else "")
+    close = did_you_mean(key, known)
+    return f"{head} (did you mean '{close}'?)" if close is not None else f"{head}; {listing}"
