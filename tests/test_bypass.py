@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, rerecord
 
 from memcirc.bypass import bypass_attention, mean_attention_outputs, sweep, windows_from_file
 from memcirc.cli import main
@@ -283,6 +283,7 @@ def test_bad_input_exits_2_and_writes_nothing(scored, tmp_path, capsys):
     shutil.copytree(scored / "memorization", empty)
     rows = [json.loads(line) for line in (empty / "scores.jsonl").read_text().splitlines()]
     (empty / "scores.jsonl").write_text("".join(json.dumps({**r, "exact": 0}) + "\n" for r in rows))
+    rerecord(empty)
     cases["no memorized windows"] = ["--output-dir", str(tmp_path / "empty")]
     np.save(tmp_path / "none.npy", np.zeros((0, 64), np.int32))
     cases["holds no rows"] = ["--output-dir", str(out), "--memorized-file", str(tmp_path / "none.npy")]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import rerecord
 
 from memcirc import artifacts as art
 from memcirc.circuits import (
@@ -430,7 +431,9 @@ def test_circuits_bad_input(tmp_path, tiny_model_dirs, tiny_loaded, capsys):
         "missing upstream": (None, "has no manifest.json"),
         "token id >= vocab": ([{**random_pairs(4, (5,), 300)[0], "answer": 5000}],
                               "outside the model's vocabulary"),
-        "another model": ({"model": {**identity, "name_or_path": "EleutherAI/gpt-neo-125m"}},
+        # another model's weights (their content hash; a mere other name for the same weights is accepted)
+        "another model": ({"model": {**identity, "name_or_path": "EleutherAI/gpt-neo-125m",
+                                     "weights_sha256": "0" * 64}},
                           "contrastive pairs belong to model 'EleutherAI/gpt-neo-125m'"),
         "no discovery pairs": ([{**r, "split": "heldout"} for r in random_pairs(4, (5,), 300)],
                                "no discovery pairs"),
@@ -478,6 +481,7 @@ def test_verify_bad_input(tmp_path, neo_run, tiny_model_dirs, tiny_loaded, capsy
     name = sorted(tensors)[0]
     tensors[name] = torch.cat([tensors[name].reshape(-1), torch.zeros(1)])
     art.save_tensors(path, tensors, metadata=meta)
+    rerecord(out / "circuits")
     check(out, "do not fit this model's graph")
 
     out = fresh("edited_pairs")  # pairs.jsonl edited by hand after its stage wrote it
@@ -489,6 +493,7 @@ def test_verify_bad_input(tmp_path, neo_run, tiny_model_dirs, tiny_loaded, capsy
     manifest = json.loads((out / "circuits" / "manifest.json").read_text())
     del manifest["config"]["curve_points"]
     art.write_json(out / "circuits" / "manifest.json", manifest)
+    rerecord(out / "circuits")
     check(out, "records no curve_points in its config (written by an older memcirc); re-run find_circuits")
 
     out = fresh("bad_edge_count")

@@ -259,3 +259,217 @@ def test_doc_column_names_the_windows(tmp_path, tiny_tokenizer):
     np.save(tmp_path / "d.npy", np.arange(20).reshape(2, 10))
     with pytest.raises(InputError, match="--doc-column applies to JSONL, Parquet and Hub datasets"):
         windows_of(str(tmp_path / "d.npy"), tiny_tokenizer, columns=Columns(doc="name"))
+
+
+# -- strict token ids (review d08-d12, n08) ------------------------------------------------------
+
+@pytest.mark.parametrize("values, message", [
+    ([1, 2, 5.7], r"position 2 \(5.7\), expected integer token ids"),
+    ([1, True], r"holds a boolean at position 1 \(True\)"),
+    (["7"], r"holds a string at position 0 \('7'\)"),
+    ([1, [2, 3]], r"holds a list at position 1 \(\[2, 3\]\)"),
+    ([1, None], r"holds null at position 1"),
+    ([1e30], r"position 0 \(1e\+30\), outside the int64 range of token ids"),
+    ([2 ** 70], r"\(1180591620717411303424\), outside the int64 range"),
+    ([float("nan")], r"\(nan\), expected integer token ids"),
+    (np.array([3, 2 ** 63 + 5], np.uint64), r"position 1 \(9223372036854775813\), outside the int64 range"),
+    (np.array([1.0, 2.5]), r"position 1 \(2.5\)"),
+    (np.array([True]), "holds a boolean"),
+    (np.array([[1, 2]]), "holds a 2-D array, expected a flat list"),
+    ("1 2 3", "holds a string, expected a list of token ids"),
+])
+def test_token_ids_are_refused_never_coerced(values, message):
+    from memcirc.token_ids import token_list
+
+    with pytest.raises(InputError, match=r"^f.jsonl: line 3: column 'tokens' " + ".*" + message):
+        token_list(values, "f.jsonl: line 3", "tokens")
+
+
+def test_token_ids_accepted_in_every_integer_form():
+    from memcirc.token_ids import token_array, token_list
+
+    forms = [[5, 0, 2], (5, 0, 2), [5.0, 0.0, 2.0], [5, 0.0, 2], [np.int32(5), 0, 2], np.array([5, 0, 2], np.uint16),
+             np.array([5, 0, 2], np.int64), np.array([5.0, 0, 2]), np.array([5, 0, 2], object)]
+    for values in forms:
+        ids = token_list(values, "x", "tokens")
+        assert ids == [5, 0, 2] and all(type(t) is int for t in ids), values
+        assert token_array(values, "x", "tokens").dtype == np.int64
+    assert token_list([], "x", "tokens") == [] and token_list([-1], "x", "tokens") == [-1]  # vocab range: later
+
+
+# -- bad files: exit 2, one line naming the file and line, nothing written (review d02-d16, n05, n08, p05,
+#    h01, s01) --------------------------------------------------------------------------------------
+
+def _bad_files(tmp_path):
+    """case -> (dataset path, words the one stderr line must hold)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "in"
+    d.mkdir()
+    ok = list(range(10, 74))
+
+    def jsonl(name, text):
+        (d / name).write_text(text)
+        return d / name
+
+    (d / "binary.jsonl").write_bytes(b"\x89PNG\r\n" + bytes(range(128, 256)) * 8)
+    (d / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    (d / "latin1.txt").write_bytes(b"first line\ncaf\xe9\n")
+    np.savez(d / "arrays.npz", a=np.arange(128).reshape(2, 64))
+    (d / "arrays.npz").rename(d / "npz.npy")
+    np.save(d / "big.npy", np.full((2, 64), 2 ** 63 + 5, np.uint64))
+    pq.write_table(pa.table({"tokens": [list(range(i, i + 64)) for i in range(300)]}), d / "p.parquet",
+                   compression="snappy")
+    blob = bytearray((d / "p.parquet").read_bytes())
+    blob[100:2000] = bytes(b ^ 0x5A for b in blob[100:2000])   # data pages; the footer stays valid
+    (d / "p.parquet").write_bytes(bytes(blob))
+    (d / "script").mkdir()
+    (d / "script" / "script.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w')\n")
+    (d / "loop.jsonl").symlink_to(d / "loop2.jsonl")
+    (d / "loop2.jsonl").symlink_to(d / "loop.jsonl")
+    (d / "dangling.jsonl").symlink_to(d / "gone.jsonl")
+    (d / "folder").mkdir()
+    (d / "folder" / "train.jsonl").write_bytes(b'{"tokens": [1, 2' + bytes(range(128, 256)))
+    return {
+        "d02 binary jsonl": (d / "binary.jsonl", "binary.jsonl:1: not UTF-8 text (byte 0x89"),
+        "d03 latin-1 jsonl": (d / "latin1.jsonl", "latin1.jsonl:2: not UTF-8 text (byte 0xe9"),
+        "d04 latin-1 txt": (d / "latin1.txt", "latin1.txt:2: not UTF-8 text (byte 0xe9); text files are read as UTF-8"),
+        "d08 float": (jsonl("f.jsonl", json.dumps({"tokens": ok[:5] + [5.7] + ok[6:]}) + "\n"),
+                      "f.jsonl: line 1: column 'tokens' holds a number at position 5 (5.7), expected integer"),
+        "d09 string": (jsonl("s.jsonl", json.dumps({"tokens": ["a"] * 64}) + "\n"), "holds a string at position 0"),
+        "d10 boolean": (jsonl("b.jsonl", '{"tokens": [' + ", ".join(["true"] * 64) + "]}\n"),
+                        "holds a boolean at position 0 (True)"),
+        "d11 1e30": (jsonl("e.jsonl", '{"tokens": [1, 1e30]}\n'), "(1e+30), outside the int64 range of token ids"),
+        "d12 nested": (jsonl("n.jsonl", json.dumps({"tokens": [[1, 2]] * 64}) + "\n"), "holds a list at position 0"),
+        "null inside": (jsonl("z.jsonl", json.dumps({"tokens": ok[:3] + [None]}) + "\n"), "holds null at position 3"),
+        "2**70": (jsonl("o.jsonl", json.dumps({"tokens": [2 ** 70]}) + "\n"), "(1180591620717411303424), outside"),
+        "n05 npz named npy": (d / "npz.npy", "npz.npy is an .npz archive, not an .npy array"),
+        "n08 uint64 >= 2**63": (d / "big.npy", "big.npy: row 0 (0-based) holds 9223372036854775813 at position 0"),
+        "p05 corrupt page": (d / "p.parquet", "p.parquet: row 0 (0-based) and on cannot be read, the file is corrupt"),
+        "h01 dataset script": (d / "script", "never runs a dataset script"),
+        "s01 symlink loop": (d / "loop.jsonl", "loop.jsonl cannot be read (symlink loop)"),
+        "dangling symlink": (d / "dangling.jsonl", "dangling.jsonl is a symlink to"),
+        "deep nesting": (jsonl("deep.jsonl", '{"tokens": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+                         "deep.jsonl:1: JSON nested too deeply"),
+        "folder, bad file": (d / "folder", "could not load dataset"),
+        "folder, bad file, streamed": (d / "folder", "row 0 (0-based) and on cannot be read", "--streaming"),
+    }
+
+
+def test_bad_files_exit_2_with_one_line_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    """Every case through the stage's command line: exit 2, one line with the file (and line), no output
+    (nor datasets' progress bars or log lines for a local folder)."""
+    import memcirc.stages.memorization_score as stage
+    from memcirc.cli import main
+
+    def no_weights(*_args, **_kw):
+        raise AssertionError("the model weights were loaded before the data was checked")
+
+    monkeypatch.setattr(stage, "load", no_weights)
+    for case, (dataset, words, *extra) in _bad_files(tmp_path).items():
+        out = tmp_path / "run"
+        code = main("memorization_score", ["--output-dir", str(out), "--device", "cpu", "--prefix-len", "32",
+                                           "--suffix-len", "32", "--dataset", str(dataset), *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.splitlines() == [err] and err.startswith("error: ") and words in err, (case, err)
+        assert not out.exists(), case
+    assert not (tmp_path / "RAN").exists()   # the dataset script never ran
+
+
+def test_a_utf8_bom_is_not_json_trouble(tmp_path, tiny_tokenizer):
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"tokens": list(range(10))}).encode() + b"\n")
+    assert windows_of(str(tmp_path / "b.jsonl"), tiny_tokenizer).windows[0].tokens.tolist() == list(range(8))
+
+
+def test_an_unreadable_streamed_dataset_names_the_row(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(bytes(range(128, 256)) * 8)
+    for streaming in (False, True):
+        with pytest.raises(InputError, match="could not load dataset|row 0 \\(0-based\\) and on cannot be read"):
+            list(load_documents(str(folder), streaming=streaming))
+
+
+# -- bounded tokenization for `windowing: start` (review d16) --------------------------------------
+
+PHRASES = ["the quick brown fox", "jumps over the lazy dog", "and then the quick dog", "runs over the brown fox"]
+
+
+def _merging_bpe(pre_tokenized):
+    """A BPE trained on repeated phrases. Without a pre-tokenizer its merges cross spaces (tokens like
+    'the quick brown'), so cutting a text anywhere inside one changes the tokens just before the cut."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    if pre_tokenized:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if pre_tokenized else list("abcdefghijklmnopqrstuvwxyz .")
+    tk.train_from_iterator([" ".join(PHRASES * 3)] * 50, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>"], show_progress=False, initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("pre_tokenized", [False, True])
+def test_encode_prefix_equals_the_whole_tokenization(pre_tokenized, monkeypatch):
+    """At every first-cut size the bounded tokens equal the whole text's, although a plain cut often
+    differs from them (merges across the cut); and only a bounded prefix is ever tokenized."""
+    import random
+
+    from memcirc import data
+    from memcirc.models.tokenizer import encode
+
+    tokenizer = _merging_bpe(pre_tokenized)
+    rng = random.Random(0)
+    text = " ".join(rng.choice(PHRASES) for _ in range(4000)) + "."
+    whole = encode(tokenizer, text)
+    naive_differs = 0
+    for needed in (1, 7, 64, 300):
+        for first_cut in range(11, 420, 17):
+            monkeypatch.setattr(data, "CHARS_PER_TOKEN", 1)
+            monkeypatch.setattr(data, "MIN_CUT", first_cut)
+            seen = []
+            got = data.encode_prefix(_Recording(tokenizer, seen), text, needed)
+            assert got[:needed] == whole[:needed], (needed, first_cut)
+            assert max(seen) < len(text) // 4                         # never the whole text
+            cut = max(needed, first_cut)
+            naive_differs += encode(tokenizer, text[:cut])[:needed] != whole[:needed]
+    assert naive_differs > 0   # the test would catch a plain cut
+    assert data.encode_prefix(tokenizer, "the quick", 64) == encode(tokenizer, "the quick")   # short: all
+
+
+class _Recording:
+    """A tokenizer that records the length of every text it encodes."""
+
+    def __init__(self, tokenizer, seen):
+        self.tokenizer, self.seen = tokenizer, seen
+
+    def __call__(self, text, **kw):
+        self.seen.append(len(text))
+        return self.tokenizer(text, **kw)
+
+
+def test_start_windows_of_a_huge_document_tokenize_a_prefix(tmp_path, tiny_tokenizer, monkeypatch):
+    """d16: one window of a 210 KB document tokenizes ~1 KB, and equals the window of the whole tokenization;
+    sliding windows under --limit are bounded the same way."""
+    from memcirc.models.tokenizer import encode
+
+    text = ("To be, or not to be, that is the question: whether tis nobler in the mind to suffer. " * 2_500)
+    src = write_jsonl(tmp_path / "big.jsonl", [{"text": text}])
+    whole = encode(tiny_tokenizer, text)
+    seen = []
+    recording = _Recording(tiny_tokenizer, seen)
+    start = make_windows(load_documents(src), recording, src, 32, 32, bos=_no_bos())
+    assert [w.tokens.tolist() for w in start.windows] == [whole[:64]] and max(seen) <= 4096
+    seen.clear()
+    sliding = make_windows(load_documents(src), recording, src, 32, 32, windowing="sliding", stride=16, limit=5,
+                           bos=_no_bos())
+    assert [w.tokens.tolist() for w in sliding.windows] == [whole[o:o + 64] for o in range(0, 80, 16)]
+    assert max(seen) <= 4096
+
+
+def _no_bos():
+    from memcirc.models.tokenizer import BosPolicy
+
+    return BosPolicy("never", None)

@@ -99,3 +99,101 @@ def test_block_length_default_bounds_and_honest_description():
     assert describe_blocks([np.zeros(147)]) == "1 held-out block of 147 tokens (147 tokens)"
     assert describe_blocks([np.zeros(1024)] * 2 + [np.zeros(147)]) == \
         "3 held-out blocks: 2 of 1024 tokens, 1 shorter (147); 2,195 tokens"
+
+
+# -- upstream rows and label files: the schema checked, the line named (review t05, q03) ------------
+
+DROP = object()   # scored_row(..., key=DROP): the row lacks `key`
+
+
+def fake_memorization_stage(folder, rows):
+    """A finished memorization folder holding `rows` as scores.jsonl, its manifest consistent with it
+    (so the rows reach the schema check: an edited real scores.jsonl fails its sha256 first)."""
+    from memcirc import artifacts as art
+    from memcirc.manifest import SCHEMA_VERSION
+
+    folder.mkdir(parents=True)
+    (folder / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    art.write_json(folder / "manifest.json", {
+        "stage": "memorization_score", "status": "complete", "schema_version": SCHEMA_VERSION, "run_id": "x",
+        "config": {}, "config_sha256": art.sha256_json({}),
+        "outputs": [{"path": "scores.jsonl", "sha256": art.sha256_file(folder / "scores.jsonl")}]})
+    return folder
+
+
+def scored_row(i, **change):
+    row = {"id": f"{i}@0", "source": "s", "doc": str(i), "offset": 0, "prefix_len": 4, "suffix_len": 4,
+           "tokens": list(range(i, i + 8)), "exact": i % 2 == 0}
+    return {k: v for k, v in {**row, **change}.items() if v is not DROP}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tokens": DROP}, r"scores.jsonl:2: row '1@0' lacks tokens"),
+    ({"id": DROP, "doc": DROP}, r"scores.jsonl:2: row '\?' lacks id, doc"),
+    ({"tokens": [1, 2.5, 3, 4, 5]}, r"scores.jsonl:2: column 'tokens' holds a number at position 1 \(2.5\)"),
+    ({"tokens": "1 2 3"}, r"scores.jsonl:2: column 'tokens' holds a string"),
+    ({"prefix_len": 8}, r"scores.jsonl:2: prefix_len 8 is not a whole number between 1 and 7"),
+    ({"prefix_len": True}, r"scores.jsonl:2: prefix_len True"),
+    ({"offset": -1}, r"scores.jsonl:2: offset -1 is not a whole number >= 0"),
+    ({"doc": ["a"]}, r"scores.jsonl:2: 'doc' holds a list, expected a string"),
+    ({"exact": DROP}, r"scores.jsonl: window '1@0' has no 'exact', expected a number"),
+    ({"exact": "yes"}, r"scores.jsonl: window '1@0' has a string in 'exact', expected a number"),
+])
+def test_upstream_scores_rows_are_checked(tmp_path, change, message):
+    """t05: evaluation.memorized_windows (attention_bypass, kfac_edit) on a row it cannot use."""
+    from memcirc.errors import InputError
+    from memcirc.evaluation import memorized_windows
+
+    stage = fake_memorization_stage(tmp_path / "memorization", [scored_row(0), scored_row(1, **change), scored_row(2)])
+    with pytest.raises(InputError, match=message):
+        memorized_windows(stage)
+
+
+def _one_line(capsys, code, words):
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err] and err.startswith("error: ") and words in err, err
+
+
+def test_a_row_without_tokens_stops_attention_bypass_with_one_line(tmp_path, capsys):
+    """t05 as the review ran it: attention_bypass on an upstream row lacking `tokens`."""
+    from memcirc.cli import main
+
+    stage = fake_memorization_stage(tmp_path / "memorization", [scored_row(0), scored_row(1, tokens=DROP)])
+    out = tmp_path / "run"
+    code = main("attention_bypass", ["--input-dir", str(stage), "--output-dir", str(out), "--device", "cpu"])
+    _one_line(capsys, code, f"{stage}/scores.jsonl:2: row '1@0' lacks tokens")
+    assert not out.exists()
+
+
+def test_bad_label_files_stop_predict_with_one_line(tmp_path, capsys):
+    """q03 (a binary --labels-file) and label rows whose tokens or numbers are not what they claim."""
+    from memcirc.cli import main
+
+    ok = list(range(10, 74))
+    cases = {"binary.jsonl": (b"\x89PNG\r\n\x1a\n" + bytes(range(128, 256)), "binary.jsonl:1: not UTF-8 text"),
+             "float.jsonl": (json.dumps({"tokens": ok[:9] + [9.5]}), "float.jsonl: row 0: column 'tokens' holds a "
+                                                                     "number at position 9 (9.5)"),
+             "bool.jsonl": (json.dumps({"tokens": [True] * 64}), "column 'tokens' holds a boolean at position 0"),
+             "index.jsonl": (json.dumps({"index": "seven", "tokens": ok}), "index.jsonl: row 0: column 'index' holds "
+                                                                         "a string ('seven'), expected a whole number")}
+    for name, (content, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else (content + "\n").encode())
+        out = tmp_path / "run"
+        code = main("predict_memorization", ["--labels-file", str(path), "--output-dir", str(out), "--device", "cpu"])
+        _one_line(capsys, code, words)
+        assert not out.exists(), name
+
+
+def test_heldout_blocks_of_a_prefix_equal_the_whole_tokenization(tiny_tokenizer, tmp_path):
+    """With max_blocks only the text of the wanted blocks is tokenized; the blocks are the same."""
+    from memcirc.evaluation import heldout_blocks
+    from memcirc.models.tokenizer import BosPolicy
+
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 400
+    (tmp_path / "h.txt").write_text(text)
+    bos = BosPolicy("always", 0)
+    every = heldout_blocks(str(tmp_path / "h.txt"), tiny_tokenizer, 16, bos=bos)
+    for n in (1, 3, 50):
+        got = heldout_blocks(str(tmp_path / "h.txt"), tiny_tokenizer, 16, max_blocks=n, bos=bos)
+        assert [b.tolist() for b in got] == [b.tolist() for b in every[:n]]

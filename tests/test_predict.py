@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import REPO, build_tiny_model, build_tiny_tokenizer
+from conftest import REPO, build_tiny_model, build_tiny_tokenizer, rerecord
 
 from memcirc.cli import main
 from memcirc.predict.evaluate import (
@@ -397,6 +397,7 @@ def _tiny_scored(tmp_path):
                                            "--metrics", "exact"]) == 0
     scores = out / "memorization" / "scores.jsonl"
     scores.write_text("".join(json.dumps({**r, "exact": i % 2 == 0}) + "\n" for i, r in enumerate(_jsonl(scores))))
+    rerecord(scores.parent)
     return folder, out
 
 
@@ -447,6 +448,7 @@ def test_the_script_exits_2_on_a_one_class_scores_file(scored, tmp_path):
     shutil.copytree(scored / "memorization", run_dir / "memorization")
     scores = run_dir / "memorization" / "scores.jsonl"
     scores.write_text("".join(json.dumps({**r, "exact": False}) + "\n" for r in _jsonl(scores)))
+    rerecord(run_dir / "memorization")
     r = subprocess.run([sys.executable, "predict_memorization.py", *CONFIG, "--output-dir", str(run_dir)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "one class" in r.stderr, r.stderr

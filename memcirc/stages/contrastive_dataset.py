@@ -52,22 +52,16 @@ class ContrastiveConfig(MemorizedRule, StageConfig):
     metric: str = option("bleu", "score that drives divergence detection: 'bleu' (BLEU-4) or "
                          "'memorization' (token accuracy), as the predecessor's --metric",
                          choices=("bleu", "memorization"))
-    drop: float = option(0.3, "divergence: relative score drop that marks the break")
+    drop: float = option(0.3, "divergence: relative score drop that marks the break", within="(0, 1)")
     low_max_lcp: int = option(0, "dataset mode: a non-memorized context reproduces at most this many "
                               "suffix tokens", minimum=0)
     similarity: str = option("embedding", "dataset mode: rank candidates by cosine of mean-pooled last "
                              "hidden states ('embedding') or Jaccard of token sets ('token_overlap')",
                              choices=("embedding", "token_overlap"))
-    heldout_fraction: float = option(0.3, "fraction of documents whose pairs go to the held-out split")
+    heldout_fraction: float = option(0.3, "fraction of documents whose pairs go to the held-out split",
+                                     within="(0, 1)")
     batch_size: int = option(32, "sequences per forward pass / generation batch",
                              aliases=("--batch_size",), minimum=1, hashed=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise InputError("config key 'heldout_fraction' must be between 0 and 1 (exclusive)")
-        if not 0.0 < self.drop < 1.0:
-            raise InputError("config key 'drop' must be between 0 and 1 (exclusive)")
 
 
 Config = ContrastiveConfig

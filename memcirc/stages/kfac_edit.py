@@ -84,12 +84,16 @@ class KfacConfig(HeldoutEval, LmEval, Sharding, StageConfig):
                                        "widest edited factor, 200,000); memcirc/kfac/budget.py)", minimum=1)
     factor_data: str = option("testbed", "text the factors are collected on ('testbed': the training "
                               "corpus slice)")
-    rhos: list[float] = option([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "fractions of importance to keep")
+    rhos: list[float] = option([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "fractions of importance to keep",
+                               within="(0, 1]")
     formulas: list[str] = option(["original", "modified"], "importance: original = lambda*mu, "
                                  "modified = lambda*mu*|C|^2", choices=FORMULAS)
-    damping: float = option(0.0, "added to both factors' eigenvalues")
+    # >= 0: the edit ranks components by products of the (clamped >= 0) eigenvalues and never inverts
+    # them, so 0 is well defined; a negative damping would make importances negative.
+    damping: float = option(0.0, "added to both factors' eigenvalues", within="[0, inf)")
     save_rho: float | None = option(None, "save the edited model folder at this rho (default: the "
-                                    "smallest rho whose perplexity rise is <= 20%)")
+                                    "smallest rho whose perplexity rise is <= 20%)",
+                                    within="(0, 1]")
     save_formula: str = option("original", "formula of the saved edited model", choices=FORMULAS)
     save_model: bool = option(True, "write edited_model/ (the saved setting as a from_pretrained folder, "
                               "with a model card README.md); --no-save-model: deltas.safetensors only")
@@ -99,12 +103,6 @@ class KfacConfig(HeldoutEval, LmEval, Sharding, StageConfig):
                              hashed=False)
     chunk_size: int = option(16, "factor batches between resumable saves of the running sums", minimum=1,
                              hashed=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        bad = [r for r in self.rhos if not 0.0 < r <= 1.0]
-        if bad or (self.save_rho is not None and not 0.0 < self.save_rho <= 1.0):
-            raise InputError(f"config key 'rhos' must lie in (0, 1], got {bad or [self.save_rho]}")
 
 
 Config = KfacConfig
@@ -163,6 +161,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     if num_shards > 1:
         collect_shard(collection, (num_shards, shard_index), shard_dir, meta, labels=cfg.labels, force=cfg.force)
+        stage.release()   # the shard is complete: its folder is free for the merge
         return None
     factors = _factors(cfg, collection, reused, shard_sums, meta)
     factors.save(cfg.stage_dir / FACTORS, identity, targets)
@@ -203,9 +202,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     if cfg.save_model:
         for f in sorted((cfg.stage_dir / EDITED_MODEL).iterdir()):
             outputs[f"{EDITED_MODEL}/{f.name}"] = None
-    stage.finish(outputs, model=identity, seed=cfg.seed, factor_shards=n_merged)
-    art.remove_tree(cfg.stage_dir / art.CHUNKS_DIR)
-    art.remove_tree(cfg.stage_dir / art.SHARDS_DIR)
+    stage.finish(outputs, model=identity, seed=cfg.seed, factor_shards=n_merged)   # drops chunks and shards
     print(format_table(summary))
     return summary
 

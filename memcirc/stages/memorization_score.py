@@ -37,7 +37,7 @@ from memcirc.scoring import (
     score_windows,
     summarize,
 )
-from memcirc.sharding import chunk_aligned_bounds, resolve_shards, run_chunked_by_batch
+from memcirc.sharding import chunk_aligned_bounds, read_marker, resolve_shards, run_chunked_by_batch
 from memcirc.stages.registry import DONE_MARKER
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class ScoreConfig(Sharding, StageConfig):
                                 "metrics to compute (token_match, bleu4, levenshtein need generation)",
                                 choices=("exact", "lcp", "tf_accuracy", "suffix_nll", "suffix_entropy",
                                          "token_match", "bleu4", "levenshtein"))
-    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold")
+    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold", within="[0, 1]")
     batch_size: int = option(32, "windows per forward pass", aliases=("--batch_size",), minimum=1,
                              hashed=False)
     padding_side: str = option("right", "padding side of the teacher-forced pass (generation "
@@ -125,6 +125,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
                                                         "windows"), context)
     if shard_done(shard_dir, stage.fingerprint, num_shards) and not cfg.force:   # a re-submitted finished shard
         log.info("shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards, shard_dir)
+        stage.release()
         return None
     (shard_dir / DONE_MARKER).unlink(missing_ok=True)
     start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
@@ -134,10 +135,11 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     art.atomic_write_bytes(shard_dir / art.SCORES_JSONL, data)
     art.write_json(shard_dir / DONE_MARKER, {"fingerprint": stage.fingerprint, "num_shards": num_shards,
                                              "shard_index": shard_index, "rows": data.count(b"\n"),
-                                             "context": context})
+                                             "sha256": art.sha256_bytes(data), "context": context})
     art.remove_tree(shard_dir / art.CHUNKS_DIR)
     log.info("shard %d/%d done (%d windows); run with --merge once all shards are done",
              shard_index, num_shards, stop - start)
+    stage.release()   # the task's outputs are complete: its folder is free for the merge
     return None
 
 
@@ -187,17 +189,24 @@ def _check_embedding_rows(windows: WindowSet, loaded: LoadedModel, config: Pretr
 # -- shards ----------------------------------------------------------------------------------
 
 def shard_done(shard_dir: Path, fingerprint: str, num_shards: int) -> bool:
-    """True when `shard_dir` holds a finished shard of this config and shard count."""
-    marker = shard_dir / DONE_MARKER
-    if not (marker.is_file() and (shard_dir / art.SCORES_JSONL).is_file()):
-        return False
-    done = json.loads(marker.read_text())
-    return done.get("fingerprint") == fingerprint and done.get("num_shards") == num_shards
+    """True when `shard_dir` holds a finished, intact shard of this config and shard count."""
+    done = read_marker(shard_dir / DONE_MARKER)
+    return (done is not None and done["fingerprint"] == fingerprint and done["num_shards"] == num_shards
+            and _shard_damage(shard_dir, done) is None)
+
+
+def _shard_damage(shard_dir: Path, done: dict[str, Any]) -> str | None:
+    """Why the shard's scores.jsonl does not match its done marker, or None when it does."""
+    path = shard_dir / art.SCORES_JSONL
+    if not path.is_file():
+        return f"{path} is missing"
+    sha = art.sha256_file(path)
+    return None if sha == done.get("sha256") else f"{path} differs from its done marker (sha256 {sha[:12]})"
 
 
 def _finished_shards(shards_dir: Path) -> list[dict[str, Any]]:
     """The done records of every shard of one config, in shard order; an incomplete set is an InputError."""
-    done = [art.read_json(p) for p in sorted(shards_dir.glob(f"*/{DONE_MARKER}"))]
+    done = [d for p in sorted(shards_dir.glob(f"*/{DONE_MARKER}")) if (d := read_marker(p)) is not None]
     if not done:
         raise InputError(f"no finished shards in {shards_dir}: run the shard jobs first, then --merge")
     num_shards = done[0]["num_shards"]
@@ -207,7 +216,11 @@ def _finished_shards(shards_dir: Path) -> list[dict[str, Any]]:
     missing = sorted(set(range(num_shards)) - {d["shard_index"] for d in done})
     if missing:
         raise InputError(f"shards {missing} of {num_shards} have not finished; re-run them, then --merge")
-    return done
+    for d in done:
+        if (why := _shard_damage(shards_dir / f"{d['shard_index']:05d}", d)) is not None:
+            raise InputError(f"shard {d['shard_index']} is damaged ({why}): re-run it (--shard-index "
+                             f"{d['shard_index']}), then --merge")
+    return sorted(done, key=lambda d: d["shard_index"])
 
 
 def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
@@ -232,6 +245,8 @@ def _merge_shards(cfg: ScoreConfig) -> dict[str, Any]:
 def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, Any]) -> dict[str, Any]:
     """Write scores.jsonl, summary.json and the histogram, then the manifest, then drop chunks."""
     rows = [json.loads(line) for line in data.splitlines()]
+    if len(rows) != context["windows"]["n_windows"]:   # the chunks are checked; this would be a bug
+        raise RuntimeError(f"{len(rows)} scored rows for {context['windows']['n_windows']} windows in {cfg.stage_dir}")
     art.atomic_write_bytes(cfg.stage_dir / art.SCORES_JSONL, data)
     summary = summarize(rows)
     summary.update(prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len, windows=context["windows"])
@@ -244,9 +259,7 @@ def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, A
                  num_shards=context.get("num_shards", 1),
                  metric={"version": METRIC_VERSION, "decoding": "greedy",
                          "levenshtein_threshold": cfg.levenshtein_threshold,
-                         "definitions": {m: METRIC_DEFINITIONS[m] for m in computed}})
-    art.remove_tree(cfg.stage_dir / art.CHUNKS_DIR)
-    art.remove_tree(cfg.stage_dir / art.SHARDS_DIR)
+                         "definitions": {m: METRIC_DEFINITIONS[m] for m in computed}})   # drops chunks, shards
     print(format_summary(summary))
     return summary
 

@@ -34,7 +34,7 @@ from memcirc.errors import InputError
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, ModelSpec, load
 from memcirc.models.arch import embedding_rows
-from memcirc.models.identity import results_key, tokenizer_sha256
+from memcirc.models.identity import check_recorded_model, results_key, tokenizer_sha256
 from memcirc.predict import report
 from memcirc.predict.baseline import column_predictions, memorized_table_tokens, model_predictions, table_predictions
 from memcirc.predict.evaluate import DECISION_THRESHOLD, cross_validate
@@ -172,11 +172,9 @@ def _labels(cfg: PredictConfig) -> Labels:
 
 
 def _check_scores_model(cfg: PredictConfig, labels: Labels) -> None:
-    """The memorization scores must be of the model this run is for."""
-    recorded = (labels.upstream or {}).get("model", {}).get("name_or_path")
-    if recorded not in (None, cfg.model):
-        raise InputError(f"the memorization scores in {cfg.upstream_dir} belong to model {recorded!r}, this run is "
-                         f"for {cfg.model!r}: pass --model {recorded}")
+    """The memorization scores must be of the model this run is for (its weights, not its spelling)."""
+    check_recorded_model((labels.upstream or {}).get("model"), cfg.model_spec(),
+                         f"memorization scores in {cfg.upstream_dir}")
 
 
 def _check_corpus_and_n(cfg: PredictConfig, labels: Labels) -> None:

@@ -55,7 +55,7 @@ from memcirc.dynamics.units import (
 )
 from memcirc.errors import InputError
 from memcirc.logs import progress
-from memcirc.manifest import StageRun, read_manifest
+from memcirc.manifest import StageRun, read_manifest, read_output
 from memcirc.models.preflight import check_model
 from memcirc.pairs import Pair, pairs_input, read_pairs
 from memcirc.scoring import METRIC_DEFINITIONS
@@ -183,8 +183,7 @@ def _group(window: ScoredWindow) -> str:
 def _group_order(upstream: Path, windows: Sequence[ScoredWindow]) -> list[str]:
     """The windows' groups in the memorization stage's summary order, then any it does not list."""
     seen = [_group(w) for w in windows]
-    summary_path = upstream / art.SUMMARY_JSON
-    listed = list(art.read_json(summary_path).get("groups", {})) if summary_path.is_file() else []
+    listed = list(art.read_json(read_output(upstream, art.SUMMARY_JSON, "memorization")).get("groups", {}))
     return [g for g in listed if g in set(seen)] + [g for g in dict.fromkeys(seen) if g not in listed]
 
 
@@ -224,6 +223,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
         else:
             log.info("checkpoint unit %d (%s) is complete for this config; nothing to do", index,
                      checkpoints[index].label)
+        stage.release()   # the unit is complete: its folder is free for the merge
         return None
     stage.start(cfg.force)
     if len(todo) < len(checkpoints) and not cfg.merge:

@@ -39,7 +39,7 @@ from memcirc.circuits import (
 )
 from memcirc.config import ABLATIONS, CircuitOptions, StageConfig, option
 from memcirc.errors import InputError
-from memcirc.manifest import StageRun, read_manifest
+from memcirc.manifest import StageRun, output_sha256, read_manifest, read_output
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
@@ -79,12 +79,12 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     circuits_dir = cfg.upstream_dir
     assert circuits_dir is not None
     circuits_manifest = read_manifest(circuits_dir, "circuits")
-    circuits_summary = art.read_json(circuits_dir / art.SUMMARY_JSON)
+    circuits_summary = art.read_json(read_output(circuits_dir, art.SUMMARY_JSON, "circuits", circuits_manifest))
     if "minimal_edges" not in circuits_summary:
         raise InputError(f"{circuits_dir}/{art.SUMMARY_JSON} has no minimal_edges; re-run find_circuits")
     found_with = recorded_circuit_options(circuits_manifest, circuits_dir)
     pairs_path, pairs_manifest, pairs_sha = pairs_input(_pairs_folder(circuits_dir, circuits_manifest))
-    scores_path = circuits_dir / PRUNE_SCORES
+    scores_path = read_output(circuits_dir, PRUNE_SCORES, "circuits", circuits_manifest)
     tensors, metadata = load_prune_scores(scores_path)
     loaded = load(cfg.model_spec())
     check_provenance(metadata, loaded, pairs_sha, pairs_path, scores_path)
@@ -105,7 +105,7 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
         raise InputError(f"edge counts {bad or [k_min]} are outside 0..{n} (this model's graph has {n} edges)")
     stage = StageRun.for_config(cfg, fingerprint=art.sha256_json({
         "method": METHOD_VERSION, "config": cfg.hashed_dict(), "circuits_run": circuits_manifest["run_id"],
-        "prune_scores_sha256": art.sha256_file(scores_path), "pairs_sha256": pairs_sha,
+        "prune_scores_sha256": output_sha256(circuits_manifest, PRUNE_SCORES), "pairs_sha256": pairs_sha,
         "model": weights_key(loaded)}))
     if (done := stage.open(cfg.force)) is not None:
         return done
