@@ -12,9 +12,10 @@ A stage folder exists for downstream stages only once `manifest.json` (written l
     run.finish(outputs, ...)                            # manifest.json last
 
 `open` also probes that the run root is writable and that no other process is writing the folder,
-so either fails before the heavy work, and lets the held-back log records through (from the first progress loop on). `start` takes the
-folder's lock (`memcirc.locks`) before it deletes anything; `finish` drops the chunks and shards, then
-the lock. Calling the steps out of order is a bug and raises.
+so either fails before the heavy work, and lets the held-back log records through (they print from
+the stage's first progress loop on). `start` takes the folder's lock (`memcirc.locks`) before it
+deletes anything; `finish` drops the chunks and shards, then the lock. Calling the steps out of
+order is a bug and raises.
 
 Downstream stages read an upstream file through `read_output`, which checks it against the sha256
 its manifest records.

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from memcirc.artifacts import ChunkStore
+from memcirc.artifacts import ChunkStore, sha256_file
 from memcirc.errors import InputError
 from memcirc.logs import Meter
 
@@ -58,6 +58,14 @@ def chunk_aligned_bounds(n_items: int, chunk_size: int, num_shards: int, shard_i
     n_chunks = -(-n_items // chunk_size)
     first, last = shard_bounds(n_chunks, num_shards, shard_index)
     return min(first * chunk_size, n_items), min(last * chunk_size, n_items)
+
+
+def shard_damage(path: Path, marker: dict[str, Any]) -> str | None:
+    """Why an array task's output `path` does not match the sha256 its done marker records, or None."""
+    if not path.is_file():
+        return f"{path} is missing"
+    sha = sha256_file(path)
+    return None if sha == marker.get("sha256") else f"{path} differs from its done marker (sha256 {sha[:12]})"
 
 
 def read_marker(path: Path, keys: Sequence[str] = ("fingerprint", "num_shards", "shard_index")

@@ -12,7 +12,7 @@ from memcirc import artifacts as art
 from memcirc.errors import InputError
 from memcirc.kfac.factors import FACTORS_FILE, Factors, load_factors
 from memcirc.kfac.resume import FactorCollection
-from memcirc.sharding import read_marker, shard_bounds
+from memcirc.sharding import read_marker, shard_bounds, shard_damage
 from memcirc.stages.registry import DONE_MARKER
 
 log = logging.getLogger(__name__)
@@ -21,15 +21,9 @@ log = logging.getLogger(__name__)
 KEYS = ("fingerprint", "num_shards", "shard_index", "n_tokens")   # what a factor shard's done marker holds
 
 
-def _shard_damage(shard_dir: Path, done: dict[str, Any]) -> str | None:
-    """Why the shard's factors do not match its done marker, or None when they do (or it has none)."""
-    if not done.get("n_tokens"):
-        return None
-    path = shard_dir / FACTORS_FILE
-    if not path.is_file():
-        return f"{path} is missing"
-    sha = art.sha256_file(path)
-    return None if sha == done.get("sha256") else f"{path} differs from its done marker (sha256 {sha[:12]})"
+def _damage(shard_dir: Path, done: dict[str, Any]) -> str | None:
+    """Why the shard's factors do not match its done marker (a shard without tokens has no file)."""
+    return shard_damage(shard_dir / FACTORS_FILE, done) if done.get("n_tokens") else None
 
 
 def collect_shard(collection: FactorCollection, shard: tuple[int, int], shard_dir: Path, meta: dict[str, Any],
@@ -41,7 +35,7 @@ def collect_shard(collection: FactorCollection, shard: tuple[int, int], shard_di
     done = read_marker(marker, KEYS)
     if done is not None and not force:
         if (done["fingerprint"] == collection.fingerprint and done["num_shards"] == num_shards
-                and _shard_damage(shard_dir, done) is None):
+                and _damage(shard_dir, done) is None):
             log.info("factor shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards,
                      shard_dir)
             return
@@ -84,7 +78,7 @@ def merge_shards(shards_dir: Path, fingerprint: str, num_shards: int | None) -> 
     if missing:
         raise InputError(f"factor shards {missing} of {count} have not finished; re-run them, then --merge")
     for d in done:
-        if (why := _shard_damage(shards_dir / f"{d['shard_index']:05d}", d)) is not None:
+        if (why := _damage(shards_dir / f"{d['shard_index']:05d}", d)) is not None:
             raise InputError(f"factor shard {d['shard_index']} is damaged ({why}): re-run it (--shard-index "
                              f"{d['shard_index']}), then --merge")
     total: Factors | None = None

@@ -37,7 +37,7 @@ from memcirc.scoring import (
     score_windows,
     summarize,
 )
-from memcirc.sharding import chunk_aligned_bounds, read_marker, resolve_shards, run_chunked_by_batch
+from memcirc.sharding import chunk_aligned_bounds, read_marker, resolve_shards, run_chunked_by_batch, shard_damage
 from memcirc.stages.registry import DONE_MARKER
 
 log = logging.getLogger(__name__)
@@ -192,16 +192,7 @@ def shard_done(shard_dir: Path, fingerprint: str, num_shards: int) -> bool:
     """True when `shard_dir` holds a finished, intact shard of this config and shard count."""
     done = read_marker(shard_dir / DONE_MARKER)
     return (done is not None and done["fingerprint"] == fingerprint and done["num_shards"] == num_shards
-            and _shard_damage(shard_dir, done) is None)
-
-
-def _shard_damage(shard_dir: Path, done: dict[str, Any]) -> str | None:
-    """Why the shard's scores.jsonl does not match its done marker, or None when it does."""
-    path = shard_dir / art.SCORES_JSONL
-    if not path.is_file():
-        return f"{path} is missing"
-    sha = art.sha256_file(path)
-    return None if sha == done.get("sha256") else f"{path} differs from its done marker (sha256 {sha[:12]})"
+            and shard_damage(shard_dir / art.SCORES_JSONL, done) is None)
 
 
 def _finished_shards(shards_dir: Path) -> list[dict[str, Any]]:
@@ -217,7 +208,7 @@ def _finished_shards(shards_dir: Path) -> list[dict[str, Any]]:
     if missing:
         raise InputError(f"shards {missing} of {num_shards} have not finished; re-run them, then --merge")
     for d in done:
-        if (why := _shard_damage(shards_dir / f"{d['shard_index']:05d}", d)) is not None:
+        if (why := shard_damage(shards_dir / f"{d['shard_index']:05d}" / art.SCORES_JSONL, d)) is not None:
             raise InputError(f"shard {d['shard_index']} is damaged ({why}): re-run it (--shard-index "
                              f"{d['shard_index']}), then --merge")
     return sorted(done, key=lambda d: d["shard_index"])
