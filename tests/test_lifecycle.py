@@ -360,3 +360,19 @@ def test_a_damaged_partial_factor_file_is_recollected(tiny_loaded, tmp_path, cap
     assert again.n_tokens == clean.n_tokens
     for name in clean.A:
         assert torch.equal(again.A[name], clean.A[name]) and torch.equal(again.G[name], clean.G[name])
+
+
+@pytest.mark.parametrize("content", [b'{"status": "comp', b"\xff\xfe garbage", b"[1, 2]"])
+def test_cut_markers_count_as_not_done_for_dynamics_units_and_slurm_status(tmp_path, content):
+    from memcirc.dynamics.units import UNIT_DONE, unit_status
+    from memcirc.slurm.status import _marker_done
+    from memcirc.stages.registry import STAGES
+
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    (unit / UNIT_DONE).write_bytes(content)
+    assert unit_status(unit, "fp") == "todo"
+    folder = tmp_path / STAGES["memorization_score"].folder
+    folder.mkdir()
+    (folder / art.MANIFEST).write_bytes(content)
+    assert not _marker_done(tmp_path, "memorization_score", None)

@@ -182,8 +182,10 @@ def unit_status(directory: Path, fingerprint: str) -> str:
     if not path.is_file():
         return "todo"
     try:
-        marker = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        marker = json.loads(path.read_bytes())
+    except (OSError, ValueError):   # cut or not UTF-8: the unit is recomputed
+        return "todo"
+    if not isinstance(marker, dict):
         return "todo"
     if marker.get("fingerprint") != fingerprint:
         return "other"

@@ -118,13 +118,21 @@ def _log_of(job: dict[str, Any], task: Task) -> str | None:
     return pattern.replace("%A", str(job["job_id"])).replace("%a", str(task.index)).replace("%j", task.job_id)
 
 
+def _complete(manifest: Path) -> bool:
+    try:
+        record = json.loads(manifest.read_bytes())
+    except (OSError, ValueError):   # none yet, or cut: the stage is not done
+        return False
+    return isinstance(record, dict) and record.get("status") == "complete"
+
+
 def _marker_done(run_dir: Path, stage: str | None, index: int | None) -> bool:
     """An array task's done marker, or the stage's complete manifest, is on disk."""
     if stage not in STAGES:   # None: the report or an experiment
         return False
     folder = run_dir / STAGES[stage].folder
     manifest = folder / art.MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete":
+    if _complete(manifest):
         return True
     tasks_folder = STAGES[stage].tasks_folder
     if index is None or tasks_folder is None:
