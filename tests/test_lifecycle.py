@@ -7,10 +7,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -149,45 +147,8 @@ def test_a_second_run_in_the_same_process_after_an_error_starts(tmp_path):
     assert not locks.held()
 
 
-def _lock_pid(path):
-    try:
-        return json.loads(path.read_text()).get("pid")
-    except (OSError, ValueError):
-        return None
-
-
-def _start(out, log):
-    with open(log, "w") as fh:   # a file, not a pipe: nobody reads it while the run goes on
-        return subprocess.Popen([sys.executable, str(REPO / "memorization_score.py"), "--output-dir", str(out),
-                                 *ARGS], env=ENV, stdout=subprocess.DEVNULL, stderr=fh)
-
-
-def test_two_processes_on_one_folder_the_second_refuses_at_once(tmp_path):
-    """cc2: the second run (other metrics) refuses with one line; the first's rows equal a solo run's."""
-    solo = _start(tmp_path / "solo", tmp_path / "solo.err")
-    out = tmp_path / "shared"
-    first = _start(out, tmp_path / "first.err")
-    lock = out / "memorization" / locks.LOCK_FILE
-    deadline = time.time() + 300
-    while _lock_pid(lock) != first.pid:   # the pid is written once the lock is held
-        assert first.poll() is None and time.time() < deadline, (tmp_path / "first.err").read_text()
-        time.sleep(0.01)
-    first.send_signal(signal.SIGSTOP)   # holds the lock, mid-run, for as long as the second one takes
-    try:
-        second = subprocess.run([sys.executable, str(REPO / "memorization_score.py"), "--output-dir", str(out),
-                                 *ARGS, "--metrics", "exact", "lcp", "tf_accuracy", "suffix_nll"],
-                                env=ENV, capture_output=True, text=True, timeout=300)
-    finally:
-        first.send_signal(signal.SIGCONT)
-    assert second.returncode == 2, second.stderr
-    assert second.stderr.strip() == (f"error: another memcirc run (pid {first.pid}, host {os.uname().nodename}) "
-                                     f"is writing {out / 'memorization'}; wait for it or stop it")
-    assert first.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()
-    assert solo.wait(timeout=300) == 0, (tmp_path / "solo.err").read_text()
-    assert (out / "memorization" / art.SCORES_JSONL).read_bytes() == \
-           (tmp_path / "solo" / "memorization" / art.SCORES_JSONL).read_bytes()
-    assert sorted(p.name for p in (out / "memorization").iterdir()) == \
-           ["histogram.png", "log.txt", "manifest.json", "scores.jsonl", "summary.json"]
+# Two real processes on one folder (the second refuses at once with the one line; the first's outputs
+# equal a solo run's) are the fuzz table's cases cc1 and cc2: tests/fuzz/process.py.
 
 
 # -- chunks ----------------------------------------------------------------------------------
