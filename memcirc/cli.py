@@ -31,6 +31,7 @@ from memcirc.stages.registry import STAGES
 
 log = logging.getLogger(__name__)
 
+
 class Terminated(BaseException):
     """SIGTERM (SLURM preemption, scancel) turned into an exception so `finally` blocks run."""
 
