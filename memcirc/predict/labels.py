@@ -263,8 +263,8 @@ def recorded_tokenizer_sha256(identity: dict[str, Any]) -> str | None:
         if not ref:
             continue
         try:
-            return tokenizer_sha256(AutoTokenizer.from_pretrained(
-                ref, trust_remote_code=False, **{k: v for k, v in kwargs.items() if v}))
+            options = {k: v for k, v in kwargs.items() if v}
+            return tokenizer_sha256(AutoTokenizer.from_pretrained(ref, trust_remote_code=False, **options))
         except (OSError, ValueError, TypeError):
             continue
     return None
