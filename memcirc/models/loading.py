@@ -324,8 +324,9 @@ def _check_hub_weights(src: _Source, spec: ModelSpec) -> None:
             f"Hub model {src.ref!r}{rev} has no safetensors weights ({weights.SAFE_WEIGHTS} or "
             f"{weights.SAFE_INDEX}); memcirc never unpickles: use a revision that has them, or convert it once "
             f"in an environment you trust: python -c \"from transformers import AutoModelForCausalLM as M, "
-            f"AutoTokenizer as T; r = '{src.ref}'; M.from_pretrained(r{rev}).save_pretrained('DIR', "
-            f"safe_serialization=True); T.from_pretrained(r{rev}).save_pretrained('DIR')\" and pass --model DIR")
+            f"AutoTokenizer as T; r = '{src.ref}'; M.from_pretrained(r{rev}, trust_remote_code=False)"
+            f".save_pretrained('DIR', safe_serialization=True); T.from_pretrained(r{rev}, trust_remote_code=False)"
+            f".save_pretrained('DIR')\" and pass --model DIR")
 
 
 def _weights_sha256(folder: Path | None) -> str | None:

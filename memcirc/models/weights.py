@@ -1,6 +1,6 @@
 """A model's weight files: safetensors only, never pickle, and their content hash (`weights_sha256`).
 
-memcirc loads weights with `from_pretrained(use_safetensors=True)`, so a pickle checkpoint
+memcirc loads weights with `from_pretrained(use_safetensors=True, trust_remote_code=False)`, so a pickle checkpoint
 (`pytorch_model.bin`, `*.pt`, `*.pth`, `*.ckpt`) is never opened: torch's restricted unpickler is the
 only barrier against a malicious one, and it has had bypasses. A folder without safetensors weights is
 refused before anything loads (`weight_files`), naming the one-line conversion; a Hub repo without
@@ -33,8 +33,8 @@ _MAX_HEADER = 100_000_000   # the safetensors format's own limit on the header
 
 
 def weight_files(folder: Path, what: str | None = None) -> list[Path]:
-    """The files `from_pretrained(folder, use_safetensors=True)` reads: model.safetensors, else the
-    index and every shard it lists.
+    """The files `from_pretrained(folder, use_safetensors=True, trust_remote_code=False)` reads:
+    model.safetensors, else the index and every shard it lists.
 
     Raises:
         InputError: only pickle weights, no weights, an unreadable index, or a shard missing.
@@ -108,11 +108,11 @@ def no_safetensors(folder: Path, what: str) -> InputError:
                           "with save_pretrained(DIR, safe_serialization=True)")
     found = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
     if any(name.startswith("pytorch_model") for name in pickles):
-        how = (f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{folder}')"
-               f".save_pretrained('{folder}', safe_serialization=True)\"")
+        how = (f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{folder}', "
+               f"trust_remote_code=False).save_pretrained('{folder}', safe_serialization=True)\"")
     else:
         how = (f"python -c \"import torch; from safetensors.torch import save_file; save_file(torch.load("
-               f"'{folder / pickles[0]}'), '{folder / SAFE_WEIGHTS}')\" (a plain state dict)")
+               f"'{folder / pickles[0]}', weights_only=True), '{folder / SAFE_WEIGHTS}')\" (a plain state dict)")
     return InputError(f"{what} holds only pickle weights ({found}); memcirc never unpickles: convert it once to "
                       f"safetensors in an environment you trust: {how}")
 
