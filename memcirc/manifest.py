@@ -225,9 +225,14 @@ class StageRun:
         art.clean_stale_temp_files(own)
         attach_log_file(own / art.LOG_TXT)
 
-    def add_input(self, path: Path, manifest: dict[str, Any] | None = None, **extra: Any) -> None:
+    def add_input(self, path: Path, manifest: dict[str, Any] | None = None, sha256: str | None = None,
+                  **extra: Any) -> None:
+        """Record an input file. `sha256`: its digest when already known (read_output has checked the
+        file against it), so the file is not hashed twice."""
         entry: dict[str, Any] = {"path": str(path)}
-        if Path(path).is_file():
+        if sha256 is not None:
+            entry["sha256"] = sha256
+        elif Path(path).is_file():
             entry["sha256"] = art.sha256_file(Path(path))
         if manifest is not None:
             entry["run_id"] = manifest.get("run_id")

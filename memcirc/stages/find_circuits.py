@@ -97,7 +97,7 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     for warning in (dtype_warning, _dtype_warning(loaded.dtype)):
         if warning:
             log.warning(warning)
-    stage.add_input(pairs_path.resolve(), upstream_manifest, split="discovery", n_pairs=len(pairs))
+    stage.add_input(pairs_path.resolve(), upstream_manifest, pairs_sha, split="discovery", n_pairs=len(pairs))
     log.info("%d discovery pairs in %d batches (grouped by length, no padding); %d edges; %s = %.4g with "
              "every edge, %.4g with none (%s ablation)", len(pairs), len(batches), graph.n_edges,
              opts.faithfulness_metric, evaluator.m_full, evaluator.m_empty, opts.ablation)

@@ -113,8 +113,8 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     batches = make_batches(pairs, cfg.batch_size, loaded.device)
     evaluators = {a: FaithfulnessEvaluator(graph, batches, a, metric) for a in ablations}
     stage.start(cfg.force)
-    stage.add_input(pairs_path, pairs_manifest, split="heldout", n_pairs=len(pairs))
-    stage.add_input(scores_path, circuits_manifest)
+    stage.add_input(pairs_path, pairs_manifest, pairs_sha, split="heldout", n_pairs=len(pairs))
+    stage.add_input(scores_path, circuits_manifest, output_sha256(circuits_manifest, PRUNE_SCORES))
     log.info("%d held-out pairs in %d batches; circuit of %d of %d edges; ablations %s; %d random circuits "
              "per edge count", len(pairs), len(batches), k_min, n, ", ".join(ablations), cfg.random_circuits)
 
