@@ -27,7 +27,18 @@ def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
     return plt.subplots(*args, **kwargs)
 
 
-def save_figure(fig: Any, path: Path) -> None:
+def figure_source(model: str, run_dir: str | Path, revision: str | None = None) -> str:
+    """What a figure was made from, for its footer: "model EleutherAI/pythia-160m@step3000 · run testbed".
+    The run is the run root's folder name (the last part of --output-dir)."""
+    name = f"{model}@{revision}" if revision else model
+    return f"model {name} · run {Path(run_dir).resolve().name}"
+
+
+def save_figure(fig: Any, path: Path, source: str | None = None) -> None:
+    """Write `fig` as PNG at `path`; `source` (from `figure_source`) is printed in its bottom-left corner
+    so a figure copied out of its run still says which model and run it shows."""
+    if source:
+        fig.text(0.005, 0.002, source, fontsize=7, color="0.35", ha="left", va="bottom")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
