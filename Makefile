@@ -55,4 +55,4 @@ testbed: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m memcirc.testbed.build
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache build dist

@@ -1,17 +1,11 @@
 #!/usr/bin/env python3
-"""Build contrastive token-id pairs from memorized windows (stage 2 of the memcirc pipeline).
+"""Stage 2 of memcirc: contrastive token-id pairs from the memorized windows.
 
-Reads <output-dir>/memorization/ and writes <output-dir>/contrastive/: pairs.jsonl (clean and
-corrupt token ids of equal length, answer and wrong next-token ids, provenance, split),
-summary.json, divergence.png, manifest.json (last).
-
-examples:
-  python contrastive_dataset.py --config configs/testbed.yaml --output-dir runs/testbed
-  python contrastive_dataset.py --output-dir runs/testbed --contrastive-mode dataset --similarity embedding
-  python contrastive_dataset.py --output-dir runs/x --memorized-by token_match --threshold 0.75 --metric bleu
+The same command as `memcirc contrastive`. `python contrastive_dataset.py --help` lists its flags and examples; their
+text is memcirc/stages/configs/contrastive_dataset.py.
 """
 
 from memcirc.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main("contrastive_dataset", doc=__doc__))
+    raise SystemExit(main("contrastive_dataset"))

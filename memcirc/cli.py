@@ -1,6 +1,6 @@
 """The shared main() of every stage script: parse, validate, run, and map errors to exit codes.
 
-Exit codes (DESIGN §2):
+Exit codes (docs/contract.md):
   0    success.
   2    bad input or config: one line on stderr, `error: ...`, naming the file/key and the fix.
   1    the run failed for another reason. A full disk, a quota or a read-only file system (ENOSPC,
@@ -17,6 +17,7 @@ stage folder gets the error line too.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import sys
@@ -25,11 +26,13 @@ from typing import Any
 
 from memcirc.config import build_config, resolved_yaml
 from memcirc.errors import NO_ROOM, InputError, no_room_message, one_line
-from memcirc.logs import discard_held_logs, flush_logs, log_to_file_only, setup_logging
-from memcirc.models.device import set_threads_from_env
+from memcirc.logs import discard_held_logs, end_stage_logs, flush_logs, log_to_file_only, setup_logging
 from memcirc.stages.registry import STAGES
 
 log = logging.getLogger(__name__)
+# Not a declared dependency of memcirc: auto-circuit's own declared dependencies pull jax, kaleido and
+# a tqdm replacement, so it is installed apart, without them (the packages it imports are memcirc's).
+AUTO_CIRCUIT_INSTALL = "pip install --no-deps auto-circuit==1.0.1"
 
 
 class Terminated(BaseException):
@@ -43,20 +46,29 @@ def _raise_terminated(_signum: int, _frame: Any) -> None:
     raise Terminated()
 
 
-def main(stage_name: str, argv: list[str] | None = None, doc: str | None = None) -> int:
-    """Run the registered stage `stage_name` with command-line arguments `argv` (default: sys.argv)."""
+def main(stage_name: str, argv: list[str] | None = None, doc: str | None = None, prog: str | None = None) -> int:
+    """Run the registered stage `stage_name` with command-line arguments `argv` (default: sys.argv).
+
+    `doc`: the --help text (default: the docstring of the stage's config module); `prog`: the command
+    as typed (`memcirc score`), which the examples then use instead of `python <stage>.py`.
+    """
     stage = STAGES[stage_name]
-    description, _, epilog = (doc or "").strip().partition("\n\n")
+    description, _, epilog = (doc or stage.config_module.__doc__ or "").strip().partition("\n\n")
+    if prog is not None:
+        epilog = epilog.replace(f"python {stage.script}", prog)
     where: Path | None = None   # the stage folder, once the config is known (its log.txt is this run's)
     try:
-        cfg = build_config(stage.config, argv, description=description, epilog=epilog)
+        cfg = build_config(stage.config, argv, description=description, epilog=epilog, prog=prog)
         setup_logging(cfg.log_level)
         where = cfg.stage_dir
         if cfg.dry_run:
             print(resolved_yaml(cfg), end="")
             print(f"# would write: {cfg.stage_dir}/")
             return 0
+        _check_auto_circuit(cfg)
         signal.signal(signal.SIGTERM, _raise_terminated)
+        from memcirc.models.device import set_threads_from_env  # torch: after --help and the config checks
+
         set_threads_from_env()
         stage.run(cfg)
         flush_logs()
@@ -82,6 +94,15 @@ def main(stage_name: str, argv: list[str] | None = None, doc: str | None = None)
     except BaseException:
         flush_logs()   # what the stage logged is context for the traceback that follows
         raise
+    finally:
+        end_stage_logs()
+
+
+def _check_auto_circuit(cfg: Any) -> None:
+    """Before the stage's module is imported: without auto-circuit that import is a traceback."""
+    if cfg.needs_auto_circuit() and importlib.util.find_spec("auto_circuit") is None:
+        raise InputError(f"{cfg.stage} needs auto-circuit, which is not installed (pip does not install it "
+                         f"with memcirc): {AUTO_CIRCUIT_INSTALL}")
 
 
 def _error_line(message: str, code: int, where: Path | None) -> int:

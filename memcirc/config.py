@@ -3,13 +3,16 @@
 Precedence is dataclass defaults < YAML (`--config`) < flags actually passed on the command line.
 The CLI is generated from the fields, so flags, YAML keys and help text cannot drift apart:
 field `prefix_len` is `--prefix-len` on the CLI (also `--prefix_len`), `prefix_len:` in YAML.
-The predecessor's spellings (`--model_name`, `--prompt_tokens`, ...) are declared as aliases.
+The original memorization_circuits spellings (`--model_name`, `--prompt_tokens`, ...) are declared
+as aliases; --help lists them once, in their own section, and each flag under its section (common
+options, the stage's own, each shared field group, sharding and SLURM).
 
 A YAML file is shared by all stages: top-level keys are read by every stage that has such a
 field, and a section named after a stage's folder (`memorization:`, `contrastive:`, ...) overrides
 them for that stage only. A key no stage knows is an error that names it.
 
-Each stage's config class lives in its module (`memcirc.stages.<stage>`). Field groups that several
+Each stage's config class lives in a light module (`memcirc.stages.configs.<stage>`, no torch: --help
+and the YAML checks need no heavy import), which the stage's module imports. Field groups that several
 stages share are declared once here (`CircuitOptions`, `MemorizedRule`, `HeldoutEval`, `LmEval`, `Sharding`):
 a stage config inherits a group, and hands the library a plain group object (`cfg.options(group)`),
 never itself. Every value is checked when the config is built, never later.
@@ -21,6 +24,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
+import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +35,19 @@ import yaml
 
 from memcirc.errors import InputError
 from memcirc.logs import LEVELS as LOG_LEVELS
-from memcirc.options import OptionGroup, field_type, option
-from memcirc.parsing import Parser, load_yaml_file, unknown_name
+from memcirc.options import SHARDING, OptionGroup, field_type, option
+from memcirc.parsing import HelpFormatter, Parser, load_yaml_file, unknown_name
 from memcirc.stages.registry import DEFAULT_PIPELINE, PIPELINE_KEY, STAGES, config_classes
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SLURM_KEY = "slurm"   # job resources for `run_pipeline.sh --slurm`, validated by memcirc.slurm
 T = typing.TypeVar("T", bound="OptionGroup")
+C = typing.TypeVar("C", bound="StageConfig")
 
 
 @dataclass
 class StageConfig(OptionGroup):
-    """Flags every stage accepts (DESIGN §2)."""
+    """Flags every stage accepts (docs/config.md)."""
 
     stage: ClassVar[str] = ""        # the stage's name in memcirc.stages.registry, e.g. "find_circuits"
 
@@ -58,7 +64,8 @@ class StageConfig(OptionGroup):
     prepend_bos: str = option("auto", "BOS before every window and perplexity block: auto (when the "
                               "tokenizer adds one itself), always, never", choices=("auto", "always", "never"))
     attn_implementation: str | None = option(None, "HF attention implementation (eager, sdpa, ...)")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", hashed=False)
+    device: str = option("auto", "where the model runs (auto: cuda, else mps, else cpu)", hashed=False,
+                         metavar="{auto,cpu,cuda,cuda:N,mps}")
     dtype: str = option("auto", "model dtype (auto = float32 on CPU, bfloat16 on GPU)", choices=DTYPES)
     # 32 bits: sklearn's random_state (predict) and numpy's legacy seeding take no more; torch's 64
     seed: int = option(0, "random seed, applied once at stage start", within="[0, 4294967295]")
@@ -110,6 +117,10 @@ class StageConfig(OptionGroup):
     def data_path(self, name: str) -> str:
         """The data field `name` as a path or Hub id: 'testbed' resolved to the testbed's file."""
         return testbed_data(name, getattr(self, name))
+
+    def needs_auto_circuit(self) -> bool:
+        """Does this run import auto-circuit (installed apart from memcirc's dependencies)?"""
+        return False
 
     def model_spec(self):  # -> memcirc.models.ModelSpec (imported lazily: torch is slow to import)
         from memcirc.models import ModelSpec
@@ -171,6 +182,8 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
                                                   f"{STAGES[sections[key].stage].script} --help"))
             continue
         if key not in known_anywhere:
+            if (folder := _folder_named(key)) is not None:   # a section named after the stage, not its folder
+                raise InputError(f"unknown config key '{key}' in {path} (did you mean '{folder}'?)")
             top = known_anywhere | set(sections) | {PIPELINE_KEY, SLURM_KEY}
             raise InputError(_unknown_key(key, key, top, path,
                                           "top-level keys are the flags of any stage (see <stage>.py --help) "
@@ -180,6 +193,11 @@ def _yaml_values(cls: type[StageConfig], data: dict[str, Any], path: str) -> dic
     values.update(data.get(cls.folder()) or {})
     values.pop("config", None)
     return values
+
+
+def _folder_named(name: str) -> str | None:
+    """The folder (YAML section) of the stage whose name or command is `name`, else None."""
+    return next((s.folder for s in STAGES.values() if name in (s.name, s.command_name)), None)
 
 
 def _unknown_key(shown: str, key: str, known: set[str], path: str, help_hint: str) -> str:
@@ -198,35 +216,96 @@ def pipeline_stages(path: str) -> list[str]:
 
 
 # -- CLI -------------------------------------------------------------------------------------
+# --help sections: the common flags, the stage's own, one per shared field group, sharding and SLURM,
+# then the aliases, listed once. A flag's snake_case spelling and its aliases are accepted but not
+# shown beside it.
 
-def _flags(f: dataclasses.Field) -> list[str]:
-    names = [f"--{f.name.replace('_', '-')}"]
-    if "_" in f.name:
-        names.append(f"--{f.name}")
-    return names + [a for a in f.metadata["aliases"] if a not in names]
+COMMON = "common options"
+ALIASES = "aliases of the original memorization_circuits flags"
 
 
-def build_parser(cls: type[StageConfig], description: str = "", epilog: str = "") -> argparse.ArgumentParser:
-    parser = Parser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        tp, _ = field_type(f)
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            raise TypeError(f"{cls.__name__}.{f.name} has no default; declare config fields with option()")
-        # argparse %-formats help texts ("<= 20%)" broke kfac_edit.py --help)
-        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
-        if tp is bool:
-            # --force and --dry-run are one-shot actions (no config file sets them, so no --no-force)
-            action = "store_true" if f.name in ("force", "dry_run") else argparse.BooleanOptionalAction
-            parser.add_argument(*_flags(f), dest=f.name, action=action, help=help_text)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(*_flags(f), dest=f.name, nargs="+", type=typing.get_args(tp)[0], help=help_text)
-        else:
-            parser.add_argument(*_flags(f), dest=f.name, type=_cli_type(tp), help=help_text)
+def _flags(f: dataclasses.Field) -> tuple[str, list[str]]:
+    """(the flag --help shows, the hidden spellings: snake_case and the declared aliases)."""
+    shown = f"--{f.name.replace('_', '-')}"
+    hidden = [f"--{f.name}"] if "_" in f.name else []
+    return shown, hidden + [a for a in f.metadata["aliases"] if a not in (shown, *hidden)]
+
+
+def _section(cls: type[StageConfig], f: dataclasses.Field) -> str:
+    """The --help section of field `f`: its own `group`, else that of the class declaring it."""
+    if f.metadata.get("group"):
+        return f.metadata["group"]
+    owner = next(c for c in reversed(cls.__mro__) if f.name in c.__dict__.get("__annotations__", {}))
+    if owner is StageConfig:
+        return COMMON
+    return owner.title if owner is not cls and owner.title else f"{cls.stage} options"
+
+
+def _default(f: dataclasses.Field, cls: type[StageConfig]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"{cls.__name__}.{f.name} has no default; declare config fields with option()")
+
+
+def _help_text(f: dataclasses.Field, default: Any) -> str:
+    """The field's help and, unless it already speaks of its default, "(default: X)"; "%" escaped:
+    argparse %-formats help texts (kfac_edit's "<= 20%)" made its --help a traceback)."""
+    text = f.metadata["help"]
+    if not re.search(r"\bdefault\b", text) and f.name not in ONE_SHOT:
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        text += f" (default: {'none' if shown in (None, '') else shown})"
+    return text.replace("%", "%%")
+
+
+ONE_SHOT = ("force", "dry_run")   # actions, not settings: no config file sets them, so no --no-force
+
+
+def _add_field(parser: argparse.ArgumentParser, group: Any, f: dataclasses.Field, help_text: str) -> None:
+    """One field's flag in its section, and its hidden spellings (same dest) outside any."""
+    tp, _ = field_type(f)
+    shown, hidden = _flags(f)
+    choices = f.metadata.get("choices")
+    metavar = f.metadata.get("metavar") or ("{" + ",".join(map(str, choices)) + "}" if choices else None)
+    if tp is bool:
+        kwargs: dict[str, Any] = {"action": "store_true" if f.name in ONE_SHOT else argparse.BooleanOptionalAction}
+    elif typing.get_origin(tp) is list:
+        kwargs = {"nargs": "+", "type": typing.get_args(tp)[0], "metavar": metavar}
+    else:
+        kwargs = {"type": _cli_type(tp), "metavar": metavar}
+    group.add_argument(shown, dest=f.name, help=help_text, **kwargs)
+    if hidden:
+        parser.add_argument(*hidden, dest=f.name, help=argparse.SUPPRESS, **kwargs)
+
+
+def _alias_text(cls: type[StageConfig]) -> str:
+    """The aliases, one paragraph (the formatter keeps descriptions as written: wrapped here)."""
+    pairs = [f"{a} = {_flags(f)[0]}" for f in dataclasses.fields(cls) for a in _flags(f)[1] if a != f"--{f.name}"]
+    listed = ", ".join(pairs) + ". " if pairs else ""
+    return textwrap.fill(f"{listed}Every flag also takes its snake_case spelling (--output_dir for --output-dir).",
+                         width=76, break_on_hyphens=False)
+
+
+def build_parser(cls: type[StageConfig], description: str = "", epilog: str = "",
+                 prog: str | None = None) -> argparse.ArgumentParser:
+    from memcirc import __version__
+
+    parser = Parser(prog=prog, description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
+                    formatter_class=HelpFormatter, add_help=False,
+                    usage="%(prog)s [--config YAML] [--output-dir DIR] [flags]   (-h: every flag)")
+    fields = dataclasses.fields(cls)
+    # argparse prints sections in the order they are made: common, the stage's own, shared groups, sharding
+    titles = dict.fromkeys([COMMON, f"{cls.stage} options", *(_section(cls, f) for f in fields)])
+    titles = [t for t in titles if t != SHARDING] + [SHARDING]
+    used = {_section(cls, f) for f in fields} | {COMMON}
+    sections = {t: parser.add_argument_group(t) for t in titles if t in used}
+    sections[COMMON].add_argument("-h", "--help", action="help", help="show this help and exit")
+    sections[COMMON].add_argument("--version", action="version", version=f"memcirc {__version__}",
+                                  help="print the memcirc version and exit")
+    for f in fields:
+        _add_field(parser, sections[_section(cls, f)], f, _help_text(f, _default(f, cls)))
+    parser.add_argument_group(ALIASES, _alias_text(cls))
     return parser
 
 
@@ -239,10 +318,10 @@ def _cli_type(tp: Any):
     return convert
 
 
-def build_config(cls: type[StageConfig], argv: list[str] | None = None, description: str = "",
-                 epilog: str = "") -> StageConfig:
+def build_config(cls: type[C], argv: list[str] | None = None, description: str = "",
+                 epilog: str = "", prog: str | None = None) -> C:
     """defaults < YAML < explicit flags; raises InputError naming any bad key or value."""
-    passed = vars(build_parser(cls, description, epilog).parse_args(argv))
+    passed = vars(build_parser(cls, description, epilog, prog).parse_args(argv))
     values: dict[str, Any] = {}
     if passed.get("config"):
         values.update(_yaml_values(cls, load_yaml(passed["config"]), passed["config"]))
@@ -271,6 +350,8 @@ WEIGHT_PROCESSING = ("none", "tl_default")
 class MemorizedRule(OptionGroup):
     """Which scored windows count as memorized: `memorized_by >= threshold`."""
 
+    title: ClassVar[str] = "memorized windows"
+
     memorized_by: str = option("exact", "scores.jsonl column that defines a memorized window",
                                choices=MEMORIZED_BY)
     # > 0: at 0 an unmemorized window would count. No upper bound: predict's --label-column may hold
@@ -281,6 +362,8 @@ class MemorizedRule(OptionGroup):
 @dataclass
 class CircuitOptions(OptionGroup):
     """How a circuit is found: attribution, ablation, faithfulness metric and target."""
+
+    title: ClassVar[str] = "circuit discovery"
 
     ig_steps: int = option(5, "integrated-gradient samples (0 = plain EAP)", aliases=("--ig",), minimum=0)
     grad_function: str = option("logit", "what the gradient is taken of", aliases=("--grad_function",),
@@ -303,6 +386,8 @@ class CircuitOptions(OptionGroup):
 class HeldoutEval(OptionGroup):
     """The before/after evaluation of an intervention: memorization and held-out perplexity."""
 
+    title: ClassVar[str] = "held-out evaluation"
+
     heldout: str = option("testbed", "held-out text for perplexity: any data source (.txt = one document, "
                           "JSONL/Parquet with a text or token column, a folder or Hub id; 'testbed': the "
                           "held-out plays)")
@@ -317,6 +402,8 @@ class HeldoutEval(OptionGroup):
 class LmEval(OptionGroup):
     """lm-evaluation-harness benchmarks on the model in memory (memcirc.benchmarks; the lm-eval extra)."""
 
+    title: ClassVar[str] = "lm-eval benchmarks (the lm-eval extra)"
+
     lm_eval_tasks: list[str] = option([], "lm-evaluation-harness tasks or groups (the lm-eval extra: pip install "
                                       "memcirc[lm-eval]), e.g. heldout_lastword (shipped, offline)")
     lm_eval_limit: int | None = option(None, "at most N documents per lm-eval task (smoke runs; not comparable "
@@ -330,6 +417,8 @@ class LmEval(OptionGroup):
 @dataclass
 class Sharding(OptionGroup):
     """One job of several (SLURM array tasks), then one `--merge` job."""
+
+    title: ClassVar[str] = SHARDING
 
     num_shards: int | None = option(None, "split the work into N shards, one per job (default: "
                                     "SLURM_ARRAY_TASK_COUNT, else 1)", minimum=1, hashed=False)

@@ -11,9 +11,11 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from memcirc.errors import InputError
+
+SHARDING = "sharding and SLURM"   # the --help section of the job-array fields, whichever class declares them
 
 
 def option(
@@ -25,14 +27,18 @@ def option(
     hashed: bool = True,
     minimum: float | None = None,
     within: str | None = None,
+    group: str | None = None,
+    metavar: str | None = None,
 ) -> Any:
     """A config field. `hashed=False` marks run control that cannot change the results.
 
     `minimum`: the value (each item of a list) must be >= it. `within`: its range in interval
     notation, e.g. "(0, 1]" or "[0, inf)" (every float option declares one). A float is always finite.
+    `group`: the --help section, when not the one of the class that declares the field (SHARDING);
+    `metavar`: the value's name in --help (default: `{choice,...}` where there are choices).
     """
     meta = {"help": help, "aliases": aliases, "choices": choices, "hashed": hashed, "minimum": minimum,
-            "within": _interval(within) if within is not None else None}
+            "within": _interval(within) if within is not None else None, "group": group, "metavar": metavar}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,6 +48,8 @@ def option(
 class OptionGroup:
     """A set of config fields; every field is checked against its type, choices, minimum and range on
     construction. Subclasses add their own checks in `__post_init__` after calling super()."""
+
+    title: ClassVar[str] = ""   # the --help section of the fields this class declares
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

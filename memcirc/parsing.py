@@ -78,6 +78,16 @@ class Parser(argparse.ArgumentParser):
         return flags[close] if close is not None else None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written (examples keep their lines); `--layers N ...` for a flag
+    taking one or more values, so a `{choice,...}` list is not printed twice."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == argparse.ONE_OR_MORE:
+            return f"{self._metavar_formatter(action, default_metavar)(1)[0]} ..."
+        return super()._format_args(action, default_metavar)
+
+
 def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The parser's actions and its sub-commands' (their unknown flags are reported by the top parser)."""
     actions = list(parser._actions)

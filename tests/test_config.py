@@ -472,3 +472,15 @@ def test_error_lines_stay_one_short_line(tmp_path, monkeypatch, capsys):
 
     assert _fake_stage(monkeypatch, run)() == 2
     assert capsys.readouterr().err == "error: file not found: /data/a\\nb.jsonl\n"
+
+
+@pytest.mark.parametrize("section, folder", [("memorization_score", "memorization"), ("attention_bypass", "bypass"),
+                                             ("kfac", "kfac"), ("score", "memorization")])
+def test_a_section_named_after_the_stage_suggests_its_folder(tmp_path, section, folder):
+    """YAML sections are the stages' folders; a stage's name (or command) there is an error that names the folder."""
+    path = write(tmp_path, f"{section}:\n  batch_size: 4\n")
+    if section == folder:
+        build_config(ScoreConfig, ["--config", path])   # a real section (kfac's), nothing to say
+        return
+    with pytest.raises(InputError, match=rf"unknown config key '{section}' in .* \(did you mean '{folder}'\?\)$"):
+        build_config(ScoreConfig, ["--config", path])

@@ -24,7 +24,7 @@ from memcirc.stages.registry import STAGES, Stage
 def test_every_stage_has_a_root_script_and_a_module():
     for stage in STAGES.values():
         script = (REPO / stage.script).read_text()
-        assert f'main("{stage.name}", doc=__doc__)' in script, stage.name
+        assert f'main("{stage.name}")' in script, stage.name
         assert stage.config.stage == stage.name
         assert callable(stage.module.run) and callable(stage.module.headline)
         assert all(n in STAGES and list(STAGES).index(n) < list(STAGES).index(stage.name) for n in stage.needs)
@@ -53,6 +53,7 @@ class MyConfig(MemorizedRule, StageConfig):
 
 
 def _run(cfg: MyConfig) -> dict:
+    assert cfg.upstream_dir is not None
     windows = read_scores(cfg.upstream_dir, cfg.limit)
     keep = memorized(windows, cfg.options(MemorizedRule))
     stage = StageRun.for_config(cfg, [{"path": str(cfg.upstream_dir)}])
@@ -72,7 +73,7 @@ def _headline(summary: dict, _stage_dir: Path) -> str:
 @pytest.fixture
 def my_stage(monkeypatch):
     module = types.ModuleType("memcirc.stages.my_stage")
-    module.Config, module.run, module.headline = MyConfig, _run, _headline
+    vars(module).update(Config=MyConfig, run=_run, headline=_headline)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(registry.STAGES, "my_stage", Stage("my_stage", "mine", needs=("memorization_score",)))
     return module

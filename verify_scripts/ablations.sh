@@ -5,6 +5,7 @@
 # Results go to <output-dir>/ablations/<experiment>/verify/.
 #   bash verify_scripts/ablations.sh --config configs/pythia-160m.yaml --output-dir runs/p160
 #   python -m memcirc.slurm grid --config my.yaml --output-dir runs/x   (after both experiments)
+#   interpreter: PYTHON=/path/to/python (or --python PATH), else .venv/bin/python, else python
 #SBATCH --job-name=memcirc-ablations
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append

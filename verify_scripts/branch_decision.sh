@@ -7,6 +7,7 @@
 #   bash verify_scripts/branch_decision.sh --config configs/pythia-160m.yaml --output-dir runs/p160
 #   python -m memcirc.slurm grid --config my.yaml --output-dir runs/x --experiments branch_decision
 #   sbatch verify_scripts/branch_decision.sh --config my.yaml --output-dir runs/x   (defaults below)
+#   interpreter: PYTHON=/path/to/python (or --python PATH), else .venv/bin/python, else python
 #SBATCH --job-name=memcirc-branch_decision
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append

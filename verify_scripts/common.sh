@@ -2,12 +2,12 @@
 # script runs without memcirc.slurm (which inlines the pre-emption-aware one).
 #   --config FILE       the run's YAML config (model, data, stage sections, slurm:)   [configs/testbed.yaml]
 #   --output-dir DIR    the run root; memorization/ is shared, each experiment writes DIR/<experiment>/
-#   --python PATH       interpreter                                                    [.venv/bin/python]
+#   --python PATH       interpreter        [$PYTHON, else .venv/bin/python, else python on PATH]
 #   --experiments E...  (ablations, random_baseline) the circuits to re-verify   [branch_decision memorization_decision]
 #   -- FLAGS...         passed to every stage (e.g. -- --device cpu --limit 400)
 CONFIG=configs/testbed.yaml
 OUT=runs/testbed
-PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 EXPERIMENTS=(branch_decision memorization_decision)
 FLAGS=()
 while [[ $# -gt 0 ]]; do

@@ -5,6 +5,7 @@
 # overrides (-- --random-circuits 20). Results go to <output-dir>/random_baseline/<experiment>/verify/.
 #   bash verify_scripts/random_baseline.sh --config configs/pythia-160m.yaml --output-dir runs/p160
 #   python -m memcirc.slurm grid --config my.yaml --output-dir runs/x   (after both experiments)
+#   interpreter: PYTHON=/path/to/python (or --python PATH), else .venv/bin/python, else python
 #SBATCH --job-name=memcirc-random_baseline
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append

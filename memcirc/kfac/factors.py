@@ -23,10 +23,10 @@ from safetensors import safe_open
 from memcirc import artifacts as art
 from memcirc.data import Columns, load_documents
 from memcirc.errors import InputError
+from memcirc.kfac.choices import LABELS as LABELS  # re-exported
 from memcirc.kfac.targets import Target, stored_weight
 from memcirc.models.tokenizer import BosPolicy, encode
 
-LABELS = ("sampled", "data")
 MAX_FACTOR_BLOCK = 512    # longest factor block (tokens), whatever the model's context
 FACTORS_FILE = "factors.safetensors"   # the factor sums of a kfac_edit run (and of each factor shard)
 

@@ -3,11 +3,12 @@
 "Stage" is the script name everywhere (`find_circuits`, also the manifest's `stage`); the folder
 it writes under the run root (`circuits/`) is its *folder*, which also names its YAML section.
 `run_pipeline.sh`, `memcirc.slurm`, `memcirc.report`, the root scripts and the tests read this
-table; adding a stage is one record here plus the stage's own files (README, "Adding a stage").
+table; adding a stage is one record here plus the stage's own files (docs/development.md, "Adding a stage").
 
-The table is cheap to import and imports nothing of memcirc: a stage's module (its `Config`, `run`
-and `headline`, with the heavy libraries they need) is imported by name only when one of those is
-asked for. `memcirc.config` reads this table (folders, YAML sections, the `pipeline:` list).
+The table is cheap to import and imports nothing of memcirc: a stage's `Config` (in the light
+module memcirc.stages.configs.<stage>) and its module (`run` and `headline`, with the heavy
+libraries they need) are imported by name only when asked for. `memcirc.config` reads this table
+(folders, YAML sections, the `pipeline:` list); `memcirc <command>` its command names.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Stage:
             holds `DONE_MARKER` once the task has finished.
         merge_on_gpu: the `--merge` job computes with the model (kfac: the edit), so it gets the
             stage's GPUs; other merges only read files and get none unless the config says so.
+        command: its short name in `memcirc <command>` (the stage name works there too).
     """
 
     name: str
@@ -44,14 +46,26 @@ class Stage:
     array: ArrayKind | None = None
     tasks_folder: str | None = None
     merge_on_gpu: bool = False
+    command: str = ""
 
     @property
     def module(self) -> ModuleType:
         return importlib.import_module(f"memcirc.stages.{self.name}")
 
     @property
+    def config_module(self) -> ModuleType:
+        """The light module of the stage's `Config` (memcirc.stages.configs.<name>: no torch, so `--help`
+        and YAML checks are quick), else the stage's own module."""
+        try:
+            return importlib.import_module(f"memcirc.stages.configs.{self.name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"memcirc.stages.configs.{self.name}":
+                raise
+            return self.module
+
+    @property
     def config(self) -> Any:   # type[memcirc.config.StageConfig]; config imports this module, not back
-        return self.module.Config
+        return self.config_module.Config
 
     def run(self, cfg: Any) -> Any:
         return self.module.run(cfg)
@@ -70,18 +84,22 @@ class Stage:
     def script(self) -> str:
         return f"{self.name}.py"
 
+    @property
+    def command_name(self) -> str:
+        return self.command or self.name
+
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("memorization_score", "memorization", array="shards", tasks_folder="shards"),
-    Stage("contrastive_dataset", "contrastive", needs=("memorization_score",)),
-    Stage("find_circuits", "circuits", needs=("contrastive_dataset",)),
-    Stage("verify_circuit", "verify", needs=("find_circuits",)),
-    Stage("attention_bypass", "bypass", needs=("memorization_score",)),
+    Stage("memorization_score", "memorization", array="shards", tasks_folder="shards", command="score"),
+    Stage("contrastive_dataset", "contrastive", needs=("memorization_score",), command="contrastive"),
+    Stage("find_circuits", "circuits", needs=("contrastive_dataset",), command="circuits"),
+    Stage("verify_circuit", "verify", needs=("find_circuits",), command="verify"),
+    Stage("attention_bypass", "bypass", needs=("memorization_score",), command="bypass"),
     Stage("kfac_edit", "kfac", needs=("memorization_score",), array="shards", tasks_folder="shards",
-          merge_on_gpu=True),
+          merge_on_gpu=True, command="kfac"),
     Stage("training_dynamics", "dynamics", needs=("memorization_score", "contrastive_dataset"),
-          array="checkpoints", tasks_folder="checkpoints"),
-    Stage("predict_memorization", "predict", needs=("memorization_score", "training_dynamics")),
+          array="checkpoints", tasks_folder="checkpoints", command="dynamics"),
+    Stage("predict_memorization", "predict", needs=("memorization_score", "training_dynamics"), command="predict"),
 )}
 DEFAULT_PIPELINE = ("memorization_score", "contrastive_dataset", "find_circuits", "verify_circuit")
 PIPELINE_KEY = "pipeline"   # the YAML key listing the stages run_pipeline.sh runs
