@@ -108,5 +108,5 @@ for stage in "${STAGES[@]:first:last-first+1}"; do
   stage_flags "$stage"
   "$PYTHON" "$stage.py" --config "$CONFIG" --output-dir "$OUTPUT_DIR" "${COMMON[@]}" "${extra[@]}"
 done
-# The headline numbers last, so they end the log.
+# The headline numbers last, so they end the log; also saved as report.md and report.json in the run folder.
 "$PYTHON" -m memcirc.report "$OUTPUT_DIR"

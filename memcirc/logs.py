@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -16,12 +16,28 @@ from memcirc.errors import InputError
 
 T = TypeVar("T")
 LOG_EVERY_S = 30.0   # without a terminal, a progress line at most this often
+DONE_LINE_S = 5.0    # a finished loop that ran this long logs its total and time (a bar leaves nothing)
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def _bars_open() -> bool:
+    """A tqdm bar is drawn on the terminal now (disabled bars leave tqdm's registry at once)."""
+    return bool(getattr(tqdm, "_instances", None))
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):   # no stderr, or a closed one
+        return False
+
+
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at emit time (it may be swapped, e.g. by pytest)."""
+    """Writes to whatever sys.stderr is at emit time (it may be swapped, e.g. by pytest). While a bar
+    is drawn the line goes through `tqdm.write`, which lifts the bars and redraws them below it (what
+    tqdm.contrib.logging.logging_redirect_tqdm does; that one would replace this handler and its
+    held-back records with a plain one)."""
 
     @property  # type: ignore[override]
     def stream(self):  # noqa: ANN201
@@ -30,6 +46,15 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _bars_open():
+            super().emit(record)
+            return
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: a failed write never raises
+            self.handleError(record)
 
 
 class _HeldHandler(_StderrHandler):
@@ -61,8 +86,25 @@ class _HeldHandler(_StderrHandler):
         self.held = None
 
 
+class _Backlog(logging.Handler):
+    """Every record of the stage until its log.txt is attached (`attach_log_file` writes them there
+    first): what a stage logs before its folder exists (the model load, the window count) belongs
+    in its log too, whether stderr showed it or (an error run) dropped it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _handler(kind: type[logging.Handler]) -> Any:
+    return next((h for h in logging.getLogger("memcirc").handlers if isinstance(h, kind)), None)
+
+
 def _held_handler() -> _HeldHandler | None:
-    return next((h for h in logging.getLogger("memcirc").handlers if isinstance(h, _HeldHandler)), None)
+    return _handler(_HeldHandler)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -87,6 +129,7 @@ def setup_logging(level: str = "INFO") -> None:
     handler = _HeldHandler()
     handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
     logger.addHandler(handler)
+    logger.addHandler(_Backlog())
 
 
 def release_logs() -> None:
@@ -112,6 +155,14 @@ def flush_logs() -> None:
         handler.let_through()
 
 
+def end_stage_logs() -> None:
+    """The stage is over (memcirc.cli): its records not yet in a log.txt (it never started) go nowhere,
+    and a later in-process stage does not inherit them."""
+    backlog = _handler(_Backlog)
+    if backlog is not None:
+        logging.getLogger("memcirc").removeHandler(backlog)
+
+
 def discard_held_logs() -> None:
     """Drop held-back records (the run stopped on bad input: the error line is all that matters)."""
     handler = _held_handler()
@@ -135,16 +186,40 @@ class _LogFile(logging.FileHandler):
             super().emit(record)
 
 
-def attach_log_file(path: Path) -> logging.Handler:
-    """Also log to the stage folder (called once the folder is known to be writable)."""
+def attach_log_file(path: Path, forced: bool = False) -> logging.Handler:
+    """Also log to the stage folder (called once the folder is known to be writable), starting with
+    the stage's records so far. An earlier run's log.txt is kept: this run appends below a separator
+    line (`forced`: --force recomputes; else it resumes an unfinished run)."""
     logger = logging.getLogger("memcirc")
     for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
         logger.removeHandler(old)
         old.close()
+    earlier = path.is_file() and path.stat().st_size > 0
     handler = _LogFile(path)
     handler.setFormatter(logging.Formatter(_FORMAT))
+    if earlier and handler.stream is not None:   # FileHandler opens its stream at once (delay=False)
+        why = "--force: recomputed" if forced else "resumed after an unfinished run"
+        handler.stream.write(f"----- {time.strftime('%Y-%m-%d %H:%M:%S')} a new run of this stage "
+                             f"({why}); the lines above are an earlier run's -----\n")
+    backlog = _handler(_Backlog)
+    if backlog is not None:
+        logger.removeHandler(backlog)
+        for record in backlog.records:
+            handler.handle(record)
     logger.addHandler(handler)
     return handler
+
+
+def show(text: str) -> None:
+    """Print a result (a stage's table or closing line) on stdout and put it into log.txt too.
+    stdout gets exactly `print(text)`: run_pipeline.sh and the tests read it."""
+    print(text)
+    logger = logging.getLogger("memcirc.results")
+    message = text if "\n" not in text else "stdout:\n" + text   # a table keeps its alignment
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger("memcirc").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def log_to_file_only(message: str) -> None:
@@ -162,8 +237,8 @@ class Meter:
 
     In a terminal: a tqdm bar on stderr. Without one (SLURM, a pipe, pytest) the bar is off and a log
     line at most every `every_s` seconds gives the count, the rate and the ETA, so a log file shows the
-    loop is moving and when it will end. Either way a loop that ran that long logs its total and rate
-    at the end (the bar does not stay). `every_s` defaults to `LOG_EVERY_S`.
+    loop is moving and when it will end. Either way a loop that ran `DONE_LINE_S` or longer logs its
+    total, time and rate at the end (the bar does not stay). `every_s` defaults to `LOG_EVERY_S`.
     """
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "items",
@@ -171,9 +246,14 @@ class Meter:
         self.desc, self.total, self.unit = desc, total, unit
         self.every_s = LOG_EVERY_S if every_s is None else every_s
         self.n = 0
-        long_step()   # the held log lines first, then the bar
-        self.bar = tqdm(desc=desc, total=total, unit=f" {unit}", disable=None, dynamic_ncols=True, leave=False)
-        self.to_log = bool(self.bar.disable)   # disable=None: tqdm turns itself off without a terminal
+        draws = _stderr_is_tty()   # tqdm's own disable=None test: no bar without a terminal
+        if draws:
+            flush_logs()   # the held log lines first, then the bar (which would print above them)
+        else:
+            long_step()
+        self.bar = tqdm(desc=desc, total=total, unit=f" {unit}", disable=not draws, dynamic_ncols=True,
+                        leave=False)
+        self.to_log = not draws
         self.start = self.last = time.monotonic()
         self.log = logging.getLogger("memcirc.progress")
 
@@ -203,10 +283,11 @@ class Meter:
         return f"{self.desc}: {count} {self.unit}{share}, {_rate(rate)} {self.unit}/s{eta}"
 
     def close(self, finished: bool = True) -> None:
-        """Close the bar; a finished loop that ran `every_s` or longer logs its total and rate."""
+        """Close the bar; a finished loop that ran `DONE_LINE_S` (or `every_s`, if shorter) or longer
+        logs its total, time and rate: the bar does not stay (leave=False), this line does."""
         self.bar.close()
         elapsed = time.monotonic() - self.start
-        if finished and elapsed >= self.every_s:
+        if finished and elapsed >= min(self.every_s, DONE_LINE_S):
             self.log.info("%s: done, %d %s in %s (%s %s/s)", self.desc, self.n, self.unit,
                           duration(elapsed), _rate(self.n / max(elapsed, 1e-9)), self.unit)
 

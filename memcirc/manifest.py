@@ -223,7 +223,7 @@ class StageRun:
         if force:
             (self.stage_dir / MANIFEST).unlink(missing_ok=True)
         art.clean_stale_temp_files(own)
-        attach_log_file(own / art.LOG_TXT)
+        attach_log_file(own / art.LOG_TXT, forced=force)
 
     def add_input(self, path: Path, manifest: dict[str, Any] | None = None, sha256: str | None = None,
                   **extra: Any) -> None:
