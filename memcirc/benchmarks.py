@@ -6,8 +6,8 @@ name lm-eval does not know, or a task whose data cannot be loaded (not cached an
 InputError (exit 2, one line). It checks by building the tasks, which loads their datasets: that is
 the only reliable test (a task names its data in YAML, custom loaders or Python classes) and costs
 what the run would pay anyway (local and cached data load in seconds, the datasets stay cached).
-Offline, set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 so a missing dataset fails at once instead of
-after datasets' retries.
+When a task other than the shipped ones is asked for and the Hub does not answer, offline mode is set
+(`memcirc.hub`), so a dataset that is not cached fails at once instead of after datasets' retries.
 
 Task names resolve against memcirc's shipped tasks (`memcirc/lm_eval_tasks`, always searched),
 `--lm-eval-include-path`, then lm-eval's ~15k built-in tasks; that built-in index takes lm-eval
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memcirc import hub
 from memcirc.config import LmEval
 from memcirc.errors import InputError
 from memcirc.lm_eval_tasks import SHIPPED_TASKS, TASKS_DIR
@@ -89,6 +90,8 @@ def check_tasks(opts: LmEval) -> Benchmarks | None:
         unknown = _unknown(manager, opts.lm_eval_tasks)
         if unknown:
             raise InputError(_unknown_message(unknown, manager.all_tasks, opts.lm_eval_include_path))
+        if any(name not in SHIPPED_TASKS for name in opts.lm_eval_tasks):
+            hub.offline_unless_reachable()   # a Hub task's data: the cache, or the error at once, not after retries
         for name in opts.lm_eval_tasks:
             _build(manager, name)
     return Benchmarks(opts=opts, manager=manager)
@@ -128,6 +131,8 @@ def _build(manager: Any, name: str) -> None:
         fix = ("a Hub dataset must be downloaded once with network access (it is then cached), a local data "
                "file must exist; or use a local task (--lm-eval-include-path)" if isinstance(e, OSError)
                else "check the task's YAML")   # ConnectionError and FileNotFoundError are OSErrors
+        if isinstance(e, ConnectionError) and hub.is_offline():
+            fix = f"{hub.offline_reason()}; {fix}"
         raise InputError(f"lm-eval task {name} cannot be loaded ({type(e).__name__}: {first}); {fix}") from None
 
 

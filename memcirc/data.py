@@ -333,6 +333,10 @@ def validate_windows(windows: WindowSet, vocab_size: int, n_ctx: int | None) -> 
 # -- scored windows (a memorization stage's scores.jsonl) --------------------------------------
 
 WINDOW_KEYS = ("id", "tokens", "prefix_len", "source", "doc", "offset")
+# Decoded text for readers (`--decode-text`); no stage reads it back: read_scores drops it, so results
+# cannot depend on a tokenizer's decoding.
+TEXT_COLUMNS = ("prefix_text", "suffix_text", "continuation_text")
+SCORES_PARQUET = "scores.parquet"   # `--parquet`: scores.jsonl's rows in Parquet (memorization folder)
 
 
 @dataclass(frozen=True)
@@ -378,7 +382,7 @@ def _label(row: dict[str, Any], key: str, where: str) -> str:
 
 def read_scores(stage_dir: Path, limit: int | None = None) -> list[ScoredWindow]:
     """The scored windows of a finished memorization stage folder (its manifest and the file's sha256
-    are checked first)."""
+    are checked first), without the decoded-text columns."""
     from memcirc.manifest import read_output
 
     path = read_output(Path(stage_dir), SCORES_JSONL, what="memorization")
@@ -386,6 +390,8 @@ def read_scores(stage_dir: Path, limit: int | None = None) -> list[ScoredWindow]
     for lineno, row in read_jsonl_numbered(path):
         if limit is not None and len(rows) >= limit:
             break
+        for column in TEXT_COLUMNS:
+            row.pop(column, None)
         rows.append(ScoredWindow.from_row(row, f"{path}:{lineno}"))   # a bad row names its line
     return rows
 

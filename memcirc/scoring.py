@@ -1,4 +1,4 @@
-"""Memorization metrics (DESIGN §5): the library behind memorization_score and the before/after
+"""Memorization metrics (docs/memorization_score.md): the library behind memorization_score and the before/after
 measurements of the intervention stages.
 
 For a window with prefix P and true suffix S:
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from memcirc.data import Window
+from memcirc.data import TEXT_COLUMNS, Window
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin
@@ -285,6 +285,40 @@ def _row(score: WindowScore, generation: Sequence[str], threshold: float) -> dic
         if not score.exact:
             row["generated"] = score.generated
     return row
+
+
+# -- decoded text and Parquet (what a reader sees; no later stage reads them) ----------------
+
+def add_texts(rows: Sequence[dict[str, Any]], tokenizer: Any, continuation: bool) -> None:
+    """Add TEXT_COLUMNS to rows of `score_windows`: the prefix and true suffix and, with `continuation`
+    (generation metrics were computed), the greedy continuation (the true suffix where exact).
+
+    Decoded with `skip_special_tokens=False` and no clean-up of spaces, so the text shows every token
+    the model saw or produced (a BOS in front, an EOS inside a memorized suffix). Each part is decoded
+    alone: a character whose bytes straddle the prefix/suffix cut shows as U+FFFD in both.
+    """
+    parts = [[r["tokens"][:r["prefix_len"]], r["tokens"][r["prefix_len"]:]] for r in rows]
+    if continuation:
+        for r, p in zip(rows, parts):
+            p.append(r.get("generated", p[1]))   # no 'generated': exact, the continuation is the suffix
+    flat = tokenizer.batch_decode([t for p in parts for t in p], skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+    width = 3 if continuation else 2
+    for i, r in enumerate(rows):
+        r.update(zip(TEXT_COLUMNS[:width], flat[i * width:(i + 1) * width]))
+
+
+def parquet_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
+    """scores.jsonl's rows as one Parquet file: a column per key of any row, null where a row lacks it
+    ('generated' of exact windows, 'group' without a group column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(dict.fromkeys(k for r in rows for k in r))   # every key, in first-seen order
+    table = pa.table({k: [r.get(k) for r in rows] for k in names})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 # -- summaries -------------------------------------------------------------------------------

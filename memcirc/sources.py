@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from memcirc import hub
 from memcirc.artifacts import open_input
 from memcirc.errors import InputError
 from memcirc.token_ids import INT64_MAX
@@ -83,18 +84,29 @@ def load_hub_dataset(source: str, split: str, dataset_config: str | None = None,
     from datasets.exceptions import DatasetsError
 
     local = Path(source).is_dir()
+    if not local:   # an unreachable Hub: the cache, or the error at once, not ~50 s of retries
+        hub.offline_unless_reachable()
     try:
         with _quiet_datasets(local):
             dataset = datasets.load_dataset(source, dataset_config, split=split, streaming=streaming)
     except FileNotFoundError:
         raise InputError(f"{what} {source!r} is neither a local file or folder nor a dataset "
-                         "found on the Hub or in the local cache") from None
+                         f"found on the Hub or in the local cache{_offline_hint(local)}") from None
     except RuntimeError as e:   # datasets >= 4 refuses a folder or repo holding a loading script
         raise InputError(f"could not load {what} {source!r}: {first_line(e)}; memcirc reads data files "
                          "(JSONL, Parquet, text) and never runs a dataset script") from None
     except (ConnectionError, OSError, ValueError, DatasetsError) as e:   # DatasetGenerationError: a bad file
-        raise InputError(f"could not load {what} {source!r} (split {split!r}): {first_line(e)}") from None
+        hint = _offline_hint(local) if isinstance(e, ConnectionError) or hub.is_offline() else ""
+        raise InputError(f"could not load {what} {source!r} (split {split!r}): {first_line(e)}{hint}") from None
     return _hub_rows(dataset, source, what, local)
+
+
+def _offline_hint(local: bool) -> str:
+    """What to do about a Hub dataset that is not in the cache while the Hub cannot be used."""
+    if local:
+        return ""
+    return (f"; {hub.offline_reason()}: pass a local JSONL, Parquet or TXT file (or a folder of them), "
+            "or download the dataset once where there is network (it is then cached)")
 
 
 def _hub_rows(dataset: Any, source: str, what: str, local: bool) -> Iterator[dict[str, Any]]:

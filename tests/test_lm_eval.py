@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from memcirc import benchmarks
+from memcirc import benchmarks, hub
 from memcirc.cli import main
 from memcirc.config import LmEval
 from memcirc.data import Window
@@ -179,6 +179,22 @@ def test_task_without_local_data_exits_2(scored, tmp_path, capsys, no_model_load
     err = _refused("attention_bypass", scored, tmp_path,
                    ["--lm-eval-tasks", "remote_task", "--lm-eval-include-path", str(tasks)], capsys)
     assert "lm-eval task remote_task cannot be loaded" in err and "network" in err
+
+
+def test_only_a_task_outside_the_shipped_ones_probes_the_hub(tmp_path, monkeypatch, no_builtin_index):
+    """The shipped task never asks the network; a Hub task probes once (memcirc.hub goes offline when nothing
+    answers), and its offline miss says why."""
+    probes = []
+    monkeypatch.setattr(hub, "offline_unless_reachable", lambda: probes.append(1) or True)
+    assert benchmarks.check_tasks(LmEval(lm_eval_tasks=[SHIPPED])) is not None and probes == []
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "remote.yaml").write_text("task: remote_task\ndataset_path: memcirc-test/not-cached-anywhere\n"
+                                       "output_type: loglikelihood\ntest_split: test\ndoc_to_text: '{{text}}'\n"
+                                       "doc_to_target: '{{text}}'\n")
+    with pytest.raises(InputError, match="lm-eval task remote_task cannot be loaded") as err:
+        benchmarks.check_tasks(LmEval(lm_eval_tasks=["remote_task"], lm_eval_include_path=str(tasks)))
+    assert probes == [1] and "offline mode is on (HF_HUB_OFFLINE=1)" in str(err.value)
 
 
 def test_bad_include_path_and_limit(scored, tmp_path, capsys, no_model_load):

@@ -253,3 +253,84 @@ def test_progress_per_batch_with_rate_and_eta(tmp_path, monkeypatch, capsys):
     counts = [int(ln.split("scoring: ")[1].split("/")[0]) for ln in lines if "windows/s, ETA" in ln]
     assert counts == [8, 16, 24, 32, 40]   # every batch of 8, across chunks of 16 (the last one short)
     assert any("scoring: done, 40 windows in" in ln for ln in lines)
+
+
+# -- decoded text, Parquet, the printed table, window warnings -----------------------------------
+
+def _decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _parquet_rows(path):
+    """scores.parquet read by pandas, with numpy arrays back as lists and NaN/None as None."""
+    import pandas as pd
+
+    def plain(value):
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        return None if value is None or (isinstance(value, float) and value != value) else value
+
+    return [{k: plain(v) for k, v in row.items()} for row in pd.read_parquet(path).to_dict("records")]
+
+
+def test_decoded_text_and_parquet(tmp_path, testbed):
+    """The text columns are the window's parts decoded by the run's tokenizer; --no-decode-text gives the same
+    rows without them; no stage reads them back; scores.parquet holds the JSONL rows (pandas and datasets)."""
+    import datasets
+
+    from memcirc.data import SCORES_PARQUET, TEXT_COLUMNS, read_scores
+
+    argv = [*FAST, "--limit", "48", "--metrics", "exact", "token_match"]
+    assert score(["--output-dir", str(tmp_path / "text"), *argv, "--parquet"]) == 0
+    stage = tmp_path / "text" / "memorization"
+    rows = read_rows(stage / "scores.jsonl")
+    tok = testbed.tokenizer
+    for r in rows:
+        truth = r["tokens"][r["prefix_len"]:]
+        assert r["prefix_text"] == _decode(tok, r["tokens"][:r["prefix_len"]])
+        assert r["suffix_text"] == _decode(tok, truth)
+        assert r["continuation_text"] == _decode(tok, r.get("generated", truth))
+        assert tuple(r)[-3:] == TEXT_COLUMNS
+    assert all(not set(TEXT_COLUMNS) & set(w.row) for w in read_scores(stage))
+    assert score(["--output-dir", str(tmp_path / "plain"), *argv, "--no-decode-text"]) == 0
+    plain = tmp_path / "plain" / "memorization"
+    assert read_rows(plain / "scores.jsonl") == [{k: v for k, v in r.items() if k not in TEXT_COLUMNS} for r in rows]
+    assert not (plain / SCORES_PARQUET).exists()
+    # Parquet: the same rows, a column per key (None where a row lacks it), listed in the manifest
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    expected = [{k: r.get(k) for k in names} for r in rows]
+    assert _parquet_rows(stage / SCORES_PARQUET) == expected
+    loaded = datasets.load_dataset("parquet", data_files=str(stage / SCORES_PARQUET), split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+    assert list(loaded) == expected
+    outputs = {o["path"]: o for o in json.loads((stage / "manifest.json").read_text())["outputs"]}
+    assert outputs[SCORES_PARQUET]["rows"] == 48
+
+
+def test_shards_carry_the_text_and_the_parquet(tmp_path):
+    one, many = tmp_path / "one", tmp_path / "many"
+    argv = [*FAST, "--limit", "60", "--chunk-size", "16", "--parquet"]
+    assert score(["--output-dir", str(one), *argv]) == 0
+    for i in range(2):
+        assert score(["--output-dir", str(many), *argv, "--num-shards", "2", "--shard-index", str(i)]) == 0
+    assert score(["--output-dir", str(many), *argv, "--num-shards", "2", "--merge"]) == 0
+    a, b = (read_rows(d / "memorization" / "scores.jsonl") for d in (one, many))
+    assert [(r["id"], r["prefix_text"], r["suffix_text"]) for r in a] == \
+           [(r["id"], r["prefix_text"], r["suffix_text"]) for r in b]
+    assert _parquet_rows(many / "memorization" / "scores.parquet") == b
+
+
+def test_no_group_column_prints_all_once_and_window_pitfalls_warn(tmp_path, capsys):
+    from test_data import WORDS
+
+    text = " ".join(WORDS * 4)
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": text}, {"text": "too short"}])
+    argv = ["--output-dir", str(tmp_path), "--dataset", data, "--device", "cpu", "--prefix-len", "8",
+            "--suffix-len", "8", "--windowing", "sliding", "--stride", "12", "--metrics", "exact"]
+    assert score(argv) == 0
+    out, err = capsys.readouterr()
+    table = out[out.index("group "):].splitlines()
+    assert [ln.split()[0] for ln in table[1:] if ln.strip()] == ["all"]
+    assert ("--stride 12 is shorter than a window of 16 tokens (--prefix-len 8 + --suffix-len 8): consecutive "
+            "windows share 4 tokens") in err
+    assert "1 of 2 documents are shorter than a window of 16 tokens (--prefix-len 8 + --suffix-len 8)" in err

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import gguf
@@ -17,6 +20,7 @@ import transformers
 from conftest import build_tiny_model
 
 from memcirc import artifacts as art
+from memcirc import hub
 from memcirc import preflight as pipeline_preflight
 from memcirc.errors import InputError
 from memcirc.models import ModelSpec, load, loading, preflight, resolve_device, resolve_dtype
@@ -143,6 +147,100 @@ def test_hub_id_not_in_cache_is_one_clear_line() -> None:
     with pytest.raises(InputError, match="neither a local folder nor in the Hugging Face cache") as err:
         load(ModelSpec("nobody-here/no-such-model", device="cpu"))
     assert "Hub is unreachable" in one_line_error(err)
+
+
+@pytest.fixture
+def hub_down(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The Hub unreachable (HF_ENDPOINT on a closed local port) and no offline choice of the user's (the
+    tests' HF_HUB_OFFLINE=1 undone, also in the modules that copied it). Returns the host of every name
+    lookup: the probe's is 127.0.0.1, a huggingface_hub request would look up huggingface.co (refused here,
+    so no test reaches the network)."""
+    import datasets.config
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    for var in hub.OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for module, attribute in hub._IMPORTED_COPIES:
+        monkeypatch.setattr(sys.modules[module], attribute, False)
+    monkeypatch.setattr(hub, "_probed", None)
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def counted(host, *args, **kwargs):
+        lookups.append(host)
+        if host != "127.0.0.1":
+            raise socket.gaierror(socket.EAI_NONAME, "no network in tests")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counted)
+    assert not (datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE
+                or transformers.utils.hub.is_offline_mode())
+    return lookups
+
+
+def _offline_everywhere() -> bool:
+    import datasets.config
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    return (os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+            and huggingface_hub.constants.HF_HUB_OFFLINE and transformers.utils.hub.is_offline_mode()
+            and datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE)
+
+
+def test_unreachable_hub_sets_offline_mode_and_fails_at_once(hub_down: list[str]) -> None:
+    """One probe, no retries: offline mode is on everywhere and the miss is the usual clear line."""
+    with pytest.raises(InputError, match="neither a local folder nor in the Hugging Face cache") as err:
+        load(ModelSpec("nobody-here/no-such-model", device="cpu"))
+    assert "Hub is unreachable" in one_line_error(err)
+    assert _offline_everywhere()
+    assert hub_down == ["127.0.0.1"]   # the probe only: huggingface_hub never tried the network
+    with pytest.raises(InputError, match="no usable tokenizer for --tokenizer nobody-here/tok"):
+        load(ModelSpec(str(REPO / "memcirc" / "testbed" / "model"), tokenizer="nobody-here/tok", device="cpu"))
+    assert hub_down == ["127.0.0.1"]   # probed once per process
+
+
+def test_unreachable_hub_dataset_names_the_way_out(hub_down: list[str]) -> None:
+    from memcirc.sources import load_hub_dataset
+
+    with pytest.raises(InputError) as err:
+        load_hub_dataset("nobody-here/no-such-dataset", "train")
+    message = one_line_error(err)
+    assert "could not load dataset 'nobody-here/no-such-dataset'" in message
+    assert "did not answer, so memcirc ran offline" in message and "local JSONL, Parquet or TXT file" in message
+    assert _offline_everywhere() and hub_down == ["127.0.0.1"]
+
+
+def test_no_probe_for_local_names_or_a_users_choice(hub_down: list[str], tiny_model_dirs: dict,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    load(ModelSpec(str(tiny_model_dirs["gpt2"]), device="cpu"))
+    assert hub_down == [] and "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")   # the user wants the Hub: no probe, no offline mode
+    assert not hub.offline_unless_reachable() and hub_down == []
+
+
+def test_a_hub_that_answers_is_used(monkeypatch: pytest.MonkeyPatch, hub_down: list[str]) -> None:
+    """An HTTP answer below 500 (here a local server's 404) counts as reachable: offline mode stays off."""
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert not hub.offline_unless_reachable()
+    finally:
+        thread.join(10)
+        server.server_close()
+    assert "HF_HUB_OFFLINE" not in os.environ and hub_down == ["127.0.0.1"]
 
 
 def test_revision_and_gguf_file_need_the_right_source(tiny_model_dirs: dict) -> None:

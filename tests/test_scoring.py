@@ -1,14 +1,17 @@
 """Metrics: independent computations must agree (teacher-forced vs generated, ours vs nltk)."""
 
+import copy
+import io
 import random
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from nltk.translate.bleu_score import sentence_bleu
 
 from bench.baselines import full_generation_scores
 from memcirc.data import Columns, Window, load_documents, make_windows
-from memcirc.scoring import bleu4, levenshtein, score_windows, summarize
+from memcirc.scoring import add_texts, bleu4, levenshtein, parquet_bytes, score_windows, summarize
 from memcirc.testbed import EVAL_DOCUMENTS
 
 GEN_METRICS = ["exact", "lcp", "tf_accuracy", "token_match", "bleu4", "levenshtein"]
@@ -169,3 +172,41 @@ def test_meter_lines_carry_rate_and_eta(monkeypatch):
                         "scoring: 20/40 windows (50%), 2 windows/s, ETA 10 s",
                         "scoring: done, 20 windows in 40 s (0.5 windows/s)"]
     assert logs.duration(185) == "3 min 05 s" and logs.duration(7620) == "2 h 07 min"
+
+
+def test_decoded_texts_show_every_token(testbed, ours):
+    """prefix_text + suffix_text is the window's tokens decoded one by one (no token dropped or merged);
+    continuation_text is the greedy continuation's, the true suffix's where exact."""
+    rows = copy.deepcopy(ours)
+    add_texts(rows, testbed.tokenizer, continuation=True)
+    tok = testbed.tokenizer
+
+    def one_by_one(ids):
+        return "".join(tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids)
+
+    for r in rows:
+        assert r["prefix_text"] + r["suffix_text"] == one_by_one(r["tokens"]), r["id"]
+        assert r["prefix_text"] == one_by_one(r["tokens"][:r["prefix_len"]])
+        assert r["continuation_text"] == (r["suffix_text"] if r["exact"] else one_by_one(r["generated"]))
+    assert any(r["continuation_text"] != r["suffix_text"] for r in rows)
+    teacher_forced_only = [{k: v for k, v in r.items() if k in ("tokens", "prefix_len")} for r in ours[:3]]
+    add_texts(teacher_forced_only, tok, continuation=False)
+    assert all(set(r) == {"tokens", "prefix_len", "prefix_text", "suffix_text"} for r in teacher_forced_only)
+
+
+def test_special_tokens_are_kept_in_the_text(testbed):
+    tok = testbed.tokenizer
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    row = {"tokens": [eos, 100, 101, eos], "prefix_len": 2}
+    add_texts([row], tok, continuation=False)
+    assert row["prefix_text"].startswith(tok.eos_token) and row["suffix_text"].endswith(tok.eos_token)
+
+
+def test_parquet_rows_equal_the_jsonl_rows(ours):
+    """Every key of any row is a column; a row without it (exact windows have no 'generated') reads None."""
+    rows = copy.deepcopy([r for r in ours if r["exact"]][:20] + [r for r in ours if not r["exact"]][:20])
+    rows[1]["note"] = "only here"   # a key only one row has
+    table = pq.read_table(io.BytesIO(parquet_bytes(rows)))
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    assert table.column_names == names
+    assert table.to_pylist() == [{k: r.get(k) for k in names} for r in rows]

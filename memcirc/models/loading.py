@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from memcirc import hub
 from memcirc.errors import InputError
 from memcirc.models import gguf, weights
 from memcirc.models.arch import ArchSpec, arch_for
@@ -156,6 +157,7 @@ def _resolve_source(spec: ModelSpec) -> _Source:
         return _local_source(path.resolve(), spec)
     if _looks_like_path(name):
         raise InputError(f"model folder {name} does not exist")
+    hub.offline_unless_reachable()   # an unreachable Hub: the cache, or the error at once, not ~50 s of retries
     return _Source(name, None, is_hub=True)
 
 
@@ -261,6 +263,8 @@ def _override_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise InputError(f"no usable tokenizer for --tokenizer {name}: the folder has none of "
                          f"{', '.join(_TOKENIZER_FILES)}")
+    if not path.exists():
+        hub.offline_unless_reachable()
     return _pretrained_tokenizer(str(path.resolve()) if path.exists() else name, {}, f"--tokenizer {name}")
 
 
