@@ -1,19 +1,30 @@
-"""predict_memorization: features on hand-made sequences, the n-gram index against a Counter, our
-metrics against sklearn.metrics, grouped permutation importance against sklearn.inspection, and the
-stage on the testbed canaries (labels from scores.jsonl or from tables) with its bad input."""
+"""predict_memorization: features on hand-made sequences, both n-gram index backends (tokengrams, hash)
+against a Counter and each other, the reported metrics against hand-computed values and the formulas
+of tests/reference.py, grouped permutation importance against sklearn.inspection, and the stage on
+the testbed canaries (labels from scores.jsonl or from tables) with its bad input."""
 
 import json
 import shutil
 import subprocess
 import sys
 from collections import Counter
+from typing import cast
 
 import numpy as np
 import pytest
 from conftest import REPO, build_tiny_model, build_tiny_tokenizer, rerecord
+from reference import (
+    average_precision_steps,
+    pr_points_steps,
+    roc_auc_pairs,
+    roc_points_steps,
+    threshold_counts,
+)
 
 from memcirc.cli import main
+from memcirc.errors import InputError
 from memcirc.predict.evaluate import (
+    all_metrics,
     average_precision,
     fit_classifier,
     fold_statistics,
@@ -35,8 +46,10 @@ from memcirc.predict.features import (
     token_logprobs,
     zlib_ratio,
 )
+from memcirc.predict.hashindex import HashIndex, build_index, ngram_hashes
 from memcirc.predict.labels import doc_kind
-from memcirc.predict.ngram import build_index, load_index, ngram_hashes
+from memcirc.predict.ngram import load_index
+from memcirc.predict.suffixindex import build_suffix_index
 from memcirc.stages.predict_memorization import headline
 from memcirc.testbed import CHECKPOINTS_DIR, GROUND_TRUTH
 
@@ -53,24 +66,59 @@ def _jsonl(path):
 
 # -- the n-gram index and the features -------------------------------------------------------
 
-def test_index_counts_equal_a_counter_of_tuples():
+def _build(backend, docs, n, vocab_size, folder, **kw):
+    if backend == "hash":
+        return build_index(iter(docs), n, vocab_size=vocab_size, **kw)
+    return build_suffix_index(iter(docs), n, vocab_size, folder / "ngram_index.safetensors", **kw)
+
+
+@pytest.mark.parametrize("backend", ["hash", "tokengrams"])
+def test_a_hand_made_corpus_gives_the_hand_counted_bigrams(backend, tmp_path):
+    # bigrams of [1 2 3 1 2] and [2 3 1 2]: (1,2) 3 times, (2,3) and (3,1) twice; (2,2) only across the border
+    index = _build(backend, [np.array([1, 2, 3, 1, 2]), np.array([2, 3, 1, 2])], 2, 5, tmp_path)
+    counts = {q: int(index.ngram_counts(np.array(q))[0]) for q in [(1, 2), (2, 3), (3, 1), (2, 2), (4, 1)]}
+    assert counts == {(1, 2): 3, (2, 3): 2, (3, 1): 2, (2, 2): 0, (4, 1): 0}
+    assert index.distinct == 3 and index.unigram.tolist() == [0, 3, 4, 2, 0]
+    np.testing.assert_array_equal(index.ngram_counts(np.array([2, 3, 1, 2, 2])), [2, 2, 3, 0])
+
+
+@pytest.mark.parametrize("backend", ["hash", "tokengrams"])
+def test_index_counts_equal_a_counter_of_tuples(backend, tmp_path):
     rng = np.random.default_rng(0)
     motif = rng.integers(0, 50, 12)
     docs = [np.concatenate([rng.integers(0, 50, rng.integers(3, 30)), motif, rng.integers(0, 50, 5)])
             for _ in range(40)] + [rng.integers(0, 50, 2)]          # one document shorter than n
     n = 4
     truth = Counter(tuple(d[i:i + n].tolist()) for d in docs for i in range(len(d) - n + 1))
-    index = build_index(iter(docs), n, vocab_size=50)
-    chunked = build_index(iter(docs), n, vocab_size=50, flush_every=7)    # merged partial counts
+    index = _build(backend, docs, n, 50, tmp_path)
     queries = list(truth) + [tuple(rng.integers(0, 50, n).tolist()) for _ in range(200)]
-    hashes = ngram_hashes(np.array(queries), n)[:, 0]
     expected = np.array([truth.get(q, 0) for q in queries])
-    np.testing.assert_array_equal(index.count(hashes), expected)
-    np.testing.assert_array_equal(chunked.count(hashes), expected)
-    assert index.hashes.size == len(truth) and np.all(np.diff(index.hashes.astype(np.float64)) >= 0)
+    np.testing.assert_array_equal([int(index.ngram_counts(np.array(q))[0]) for q in queries], expected)
+    assert index.distinct == len(truth)
     np.testing.assert_array_equal(index.unigram, np.bincount(np.concatenate(docs), minlength=50))
-    budget = build_index(iter(docs), n, vocab_size=50, token_budget=100)
+    budget = _build(backend, docs, n, 50, tmp_path / "budget", token_budget=100)
     assert int(budget.meta["n_tokens"]) == 100 and budget.unigram.sum() == 100
+    if backend == "hash":     # merged partial counts; the hashes are sorted
+        chunked = build_index(iter(docs), n, vocab_size=50, flush_every=7)
+        np.testing.assert_array_equal(chunked.count(ngram_hashes(np.array(queries), n)[:, 0]), expected)
+        assert isinstance(index, HashIndex) and np.all(np.diff(index.hashes.astype(np.float64)) >= 0)
+    else:                     # one suffix index counts every n
+        for m in (1, 3, 9):
+            other = Counter(tuple(d[i:i + m].tolist()) for d in docs for i in range(len(d) - m + 1))
+            again = load_index(tmp_path / "ngram_index.safetensors", m)
+            assert again.distinct == len(other)
+            assert [int(again.ngram_counts(np.array(q))[0]) for q in list(other)[:50]] == list(other.values())[:50]
+
+
+def test_both_backends_count_the_same_on_a_random_corpus(tmp_path):
+    rng = np.random.default_rng(10)
+    docs = [rng.integers(0, 30, rng.integers(1, 200)) for _ in range(300)]
+    docs += docs[:40]                                                  # duplicated documents
+    hashed, suffix = _build("hash", docs, 6, 70000, tmp_path), _build("tokengrams", docs, 6, 70000, tmp_path)
+    assert suffix.meta["token_dtype"] == "uint32"                      # 70000 ids do not fit in uint16
+    assert hashed.distinct == suffix.distinct and hashed.meta["n_tokens"] == suffix.meta["n_tokens"]
+    for q in docs[::7] + [rng.integers(0, 30, 50) for _ in range(20)]:
+        np.testing.assert_array_equal(hashed.ngram_counts(q), suffix.ngram_counts(q))
 
 
 def test_index_round_trips_through_safetensors(tmp_path):
@@ -81,14 +129,29 @@ def test_index_round_trips_through_safetensors(tmp_path):
     assert back.n == 3 and back.meta["tokenizer_sha256"] == "abc" and back.meta["corpus"] == '{"corpus": "x"}'
     for name in ("hashes", "counts", "unigram"):
         np.testing.assert_array_equal(getattr(back, name), getattr(index, name))
-    assert back.hashes.dtype == np.uint64
+    assert isinstance(back, HashIndex) and back.hashes.dtype == np.uint64 and back.backend == "hash"
 
 
-def test_a_sequence_repeated_in_the_corpus_gets_the_higher_duplication_count():
+def test_a_suffix_index_round_trips_and_needs_its_files(tmp_path):
+    path = tmp_path / "ngram_index.safetensors"
+    index = build_suffix_index(iter([np.arange(20) % 7, np.arange(9)]), 3, 10, path, meta={"tokenizer_sha256": "abc"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(index.files(path)) == [
+        "ngram_index.safetensors", "ngram_index.table", "ngram_index.tokens"]
+    assert (tmp_path / "ngram_index.table").stat().st_size == 8 * (29 + 2)     # a u64 per token and separator
+    back = load_index(path)
+    assert back.backend == "tokengrams" and back.meta["tokenizer_sha256"] == "abc" and back.distinct == index.distinct
+    np.testing.assert_array_equal(back.ngram_counts(np.arange(7)), index.ngram_counts(np.arange(7)))
+    (tmp_path / "ngram_index.table").unlink()
+    with pytest.raises(InputError, match="lacks ngram_index.table"):
+        load_index(path)
+
+
+@pytest.mark.parametrize("backend", ["hash", "tokengrams"])
+def test_a_sequence_repeated_in_the_corpus_gets_the_higher_duplication_count(backend, tmp_path):
     rng = np.random.default_rng(1)
     repeated, once, unseen = (rng.integers(0, 200, 24) for _ in range(3))
     corpus = [repeated, rng.integers(0, 200, 50), repeated, once, repeated, rng.integers(0, 200, 50)]
-    index = build_index(iter(corpus), 4, vocab_size=200)
+    index = _build(backend, corpus, 4, 200, tmp_path)
     a, b, c = (duplication_features(s, 12, index) for s in (repeated, once, unseen))
     assert a["dup_min"] == pytest.approx(np.log(4)) and b["dup_min"] == pytest.approx(np.log(2))
     for key in ("dup_mean", "dup_max", "dup_min", "dup_prefix_min"):
@@ -131,7 +194,23 @@ def test_batched_logprobs_equal_one_sequence_at_a_time(testbed):
         np.testing.assert_allclose(lp, direct, atol=2e-5)
 
 
-# -- metrics against sklearn.metrics ---------------------------------------------------------
+# -- the reported metrics against hand-computed values and tests/reference.py ------------------
+
+def test_metrics_of_a_hand_made_input_equal_the_hand_computed_values():
+    # positives score 0.9, 0.6, 0.4; negatives 0.6, 0.3, 0.1 (one tie)
+    y, score = np.array([1, 1, 0, 1, 0, 0]), np.array([0.9, 0.6, 0.6, 0.4, 0.3, 0.1])
+    m = all_metrics(y, score)
+    assert m["auroc"] == pytest.approx((3 + 2.5 + 2) / 9)                 # pairs won, the tie one half
+    assert m["pr_auc"] == pytest.approx(1 / 3 * 1 + 1 / 3 * 2 / 3 + 1 / 3 * 3 / 4)   # ΔR·P at 0.9, 0.6, 0.4
+    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))   # >= 0.5: 2 tp, 1 fp
+    fpr, tpr = roc_points(y, score)
+    np.testing.assert_allclose(fpr, [0, 0, 1 / 3, 1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 1, 1, 1])
+    recall, precision = pr_points(y, score)
+    np.testing.assert_allclose(recall, [1 / 3, 2 / 3, 1, 1, 1])
+    np.testing.assert_allclose(precision, [1, 2 / 3, 3 / 4, 3 / 5, 1 / 2])
+    assert np.isnan(roc_auc(np.ones(3), score[:3])) and np.isnan(average_precision(np.zeros(3), score[:3]))
+
 
 def _fixed_input():
     rng = np.random.default_rng(4)
@@ -140,40 +219,27 @@ def _fixed_input():
     return y, score
 
 
-def test_ranking_metrics_equal_sklearn():
-    from sklearn import metrics as M
-
+def test_ranking_metrics_equal_the_reference_formulas():
     y, score = _fixed_input()
-    assert roc_auc(y, score) == pytest.approx(M.roc_auc_score(y, score), abs=1e-12)
-    assert average_precision(y, score) == pytest.approx(M.average_precision_score(y, score), abs=1e-12)
-    fpr, tpr = roc_points(y, score)
-    sk_fpr, sk_tpr, _ = M.roc_curve(y, score, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, sk_fpr)
-    np.testing.assert_allclose(tpr, sk_tpr)
-    recall, precision = pr_points(y, score)
-    sk_p, sk_r, _ = M.precision_recall_curve(y, score)
-    np.testing.assert_allclose(recall, sk_r[:-1][::-1])      # sklearn appends (recall 0, precision 1)
-    np.testing.assert_allclose(precision, sk_p[:-1][::-1])
+    yl, sl = y.tolist(), score.tolist()
+    assert roc_auc(y, score) == pytest.approx(roc_auc_pairs(yl, sl), abs=1e-12)
+    assert average_precision(y, score) == pytest.approx(average_precision_steps(yl, sl), abs=1e-12)
+    ours = (*roc_points(y, score), *pr_points(y, score))
+    for a, b in zip(ours, (*roc_points_steps(yl, sl), *pr_points_steps(yl, sl)), strict=True):
+        np.testing.assert_allclose(a, b)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.75, 2.0])     # 2.0: nothing predicted positive
-def test_threshold_metrics_equal_sklearn(threshold):
-    from sklearn import metrics as M
-
+def test_threshold_metrics_equal_the_confusion_counts(threshold):
     y, score = _fixed_input()
-    pred = (score >= threshold).astype(int)
-    ours = threshold_metrics(y, score, threshold)
-    assert ours["precision"] == pytest.approx(M.precision_score(y, pred, zero_division=0))
-    assert ours["recall"] == pytest.approx(M.recall_score(y, pred, zero_division=0))
-    assert ours["f1"] == pytest.approx(M.f1_score(y, pred, zero_division=0))
+    assert threshold_metrics(y, score, threshold) == pytest.approx(threshold_counts(y.tolist(), score.tolist(),
+                                                                                    threshold))
 
 
-def test_t_interval_equals_scipy_and_covers_the_mean():
-    from scipy import stats
-
-    values = [0.91, 0.97, 0.88, 0.95, 0.93]
-    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
-    assert t_interval(values) == pytest.approx((lo, hi))
+def test_t_interval_equals_the_hand_computed_one_and_covers_the_mean():
+    values = [0.91, 0.97, 0.88, 0.95, 0.93]      # mean 0.928, sample variance 0.00488 / 4; t(0.975, 4) = 2.776445
+    half = 2.776445105 * (0.00488 / 4 / 5) ** 0.5
+    assert t_interval(values) == pytest.approx((0.928 - half, 0.928 + half), abs=1e-9)
     assert t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5) and t_interval([0.9, 1.0, 1.0])[1] == 1.0   # clipped
     rng = np.random.default_rng(5)                                   # coverage over 2000 samples of 5 folds
     samples = 0.6 + 0.05 * rng.standard_normal((2000, 5))
@@ -192,12 +258,13 @@ def test_fold_statistics_report_mean_interval_and_folds():
 
 def test_grouped_importance_of_single_columns_equals_sklearn():
     from sklearn.inspection import permutation_importance
+    from sklearn.utils import Bunch
 
     rng = np.random.default_rng(6)
     X = rng.standard_normal((120, 4))
     y = (X[:, 0] + 0.5 * X[:, 1] + 0.3 * rng.standard_normal(120) > 0.8).astype(int)
     model = fit_classifier("logistic_regression", make_classifier("logistic_regression", 0), X, y)
-    ref = permutation_importance(model, X, y, scoring=pr_auc_scorer, n_repeats=5, random_state=7)
+    ref = cast(Bunch, permutation_importance(model, X, y, scoring=pr_auc_scorer, n_repeats=5, random_state=7))
     ours = group_permutation_importance(model, X, y, {f"x{j}": [j] for j in range(4)}, 5, 7)
     for j in range(4):
         np.testing.assert_allclose(ours[f"x{j}"], ref.importances[j], atol=1e-12)
@@ -236,28 +303,28 @@ def test_stage_separates_memorized_windows_and_ranks_the_control_below_duplicati
     assert manifest["stage"] == "predict_memorization" and manifest["status"] == "complete"
     written = {o["path"] for o in manifest["outputs"]}
     assert written == {"features.jsonl", "predictions.jsonl", "summary.json", "roc.png", "pr.png", "importance.png",
-                       "features.png", "ngram_index.safetensors"}
+                       "features.png", "ngram_index.safetensors", "ngram_index.tokens", "ngram_index.table"}
     assert all((predicted / p).stat().st_size > 0 for p in written)
 
 
-def test_summary_metrics_equal_sklearn_on_the_written_predictions(predicted):
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
+def test_summary_metrics_equal_the_reference_formulas_on_the_written_predictions(predicted):
     summary = json.loads((predicted / "summary.json").read_text())
     rows = _jsonl(predicted / "predictions.jsonl")
-    y = np.array([r["label"] for r in rows])
+    y = [r["label"] for r in rows]
     fold = np.array([r["fold"] for r in rows])
     assert set(fold) == set(range(5))
     sizes = [(fold == k).sum() for k in range(5)]
-    positives = [y[fold == k].sum() for k in range(5)]
+    positives = [np.array(y)[fold == k].sum() for k in range(5)]
     assert max(sizes) - min(sizes) <= 1 and max(positives) - min(positives) <= 1     # stratified
     for name, c in summary["classifiers"].items():
-        p = np.array([r[f"p_{name}"] for r in rows])
-        assert c["pooled"]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
+        p = [r[f"p_{name}"] for r in rows]
+        assert c["pooled"]["auroc"] == pytest.approx(roc_auc_pairs(y, p), abs=1e-5)
+        assert c["pooled"]["pr_auc"] == pytest.approx(average_precision_steps(y, p), abs=1e-5)
+        assert c["pooled"]["f1"] == pytest.approx(threshold_counts(y, p, 0.5)["f1"], abs=1e-5)
         for k in range(5):
-            assert c["cv"]["auroc"]["folds"][k] == pytest.approx(roc_auc_score(y[fold == k], p[fold == k]), abs=1e-5)
-            assert c["cv"]["pr_auc"]["folds"][k] == pytest.approx(
-                average_precision_score(y[fold == k], p[fold == k]), abs=1e-5)
+            yk, pk = [v for v, f in zip(y, fold) if f == k], [v for v, f in zip(p, fold) if f == k]
+            assert c["cv"]["auroc"]["folds"][k] == pytest.approx(roc_auc_pairs(yk, pk), abs=1e-5)
+            assert c["cv"]["pr_auc"]["folds"][k] == pytest.approx(average_precision_steps(yk, pk), abs=1e-5)
     best = summary["classifiers"][summary["best_classifier"]]
     assert summary["auroc"] == max(c["cv"]["auroc"]["mean"] for c in summary["classifiers"].values())
     assert summary["pr_auc"] == best["cv"]["pr_auc"]["mean"]
@@ -290,20 +357,27 @@ def test_rerun_is_a_no_op_another_config_refuses(predicted, scored, capsys):
     assert predict(["--output-dir", str(scored), "--folds", "4"]) == 2
 
 
-def test_a_saved_index_is_reused_and_one_of_another_n_refused(predicted, scored, tmp_path, capsys):
-    index = predicted / "ngram_index.safetensors"
-    out = tmp_path / "reuse"
-    mem = ["--input-dir", str(scored / "memorization")]
-    assert predict(["--output-dir", str(out), *mem, "--index-file", str(index), "--classifiers",
-                    "logistic_regression"]) == 0
+def test_a_saved_index_is_reused_the_hash_backend_agrees_and_its_other_n_refused(predicted, scored, tmp_path,
+                                                                                  capsys):
+    index = predicted / "ngram_index.safetensors"       # the default backend's: tokengrams
+    mem = ["--input-dir", str(scored / "memorization"), "--classifiers", "logistic_regression"]
     a = {r["id"]: r for r in _jsonl(predicted / "features.jsonl")}
-    b = {r["id"]: r for r in _jsonl(out / "predict" / "features.jsonl")}
-    assert a == b
-    manifest = json.loads((out / "predict" / "manifest.json").read_text())
-    assert "ngram_index.safetensors" not in {o["path"] for o in manifest["outputs"]}
+    assert predict(["--output-dir", str(tmp_path / "reuse"), *mem, "--index-file", str(index)]) == 0
+    assert a == {r["id"]: r for r in _jsonl(tmp_path / "reuse" / "predict" / "features.jsonl")}
+    manifest = json.loads((tmp_path / "reuse" / "predict" / "manifest.json").read_text())
+    assert not any(o["path"].startswith("ngram_index") for o in manifest["outputs"])
     assert any(i.get("path") == str(index) for i in manifest["inputs"])
-    capsys.readouterr()
-    assert predict(["--output-dir", str(tmp_path / "n4"), *mem, "--index-file", str(index), "--ngram", "4"]) == 2
+    hashed = tmp_path / "hash" / "predict"              # the other backend counts the same n-grams
+    assert predict(["--output-dir", str(hashed.parent), *mem, "--ngram-index", "hash"]) == 0
+    assert a == {r["id"]: r for r in _jsonl(hashed / "features.jsonl")}
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (predicted, hashed))
+    assert (ours["distinct_ngrams"], ours["corpus_tokens"]) == (theirs["distinct_ngrams"], theirs["corpus_tokens"])
+    manifest = json.loads((hashed / "manifest.json").read_text())
+    assert [o["path"] for o in manifest["outputs"] if o["path"].startswith("ngram_index")] == [
+        "ngram_index.safetensors"]
+    capsys.readouterr()                                 # a hash index has one n
+    assert predict(["--output-dir", str(tmp_path / "n4"), *mem, "--index-file", str(hashed / "ngram_index.safetensors"),
+                    "--ngram", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "8-grams" in err and not (tmp_path / "n4").exists()
 

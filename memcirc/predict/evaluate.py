@@ -3,11 +3,10 @@
 - Classifiers: scikit-learn GradientBoostingClassifier with class-balanced sample weights, and
   LogisticRegression(class_weight="balanced") on standardized features. StratifiedKFold (shuffled,
   seeded); every classifier sees the same folds; predictions are out-of-fold.
-- Metrics are computed here (numpy/scipy; tests check them against sklearn.metrics): AUROC (Mann-
-  Whitney, ties counted one half), PR-AUC as average precision (sklearn's step-wise sum, no
-  interpolation), and precision / recall / F1 at probability >= 0.5 of the class-balanced model, a
-  fixed rule that never looks at a test fold. Per-fold values -> mean and a 95 % Student-t interval
-  over the folds (clipped to [0, 1]), `fold_statistics`.
+- Metrics are sklearn.metrics': AUROC (Mann-Whitney, ties counted one half), PR-AUC as average
+  precision (step-wise sum, no interpolation), and precision / recall / F1 at probability >= 0.5 of
+  the class-balanced model, a fixed rule that never looks at a test fold. Per-fold values -> mean
+  and a 95 % Student-t interval over the folds (scipy.stats.t, clipped to [0, 1]), `fold_statistics`.
 - Importance: permutation importance on each held-out fold (sklearn.inspection, seeded): the drop in
   held-out PR-AUC (with rare positives AUROC is dominated by the many easy negatives and barely moves),
   per feature and per feature group (a group's columns permuted together with one permutation, so
@@ -16,16 +15,22 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from scipy.stats import rankdata, t
+from scipy.stats import sem, t
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.inspection import permutation_importance
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -41,61 +46,42 @@ CLASSIFIERS = ("gradient_boosting", "logistic_regression")
 CLASSIFICATION_METRICS = ("auroc", "pr_auc", "precision", "recall", "f1")
 
 
-# -- metrics (checked against sklearn.metrics in tests) ------------------------------------------
+# -- metrics: sklearn.metrics and scipy.stats, with the edge cases this stage reports ----------------
+
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < int(np.sum(y)) < len(y)
+
 
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """P(score of a random positive > that of a random negative) + 1/2 P(tie) (Mann-Whitney U)."""
-    y = np.asarray(y).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(np.asarray(score, np.float64), method="average")
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _descending_counts(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thresholds, tp, fp) at every distinct score, from the highest down."""
-    y = np.asarray(y).astype(bool)
-    score = np.asarray(score, np.float64)
-    order = np.argsort(-score, kind="stable")
-    s, truth = score[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]   # the last row of each distinct score
-    tp = np.cumsum(truth)[last]
-    fp = (last + 1) - tp
-    return s[last], tp.astype(np.float64), fp.astype(np.float64)
+    """AUROC (Mann-Whitney: ties count one half); NaN without both classes (sklearn raises there)."""
+    y = np.asarray(y).astype(int)
+    return float(roc_auc_score(y, score)) if _both_classes(y) else float("nan")
 
 
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
-    """Σ_k (R_k - R_{k-1}) P_k over the distinct thresholds, highest first (no interpolation)."""
-    _, tp, fp = _descending_counts(y, score)
-    if tp[-1] == 0:
-        return float("nan")
-    precision = tp / (tp + fp)
-    recall = tp / tp[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    """Average precision (step-wise, no interpolation); NaN without a positive (sklearn warns, gives 0)."""
+    y = np.asarray(y).astype(int)
+    return float(average_precision_score(y, score)) if y.any() else float("nan")
 
 
 def roc_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) at every distinct threshold, from (0, 0)."""
-    _, tp, fp = _descending_counts(y, score)
-    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+    fpr, tpr, _ = roc_curve(np.asarray(y).astype(int), score, drop_intermediate=False)
+    return fpr, tpr
 
 
 def pr_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision) at every distinct threshold, highest first."""
-    _, tp, fp = _descending_counts(y, score)
-    return tp / tp[-1], tp / (tp + fp)
+    """(recall, precision) at every distinct threshold, highest first (sklearn's closing (0, 1) left off)."""
+    precision, recall, _ = precision_recall_curve(np.asarray(y).astype(int), score)
+    return recall[-2::-1], precision[-2::-1]
 
 
 def threshold_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = DECISION_THRESHOLD) -> dict[str, float]:
-    """precision, recall, F1 of `prob >= threshold` (0 where undefined, as zero_division=0)."""
-    y = np.asarray(y).astype(bool)
-    pred = np.asarray(prob) >= threshold
-    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
+    """precision, recall, F1 of `prob >= threshold` (0 where undefined)."""
+    pred = (np.asarray(prob) >= threshold).astype(int)
+    p, r, f, _ = precision_recall_fscore_support(np.asarray(y).astype(int), pred, average="binary", pos_label=1,
+                                                 zero_division=0)  # pyright: ignore[reportArgumentType] (stub: str)
+    return {"precision": float(p), "recall": float(r), "f1": float(f)}
 
 
 def all_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = DECISION_THRESHOLD) -> dict[str, float]:
@@ -103,13 +89,14 @@ def all_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = DECISION_THR
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of the mean of `values` (e.g. per-fold scores), clipped to [0, 1]."""
+    """Student-t interval of the mean of `values` (e.g. per-fold scores), clipped to [0, 1]; a point
+    when the values do not vary (scipy gives NaN for a zero scale)."""
     v = np.asarray(values, np.float64)
     mean = float(v.mean())
     if v.size < 2 or float(v.std(ddof=1)) == 0.0:
         return (mean, mean)
-    half = float(t.ppf(0.5 + confidence / 2, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return (max(mean - half, 0.0), min(mean + half, 1.0))
+    lo, hi = t.interval(confidence, v.size - 1, loc=mean, scale=sem(v))
+    return (max(float(lo), 0.0), min(float(hi), 1.0))
 
 
 def fold_statistics(per_fold: Sequence[dict[str, float]]) -> dict[str, dict[str, Any]]:

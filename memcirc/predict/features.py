@@ -20,7 +20,7 @@ import torch
 from memcirc.logs import progress
 from memcirc.models import LoadedModel
 from memcirc.predict.labels import Example
-from memcirc.predict.ngram import NgramIndex, ngram_hashes
+from memcirc.predict.ngram import NgramIndex
 from memcirc.scoring import pad_batch
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def repetition_features(tokens: np.ndarray) -> dict[str, float]:
 
 
 def duplication_features(tokens: np.ndarray, prefix_len: int, index: NgramIndex) -> dict[str, float]:
-    counts = index.count(ngram_hashes(tokens, index.n))
+    counts = index.ngram_counts(tokens)
     if counts.size == 0:
         return {"dup_mean": 0.0, "dup_max": 0.0, "dup_min": 0.0, "dup_prefix_min": 0.0, "dup_novel_share": 1.0}
     logc = np.log1p(counts)

@@ -107,7 +107,7 @@ def build_summary(ev: Evaluation, facts: RunFacts, index: NgramIndex) -> dict[st
         "reference_model": facts.reference_model, "ngram": index.n,
         "ngram_index": facts.ngram_index,
         "corpus": facts.corpus,
-        "corpus_tokens": int(index.meta.get("n_tokens", 0)), "distinct_ngrams": int(index.hashes.size),
+        "corpus_tokens": int(index.meta.get("n_tokens", 0)), "distinct_ngrams": int(index.distinct),
         "domain_column": facts.domain_column,
     }
 
