@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from typing import cast
 
 import numpy as np
 import pytest
@@ -85,8 +86,9 @@ def test_self_bypass_equals_hand_projection(tiny_loaded, family):
 
     def linear(role: str, x: torch.Tensor) -> torch.Tensor:
         m = A.get_module(model, spec, role, layer)
-        w = m.weight.T if spec.conv1d_weights else m.weight
-        return x @ w.T + (m.bias if getattr(m, "bias", None) is not None else 0)
+        weight, bias = cast(torch.Tensor, m.weight), cast("torch.Tensor | None", getattr(m, "bias", None))
+        w = weight.T if spec.conv1d_weights else weight
+        return x @ w.T + (bias if bias is not None else 0)
 
     def by_hand(_m, args, kwargs, out):
         x = args[0] if args else kwargs["hidden_states"]
@@ -375,3 +377,18 @@ def test_memorized_file_rows_of_a_bos_run_keep_their_bos_in_the_prefix(tmp_path)
     assert with_bos.tokens[:with_bos.prefix_len].tolist() == [1, 10, 11, 12]
     assert without.tokens[:without.prefix_len].tolist() == [10, 11, 12]
     assert [w.prefix_len for w in windows_from_file(str(path), prefix_len=3)] == [3, 3]   # no BOS run: as before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_api_bypass_resolves_the_architecture(tiny_loaded, family):
+    """memcirc.bypass_attention(model, layers) on the bare HF model = bypass_attention(model, arch, layers)."""
+    import memcirc
+
+    loaded = tiny_loaded[family]
+    with torch.no_grad():
+        with bypass_attention(loaded.model, loaded.arch, [0], "self"):
+            expected = loaded.model(IDS).logits
+        with memcirc.bypass_attention(loaded.model, 0):
+            got = loaded.model(IDS).logits
+        clean = loaded.model(IDS).logits
+    assert torch.equal(got, expected) and not torch.equal(got, clean)

@@ -1,18 +1,22 @@
-"""The edit: each module's weight in the K-FAC eigenbasis, the components kept, W' written back."""
+"""The edit: each module's weight in the K-FAC eigenbasis, the components kept, W' written back; and
+`saved_edit`, a saved edit (the stage's deltas.safetensors / edited_model/) applied to any model and
+undone on exit."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from memcirc.errors import InputError
+from memcirc.kfac.choices import FORMULAS as FORMULAS  # re-exported
 from memcirc.kfac.factors import Factors
 from memcirc.kfac.targets import Target, stored_weight, weight_of
 
-FORMULAS = ("original", "modified")
 _TINY = torch.finfo(torch.float64).tiny
 
 
@@ -268,3 +272,123 @@ class ModelEdit:
         return {t.param: (stored_weight(self.model, t).detach()
                           - (self.originals[t.name].t() if t.transposed else self.originals[t.name])).cpu()
                 for t in self.targets}
+
+
+# -- a saved edit on any model -----------------------------------------------------------------
+
+# The names the kfac_edit stage writes in its folder (memcirc/stages/kfac_edit.py DELTAS, EDITED_MODEL).
+DELTAS_FILE = "deltas.safetensors"
+EDITED_MODEL_DIR = "edited_model"
+
+
+@dataclass(frozen=True)
+class SavedEdit:
+    """What `saved_edit` applied: the edited parameters, where their new values came from, the setting."""
+
+    params: tuple[str, ...]
+    source: str                   # "edited_model" (the saved tensors) or "deltas" (weight + delta)
+    formula: str | None = None
+    rho: float | None = None
+
+
+def _stage_folder(path: Path) -> Path:
+    """The kfac stage folder of `path` (the folder itself, or `<run>/kfac`)."""
+    for folder in (path, path / "kfac"):
+        if (folder / DELTAS_FILE).is_file():
+            return folder
+    raise InputError(f"{path} holds no {DELTAS_FILE} (nor kfac/{DELTAS_FILE}): give a kfac_edit stage folder, "
+                     "its run folder or a deltas file")
+
+
+def _read_deltas(edit: str | Path | dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str],
+                                                                       Path | None]:
+    """(deltas, their metadata, the edited_model folder next to them or None)."""
+    if isinstance(edit, dict):
+        return dict(edit), {}, None
+    from safetensors import safe_open
+
+    path = Path(edit)
+    if path.is_dir():
+        folder = _stage_folder(path)
+        path, edited = folder / DELTAS_FILE, folder / EDITED_MODEL_DIR
+    elif path.is_file():
+        edited = path.parent / EDITED_MODEL_DIR
+    else:
+        raise InputError(f"K-FAC edit not found: {path}")
+    with safe_open(str(path), "pt") as fh:
+        deltas = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = fh.metadata() or {}
+    return deltas, metadata, edited if edited.is_dir() else None
+
+
+def _edited_tensors(folder: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` of a saved model folder, read without loading the rest."""
+    from safetensors import safe_open
+
+    from memcirc.models.weights import weight_files
+
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder, f"edited model {folder}"):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as fh:
+                out.update({k: fh.get_tensor(k) for k in fh.keys() if k in names})
+    missing = sorted(set(names) - set(out))
+    if missing:
+        raise InputError(f"{folder} lacks the edited tensors {missing}")
+    return out
+
+
+def _new_weights(model: torch.nn.Module, deltas: dict[str, torch.Tensor],
+                 edited_dir: Path | None) -> dict[str, torch.Tensor]:
+    """Per parameter, its edited value (model dtype): the saved edited model's tensor where there is
+    one (checked to be weight + delta, i.e. an edit of this model), else weight + delta."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(deltas) - set(params))
+    if missing:
+        raise InputError(f"the edit names parameters this model does not have: {missing[:4]}")
+    for name, delta in deltas.items():
+        if tuple(delta.shape) != tuple(params[name].shape):
+            raise InputError(f"edit of {name} has shape {tuple(delta.shape)}, the model's is "
+                             f"{tuple(params[name].shape)}")
+    summed = {n: params[n].detach().float() + d.to(params[n].device, torch.float32) for n, d in deltas.items()}
+    if edited_dir is None:
+        return {n: s.to(params[n].dtype) for n, s in summed.items()}
+    saved = _edited_tensors(edited_dir, list(deltas))
+    for name, tensor in saved.items():
+        W = params[name]
+        # weight + delta is the saved tensor up to float rounding, in the model's dtype
+        tolerance = 4 * torch.finfo(W.dtype).eps * float(tensor.abs().max().clamp_min(1e-12))
+        if float((summed[name] - tensor.to(W.device, torch.float32)).abs().max()) > tolerance:
+            raise InputError(f"{edited_dir} does not hold this model plus the edit at {name}: the edit was made "
+                             "on another model")
+    return {n: t.to(params[n].device, params[n].dtype) for n, t in saved.items()}
+
+
+@contextlib.contextmanager
+def saved_edit(model: torch.nn.Module, edit: str | Path | dict[str, torch.Tensor]) -> Iterator[SavedEdit]:
+    """Apply a saved K-FAC edit to `model` in place inside the block; restore the weights bit for bit on
+    exit, whatever happens.
+
+    `edit`: a kfac_edit stage folder or its run folder, a deltas.safetensors file (edited minus original
+    weight per parameter name, in the parameters' own layout) or such a dict. Where the stage's
+    edited_model/ is next to the deltas its tensors are used, so the model equals that folder's weights
+    exactly; a deltas file alone gives weight + delta (one float rounding from the saved tensors).
+    """
+    deltas, metadata, edited_dir = _read_deltas(edit)
+    if not deltas:
+        raise InputError("the K-FAC edit holds no tensors")
+    new = _new_weights(model, deltas, edited_dir)
+    params = dict(model.named_parameters())
+    originals = {n: params[n].detach().clone() for n in new}
+    rho = metadata.get("rho")
+    info = SavedEdit(tuple(new), "deltas" if edited_dir is None else "edited_model", metadata.get("formula"),
+                     None if rho is None else float(rho))
+    try:
+        with torch.no_grad():
+            for name, value in new.items():
+                params[name].copy_(value)
+        yield info
+    finally:
+        with torch.no_grad():
+            for name, value in originals.items():
+                params[name].copy_(value)
