@@ -51,7 +51,8 @@ def score_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted stage 1 with the real-process cases' arguments (in-process: the same bytes)."""
     from fuzz.process import SCORE
 
-    run = tmp_path_factory.mktemp("fuzz-score-ref")
+    # named "out" like the real-process cases' run: figures print their run's folder name
+    run = tmp_path_factory.mktemp("fuzz-score-ref") / "out"
     assert main("memorization_score", [*SCORE, "--output-dir", str(run)]) == 0
     return run
 
@@ -60,7 +61,7 @@ def score_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def kfac_ref(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
     from fuzz.process import KFAC
 
-    run = tmp_path_factory.mktemp("fuzz-kfac-ref")
+    run = tmp_path_factory.mktemp("fuzz-kfac-ref") / "out"
     assert main("kfac_edit", ["--config", str(CONFIG), "--device", "cpu", "--output-dir", str(run), "--input-dir",
                               str(tiny_run / "memorization"), *KFAC]) == 0
     return run
