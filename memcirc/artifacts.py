@@ -59,7 +59,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON: a NaN or infinity is a bug (undefined values are written as null where they
-    arise, see docs/stages.md), so it raises ValueError naming the file instead of writing `NaN`."""
+    arise, see docs/contract.md), so it raises ValueError naming the file instead of writing `NaN`."""
     try:
         text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
     except ValueError as e:

@@ -47,7 +47,7 @@ def memorized_windows(stage_dir: Path, rule: MemorizedRule | None = None) -> lis
 def memorization(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: int, batch_size: int,
                  metrics: Sequence[str] = ("exact", "token_match", "levenshtein"),
                  levenshtein_threshold: float = 0.75) -> dict[str, float]:
-    """Mean of every DESIGN §5 metric over `windows` (strict = exact, loose = loose_match)."""
+    """Mean of every metric of docs/memorization_score.md over `windows` (strict = exact, loose = loose_match)."""
     rows = score_windows(model, windows, pad_id=pad_id, batch_size=batch_size, metrics=metrics,
                          levenshtein_threshold=levenshtein_threshold)
     return summarize(rows)["metrics"]

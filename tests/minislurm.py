@@ -1,4 +1,4 @@
-"""A throw-away single-node SLURM cluster for the tests (the recipe of /work/shared/notes/slurm.md).
+"""A throw-away single-node SLURM cluster for the tests (docs/slurm.md, "Tests").
 
 Debian bookworm: slurmctld, slurmd, slurm-client and munge (Slurm 22.05, munge 0.5.15); `ensure_slurm`
 installs them with apt-get when they are missing and the tests run as root. Everything runs as the

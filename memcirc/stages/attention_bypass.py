@@ -2,25 +2,24 @@
 --layer-sets block sets) and measure memorization of the memorized windows against held-out perplexity.
 
 Writes summary.json (baseline and one entry per bypassed block or set), tradeoff.png and
-manifest.json (last). The interventions and the sweep are in `memcirc.bypass`.
+manifest.json (last). The interventions and the sweep are in `memcirc.bypass`, the figure (the per-block
+view) in `memcirc.bypass_figures`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import matplotlib
-import numpy as np
 import torch
 
 from memcirc import artifacts as art
 from memcirc.benchmarks import check_tasks
 from memcirc.bypass import METRICS, parse_layer_sets, parse_layers, sweep, windows_from_file
-from memcirc.config import HeldoutEval, LmEval, StageConfig, option
+from memcirc.bypass_figures import tradeoff_figure
+from memcirc.config import LmEval
 from memcirc.data import Window
 from memcirc.errors import InputError
 from memcirc.evaluation import (
@@ -31,13 +30,15 @@ from memcirc.evaluation import (
     memorized_windows,
     ppl_block_len,
 )
+from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
 from memcirc.models.arch import embedding_rows, n_ctx, n_layers
 from memcirc.models.identity import check_same_model, results_key
 from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.tokenizer import bos_policy
-from memcirc.plots import save_figure, subplots
+from memcirc.plots import figure_source
+from memcirc.stages.configs.attention_bypass import BypassConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -46,26 +47,6 @@ log = logging.getLogger(__name__)
 
 TRADEOFF_PNG = "tradeoff.png"
 TABLE_COLUMNS = ("exact", "lcp", "token_match", "loose_match")
-
-
-@dataclass
-class BypassConfig(HeldoutEval, LmEval, StageConfig):
-    """attention_bypass: per-block attention interventions, memorization vs general ability."""
-
-    stage: ClassVar[str] = "attention_bypass"
-
-    mode: str = option("self", "self: each token attends only to itself (the paper's intervention); "
-                       "zero: attention output zeroed; mean: attention output replaced by its mean over "
-                       "the held-out reference text", choices=("self", "zero", "mean"))
-    layers: list[int] = option([], "bypass only these blocks, one run each (default: every block)")
-    layer_sets: list[str] = option([], "block sets to bypass together, run after the single blocks, e.g. 0,1 2,3")
-    memorized_file: str | None = option(None, "score these windows instead of the upstream memorized set "
-                                        "(JSONL/Parquet with tokens, or the llm-memorization .npy format)")
-    batch_size: int = option(32, "sequences per forward pass", aliases=("--batch_size",), minimum=1,
-                             hashed=False)
-
-
-Config = BypassConfig
 
 
 def run(cfg: BypassConfig) -> dict[str, Any]:
@@ -96,7 +77,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
         inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
     stage = StageRun.for_config(cfg, inputs, model=results_key(loaded))
     if (done := stage.open(cfg.force)) is not None:
-        print(format_table(done))
+        show(format_table(done))
         return done
     stage.start(cfg.force)
     if warning:
@@ -119,11 +100,12 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     if bench is not None:
         summary["lm_eval"] = bench.describe()   # the setting; each run's results are in its row's "lm_eval"
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    tradeoff_figure(summary, cfg.stage_dir / TRADEOFF_PNG)
+    source = figure_source(cfg.model, cfg.output_dir, cfg.revision)
+    tradeoff_figure(summary, cfg.stage_dir / TRADEOFF_PNG, source=source)
     stage.finish({art.SUMMARY_JSON: None, TRADEOFF_PNG: None}, model=loaded.identity(), seed=cfg.seed,
                  metric={"memorization": list(METRICS), "levenshtein_threshold": cfg.levenshtein_threshold,
                          "ppl": "exp(total NLL / total predicted tokens) over held-out blocks, padding masked"})
-    print(format_table(summary))
+    show(format_table(summary))
     return summary
 
 
@@ -183,36 +165,9 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def tradeoff_figure(summary: dict[str, Any], path: Path) -> None:
-    """Exact-match rate of the memorized windows against held-out perplexity, one point per run."""
-    fig, ax = subplots(figsize=(6.5, 4.5))
-    base = summary["baseline"]
-    ax.scatter([base["ppl"]], [base["exact"]], color="black", marker="*", s=140, label="baseline", zorder=3)
-    singles = [e for e in summary["layers"] if not isinstance(e["layer"], list)]
-    sets = [e for e in summary["layers"] if isinstance(e["layer"], list)]
-    if singles:
-        colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(singles)))
-        ax.scatter([e["ppl"] for e in singles], [e["exact"] for e in singles], c=colors, s=50,
-                   label="one block", zorder=2)
-    if sets:
-        ax.scatter([e["ppl"] for e in sets], [e["exact"] for e in sets], marker="s", color="#c44e52", s=50,
-                   label="block set", zorder=2)
-    for e in summary["layers"]:
-        label = ",".join(map(str, e["layer"])) if isinstance(e["layer"], list) else str(e["layer"])
-        ax.annotate(label, (e["ppl"], e["exact"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if max(e["ppl"] for e in summary["layers"] + [base]) > 10 * base["ppl"]:
-        ax.set_xscale("log")
-    ax.set_xlabel("held-out perplexity")
-    ax.set_ylabel("exact match (memorized windows)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"attention bypass ({summary['mode']}): memorization vs perplexity")
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     blocks = ", ".join(f"{e['layer']}: {e['exact']:.2f}/{e['ppl']:.1f}" for e in summary["layers"])
     return (f"attention bypass: baseline exact {summary['baseline']['exact']:.2f}, ppl "
-            f"{summary['baseline']['ppl']:.1f}; per block exact/ppl {blocks}")
+            f"{summary['baseline']['ppl']:.1f}; per block exact/ppl {blocks} (block: exact-match rate / "
+            "held-out perplexity with its attention bypassed)")

@@ -8,16 +8,14 @@ summary.json, divergence.png and manifest.json (last). The science is in `memcir
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import MemorizedRule, StageConfig, option
+from memcirc.config import MemorizedRule
 from memcirc.contrastive import (
     Divergence,
     dataset_pairs,
@@ -26,45 +24,20 @@ from memcirc.contrastive import (
     split_by_document,
     with_splits,
 )
+from memcirc.contrastive_figures import divergence_figure
 from memcirc.data import ScoredWindow, memorized, read_scores
 from memcirc.errors import InputError
+from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
 from memcirc.models.identity import check_same_model
 from memcirc.pairs import PAIRS_JSONL, Pair, write_pairs
-from memcirc.plots import save_figure, subplots
+from memcirc.plots import figure_source
+from memcirc.stages.configs.contrastive_dataset import ContrastiveConfig
 
 log = logging.getLogger(__name__)
 
 DIVERGENCE_PNG = "divergence.png"
-
-
-@dataclass
-class ContrastiveConfig(MemorizedRule, StageConfig):
-    """contrastive_dataset: token-id pairs (clean, corrupt, answer, wrong) for circuit discovery."""
-
-    stage: ClassVar[str] = "contrastive_dataset"
-
-    contrastive_mode: str = option("divergence", "'divergence': where memorization breaks (branch "
-                                   "decision); 'dataset': memorized vs non-memorized contexts "
-                                   "(memorization decision)", aliases=("--contrastive_mode",),
-                                   choices=("divergence", "dataset"))
-    metric: str = option("bleu", "score that drives divergence detection: 'bleu' (BLEU-4) or "
-                         "'memorization' (token accuracy), as the predecessor's --metric",
-                         choices=("bleu", "memorization"))
-    drop: float = option(0.3, "divergence: relative score drop that marks the break", within="(0, 1)")
-    low_max_lcp: int = option(0, "dataset mode: a non-memorized context reproduces at most this many "
-                              "suffix tokens", minimum=0)
-    similarity: str = option("embedding", "dataset mode: rank candidates by cosine of mean-pooled last "
-                             "hidden states ('embedding') or Jaccard of token sets ('token_overlap')",
-                             choices=("embedding", "token_overlap"))
-    heldout_fraction: float = option(0.3, "fraction of documents whose pairs go to the held-out split",
-                                     within="(0, 1)")
-    batch_size: int = option(32, "sequences per forward pass / generation batch",
-                             aliases=("--batch_size",), minimum=1, hashed=False)
-
-
-Config = ContrastiveConfig
 
 
 def run(cfg: ContrastiveConfig) -> dict[str, Any]:
@@ -107,11 +80,12 @@ def run(cfg: ContrastiveConfig) -> dict[str, Any]:
         log.warning("%s", warning)
     n = write_pairs(cfg.stage_dir / PAIRS_JSONL, pairs)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    divergence_figure(divergences, cfg.stage_dir / DIVERGENCE_PNG)
+    divergence_figure(divergences, cfg.stage_dir / DIVERGENCE_PNG, cfg.metric, cfg.drop,
+                      source=figure_source(cfg.model, cfg.output_dir, cfg.revision))
     stage.finish({PAIRS_JSONL: n, art.SUMMARY_JSON: None, DIVERGENCE_PNG: None}, model=loaded.identity(),
                  seed=cfg.seed, tokenizer={"name_or_path": loaded.tokenizer.name_or_path,
                                            "vocab_size": len(loaded.tokenizer)})
-    print(headline(summary, cfg.stage_dir))
+    show(headline(summary, cfg.stage_dir))
     return summary
 
 
@@ -147,24 +121,3 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     return (f"contrastive ({summary['mode']}): {summary['n_pairs']} pairs ({summary['n_discovery']} discovery, "
             f"{summary['n_heldout']} held-out) from {summary['n_memorized']} memorized windows")
 
-
-def divergence_figure(divergences: Sequence[Divergence], path: Path) -> None:
-    """Left: context length at which memorization breaks, per group. Right: the score drop there."""
-    groups_of = [d.window.group or "all" for d in divergences]
-    resolved = [(d, g) for d, g in zip(divergences, groups_of) if d.resolved]
-    groups = sorted({g for _, g in resolved})
-    longest = max((d.window.prefix_len for d in divergences), default=1)
-    fig, (left, right) = subplots(1, 2, figsize=(11, 4))
-    left.hist([[d.position for d, g in resolved if g == group] for group in groups] or [[]],
-              bins=range(0, longest + 2), stacked=True, label=groups or None)
-    if groups:
-        left.legend(fontsize=8)
-    left.set_xlabel("context length where memorization breaks (divergence position)")
-    left.set_ylabel("memorized windows")
-    left.set_title(f"{len(resolved)} of {len(divergences)} memorized windows break")
-    right.scatter([d.score_before for d, _ in resolved], [d.score_after for d, _ in resolved], s=12, alpha=0.7)
-    right.plot([0, 1], [0, 1], color="grey", lw=0.8)
-    right.set_xlabel("score before the break")
-    right.set_ylabel("score at the break")
-    right.set_title("score drop at the divergence")
-    save_figure(fig, path)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from memcirc import __version__
 from memcirc import artifacts as art
 from memcirc.benchmarks import Benchmarks, check_tasks
 from memcirc.benchmarks import evaluate as run_benchmarks
-from memcirc.config import HeldoutEval, LmEval, MemorizedRule, Sharding, StageConfig, option
+from memcirc.config import LmEval, MemorizedRule
 from memcirc.data import ScoredWindow
 from memcirc.errors import InputError
 from memcirc.evaluation import (
@@ -41,10 +41,9 @@ from memcirc.evaluation import (
 )
 from memcirc.kfac.budget import factor_dims, measured_warning, rank_report, rank_warning, resolve_factor_tokens
 from memcirc.kfac.card import card_data, write_card
-from memcirc.kfac.edit import FORMULAS, ModelEdit
+from memcirc.kfac.edit import ModelEdit
 from memcirc.kfac.factors import (
     FACTORS_FILE,
-    LABELS,
     MAX_FACTOR_BLOCK,
     FactorOptions,
     Factors,
@@ -57,55 +56,19 @@ from memcirc.kfac.report import format_table, rho_curve
 from memcirc.kfac.resume import FactorCollection
 from memcirc.kfac.shards import collect_shard, merge_shards
 from memcirc.kfac.targets import Target, check_targets, resolve_targets
+from memcirc.logs import progress, show
 from memcirc.manifest import StageRun, git_info, read_manifest
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import arch_for, dims
 from memcirc.models.identity import check_same_model, results_key
 from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.tokenizer import BosPolicy, bos_policy
+from memcirc.plots import figure_source
 from memcirc.sharding import resolve_shards
+from memcirc.stages.configs.kfac_edit import KfacConfig
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class KfacConfig(HeldoutEval, LmEval, Sharding, StageConfig):
-    """kfac_edit: K-FAC factors, eigenbasis edit keeping a fraction rho of importance, before/after."""
-
-    stage: ClassVar[str] = "kfac_edit"
-
-    layers: list[int] = option([], "blocks to edit (default: the second half of the model)")
-    projections: list[str] = option([], "arch roles of the linear modules to edit (mlp_in, mlp_out, "
-                                    "mlp_gate for gated MLPs; default: the MLP input projections, "
-                                    "gate and up where gated, as the paper)")
-    labels: str = option("sampled", "gradient labels: sampled from the model (true Fisher) or the data",
-                         choices=LABELS)
-    factor_tokens: int | None = option(None, "factor-token budget, collected exactly (default: max(32 x the "
-                                       "widest edited factor, 200,000); memcirc/kfac/budget.py)", minimum=1)
-    factor_data: str = option("testbed", "text the factors are collected on ('testbed': the training "
-                              "corpus slice)")
-    rhos: list[float] = option([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "fractions of importance to keep",
-                               within="(0, 1]")
-    formulas: list[str] = option(["original", "modified"], "importance: original = lambda*mu, "
-                                 "modified = lambda*mu*|C|^2", choices=FORMULAS)
-    # >= 0: the edit ranks components by products of the (clamped >= 0) eigenvalues and never inverts
-    # them, so 0 is well defined; a negative damping would make importances negative.
-    damping: float = option(0.0, "added to both factors' eigenvalues", within="[0, inf)")
-    save_rho: float | None = option(None, "save the edited model folder at this rho (default: the "
-                                    "smallest rho whose perplexity rise is <= 20%)",
-                                    within="(0, 1]")
-    save_formula: str = option("original", "formula of the saved edited model", choices=FORMULAS)
-    save_model: bool = option(True, "write edited_model/ (the saved setting as a from_pretrained folder, "
-                              "with a model card README.md); --no-save-model: deltas.safetensors only")
-    factors_file: str | None = option(None, "reuse factors.safetensors of a previous kfac run (same model "
-                                      "and modules) instead of collecting them")
-    batch_size: int = option(32, "sequences per forward/backward pass", aliases=("--batch_size",), minimum=1,
-                             hashed=False)
-    chunk_size: int = option(16, "factor batches between resumable saves of the running sums", minimum=1,
-                             hashed=False)
-
-
-Config = KfacConfig
 
 MEMORIZED = MemorizedRule()          # the windows kfac_edit edits out: exact == 1 (the default rule)
 FACTORS = FACTORS_FILE
@@ -140,7 +103,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     stage = StageRun.for_config(cfg, _inputs(cfg, upstream), model=results_key(loaded),
                                 factor_sampling=FACTOR_SAMPLING)
     if (done := stage.open(cfg.force)) is not None:
-        print(format_table(done))
+        show(format_table(done))
         return done
     shard_sums, n_merged = (merge_shards(cfg.stage_dir / art.SHARDS_DIR, stage.fingerprint, cfg.num_shards)
                             if cfg.merge else (None, 1))
@@ -197,13 +160,14 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     _write_edited_model(cfg, loaded, summary)   # the saved setting is still applied
     edit.restore()
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    rho_curve(summary, cfg.stage_dir / RHO_CURVE, PPL_LIMIT)
+    rho_curve(summary, cfg.stage_dir / RHO_CURVE, PPL_LIMIT, source=figure_source(cfg.model, cfg.output_dir,
+                                                                                   cfg.revision))
     outputs: dict[str, int | None] = {FACTORS: None, DELTAS: None, art.SUMMARY_JSON: None, RHO_CURVE: None}
     if cfg.save_model:
         for f in sorted((cfg.stage_dir / EDITED_MODEL).iterdir()):
             outputs[f"{EDITED_MODEL}/{f.name}"] = None
     stage.finish(outputs, model=identity, seed=cfg.seed, factor_shards=n_merged)   # drops chunks and shards
-    print(format_table(summary))
+    show(format_table(summary))
     return summary
 
 
@@ -338,14 +302,14 @@ def _sweep(cfg: KfacConfig, edit: ModelEdit, evaluate: Callable[[], dict[str, An
     """before, one result per (formula, rho), and the edited weights zeroed (the rho -> 0 limit)."""
     before = evaluate()
     results = []
-    for formula in cfg.formulas:
-        for rho in cfg.rhos:
-            kept = edit.apply(formula, rho)
-            after = evaluate()
-            edit.restore()
-            results.append(_result(formula, rho, before, after, kept))
-            log.info("%s rho=%.3f: exact %.3f -> %.3f, ppl %.2f -> %.2f", formula, rho, before["exact"],
-                     after["exact"], before["ppl"], after["ppl"])
+    settings = [(formula, rho) for formula in cfg.formulas for rho in cfg.rhos]
+    for formula, rho in progress(settings, "K-FAC edit (formula x rho)", total=len(settings), unit="settings"):
+        kept = edit.apply(formula, rho)
+        after = evaluate()
+        edit.restore()
+        results.append(_result(formula, rho, before, after, kept))
+        log.info("%s rho=%.3f: exact %.3f -> %.3f, ppl %.2f -> %.2f", formula, rho, before["exact"],
+                 after["exact"], before["ppl"], after["ppl"])
     edit.zero()
     ablated = evaluate()
     edit.restore()
@@ -403,7 +367,8 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
         rows = [r for r in summary["results"] if r["formula"] == formula]
         curve = ", ".join(f"{r['rho']}: {r['exact_after']:.2f}/{r['ppl_after']:.1f}" for r in rows)
         lines.append(f"K-FAC edit ({formula}): before exact {rows[0]['exact_before']:.2f}, ppl "
-                     f"{rows[0]['ppl_before']:.1f}; rho exact/ppl {curve}")
+                     f"{rows[0]['ppl_before']:.1f}; rho exact/ppl {curve} (rho: kept importance; exact-match "
+                     "rate / held-out perplexity after the edit)")
     return "\n".join(lines)
 
 

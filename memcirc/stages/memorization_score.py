@@ -11,82 +11,48 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from memcirc import artifacts as art
-from memcirc.config import Sharding, StageConfig, option
-from memcirc.data import Columns, Window, WindowSet, load_documents, make_windows, read_scores, validate_windows
+from memcirc.data import (
+    SCORES_PARQUET,
+    Columns,
+    Window,
+    WindowSet,
+    load_documents,
+    make_windows,
+    read_scores,
+    validate_windows,
+)
 from memcirc.errors import InputError
+from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
+from memcirc.memorization_figures import score_histogram
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import dims, embedding_rows
 from memcirc.models.identity import results_key
 from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.tokenizer import bos_policy, checked_documents, tokenizer_check_of
-from memcirc.plots import save_figure, subplots
+from memcirc.plots import figure_source
 from memcirc.scoring import (
     GENERATION_METRICS,
     METRIC_DEFINITIONS,
     METRIC_VERSION,
     TEACHER_FORCED_METRICS,
+    add_texts,
+    parquet_bytes,
     score_windows,
     summarize,
 )
 from memcirc.sharding import chunk_aligned_bounds, read_marker, resolve_shards, run_chunked_by_batch, shard_damage
+from memcirc.stages.configs.memorization_score import ScoreConfig
 from memcirc.stages.registry import DONE_MARKER
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoreConfig(Sharding, StageConfig):
-    """memorization_score: score every window of a corpus."""
-
-    stage: ClassVar[str] = "memorization_score"
-
-    dataset: str = option("testbed", "Hub dataset id, local JSONL/Parquet/text/NPY file or folder, "
-                          "or 'testbed'")
-    dataset_config: str | None = option(None, "Hub dataset configuration name")
-    split: str = option("train", "dataset split")
-    streaming: bool = option(False, "stream a Hub dataset instead of downloading it whole")
-    text_column: str = option("text", "column holding raw text")
-    token_column: str | None = option(None, "column holding token ids (default: 'tokens' if present)")
-    group_column: str = option("group", "optional column copied into each window's provenance")
-    doc_column: str | None = option(None, "column holding the document id that window ids (doc@offset) "
-                                    "carry (default: the first of doc, index, id present, else the "
-                                    "0-based row number)")
-    prefix_len: int = option(50, "prefix (prompt) tokens", aliases=("--prompt_tokens",), minimum=1)
-    suffix_len: int = option(50, "suffix (continuation) tokens", aliases=("--generation_tokens",),
-                             minimum=1)
-    windowing: str = option("start", "'start': one window from each document start (Pythia "
-                            "protocol); 'sliding': every stride tokens", choices=("start", "sliding"))
-    stride: int | None = option(None, "sliding-window stride (default: prefix_len + suffix_len)",
-                                minimum=1)
-    metrics: list[str] = option(["exact", "lcp", "tf_accuracy", "suffix_nll", "suffix_entropy"],
-                                "metrics to compute (token_match, bleu4, levenshtein need generation)",
-                                choices=("exact", "lcp", "tf_accuracy", "suffix_nll", "suffix_entropy",
-                                         "token_match", "bleu4", "levenshtein"))
-    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold", within="[0, 1]")
-    batch_size: int = option(32, "windows per forward pass", aliases=("--batch_size",), minimum=1,
-                             hashed=False)
-    padding_side: str = option("right", "padding side of the teacher-forced pass (generation "
-                               "always left-pads)", choices=("left", "right"), hashed=False)
-    chunk_size: int = option(256, "windows per resumable chunk file", minimum=1, hashed=False)
-
-    GENERATION_METRICS: ClassVar[tuple[str, ...]] = ("token_match", "bleu4", "levenshtein")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.metrics:
-            raise InputError("config key 'metrics' must name at least one metric")
-
-
-Config = ScoreConfig
 
 
 def run(cfg: ScoreConfig) -> dict[str, Any] | None:
@@ -106,7 +72,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     _check_embedding_rows(windows, loaded, config)
     stage = StageRun.for_config(cfg, inputs, model=results_key(loaded))
     if (summary := stage.open(cfg.force)) is not None:
-        print(format_summary(summary))
+        show(format_summary(summary))
         return summary
     shard_dir = cfg.stage_dir / art.SHARDS_DIR / f"{shard_index:05d}"
     # the other shards write next to this one at the same time
@@ -114,9 +80,12 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
 
     def work(chunk: Sequence[Window], advance: Callable[[int], None]) -> list[dict[str, Any]]:
         # load() gives a tokenizer without a pad token eos as pad; the stubs type special-token ids as str | list[str]
-        return score_windows(loaded.model, chunk, pad_id=cast(int, loaded.tokenizer.pad_token_id),
+        rows = score_windows(loaded.model, chunk, pad_id=cast(int, loaded.tokenizer.pad_token_id),
                              batch_size=cfg.batch_size, metrics=cfg.metrics, padding_side=cfg.padding_side,
                              levenshtein_threshold=cfg.levenshtein_threshold, advance=advance)
+        if cfg.decode_text:   # in the chunks, so shards and resumed runs carry the text too
+            add_texts(rows, loaded.tokenizer, continuation=any(m in GENERATION_METRICS for m in cfg.metrics))
+        return rows
 
     context = {"inputs": inputs, "model": loaded.identity(), "windows": windows.summary()}
     if num_shards == 1:
@@ -176,7 +145,23 @@ def _stage_windows(cfg: ScoreConfig, config: PretrainedConfig,
     validate_windows(windows, vocab_size=size.d_vocab, n_ctx=size.n_ctx)
     log.info("%d windows from %d documents (%d shorter than a window, skipped); BOS policy %s",
              len(windows.windows), windows.n_documents, windows.n_short_skipped, policy.to_dict())
+    if not cfg.input_dir:
+        _warn_window_pitfalls(cfg, windows)
     return windows, inputs
+
+
+def _warn_window_pitfalls(cfg: ScoreConfig, windows: WindowSet) -> None:
+    """Overlapping sliding windows and skipped short documents are legal but easy to get by accident:
+    without --config the window is 50 + 50 tokens, the testbed's 32 + 32."""
+    length = cfg.prefix_len + cfg.suffix_len
+    size = f"{length} tokens (--prefix-len {cfg.prefix_len} + --suffix-len {cfg.suffix_len})"
+    if cfg.windowing == "sliding" and cfg.stride is not None and cfg.stride < length:
+        log.warning("--stride %d is shorter than a window of %s: consecutive windows share %d tokens, so "
+                    "text is scored more than once; pass --stride %d (the default) for disjoint windows",
+                    cfg.stride, size, length - cfg.stride, length)
+    if windows.n_short_skipped:
+        log.warning("%d of %d documents are shorter than a window of %s and were skipped; lower "
+                    "--prefix-len/--suffix-len to score them", windows.n_short_skipped, windows.n_documents, size)
 
 
 def _check_embedding_rows(windows: WindowSet, loaded: LoadedModel, config: PretrainedConfig) -> None:
@@ -239,19 +224,24 @@ def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, A
     if len(rows) != context["windows"]["n_windows"]:   # the chunks are checked; this would be a bug
         raise RuntimeError(f"{len(rows)} scored rows for {context['windows']['n_windows']} windows in {cfg.stage_dir}")
     art.atomic_write_bytes(cfg.stage_dir / art.SCORES_JSONL, data)
+    outputs: dict[str, int | None] = {art.SCORES_JSONL: len(rows)}
+    if cfg.parquet:
+        art.atomic_write_bytes(cfg.stage_dir / SCORES_PARQUET, parquet_bytes(rows))
+        outputs[SCORES_PARQUET] = len(rows)
     summary = summarize(rows)
     summary.update(prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len, windows=context["windows"])
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    score_histogram(rows, summary, cfg.stage_dir / art.HISTOGRAM_PNG)
+    score_histogram(rows, summary, cfg.stage_dir / art.HISTOGRAM_PNG,
+                    source=figure_source(cfg.model, cfg.output_dir, cfg.revision))
     computed = TEACHER_FORCED_METRICS + tuple(m for m in cfg.metrics if m in GENERATION_METRICS)
     stage.inputs = context["inputs"]
-    stage.finish({art.SCORES_JSONL: len(rows), art.SUMMARY_JSON: None, art.HISTOGRAM_PNG: None},
+    stage.finish({**outputs, art.SUMMARY_JSON: None, art.HISTOGRAM_PNG: None},
                  model=context["model"], seed=cfg.seed, windows=context["windows"],
                  num_shards=context.get("num_shards", 1),
                  metric={"version": METRIC_VERSION, "decoding": "greedy",
                          "levenshtein_threshold": cfg.levenshtein_threshold,
                          "definitions": {m: METRIC_DEFINITIONS[m] for m in computed}})   # drops chunks, shards
-    print(format_summary(summary))
+    show(format_summary(summary))
     return summary
 
 
@@ -260,7 +250,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     cols = [c for c in ("exact", "lcp", "tf_accuracy", "token_match", "loose_match")
             if c in summary["metrics"]]
     lines = [f"{'group':<10} {'n':>6} " + " ".join(f"{c:>12}" for c in cols)]
-    for group, stats in summary["groups"].items():
+    groups = summary["groups"]
+    if list(groups) == ["all"]:   # no group column: summarize's one group is the 'all' row below
+        groups = {}
+    for group, stats in groups.items():
         lines.append(f"{group:<10} {stats['n']:>6} " + " ".join(f"{stats[c]:>12.3f}" for c in cols))
     lines.append(f"{'all':<10} {summary['n_windows']:>6} "
                  + " ".join(f"{summary['metrics'][c]:>12.3f}" for c in cols))
@@ -269,26 +262,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def headline(summary: dict[str, Any], stage_dir: Path) -> str:
     """The stage's lines in the run report."""
-    return f"memorization ({stage_dir}): exact-match rate per group\n" + format_summary(summary)
+    return (f"memorization ({stage_dir}): per group, the mean over its n windows of exact (exact-match rate), "
+            f"lcp (reproduced suffix tokens, of {summary['suffix_len']}), tf_accuracy (teacher-forced token "
+            "accuracy), token_match and loose_match (fractions)\n" + format_summary(summary))
 
-
-def score_histogram(rows: Sequence[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
-    """Left: distribution of lcp (k-extractable length). Right: exact-match rate per group."""
-    fig, (left, right) = subplots(1, 2, figsize=(11, 4))
-    lcp = [r["lcp"] for r in rows]
-    longest = max(r["suffix_len"] for r in rows)
-    left.hist(lcp, bins=[b - 0.5 for b in range(longest + 2)], color="#4c72b0", edgecolor="white")
-    left.set_yscale("log")
-    left.set_xlabel("reproduced suffix tokens before the first divergence (lcp)")
-    left.set_ylabel("windows")
-    left.set_title(f"{len(rows)} windows; lcp = {longest} means exact")
-    groups = summary["groups"]
-    names = list(groups)
-    right.bar(names, [groups[g]["exact"] for g in names], color="#dd8452")
-    for i, g in enumerate(names):
-        right.text(i, groups[g]["exact"], f"n={groups[g]['n']}", ha="center", va="bottom", fontsize=8)
-    right.set_ylim(0, 1.1)
-    right.set_ylabel("exact-match rate")
-    right.set_title("exact match per group")
-    right.tick_params(axis="x", rotation=45)
-    save_figure(fig, path)

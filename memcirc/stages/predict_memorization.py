@@ -11,7 +11,8 @@ classifier is the one with the highest mean cross-validated AUROC (ties: PR-AUC)
 
 Writes <output-dir>/predict/: features.jsonl, predictions.jsonl (out-of-fold probabilities, baseline,
 onsets), summary.json, roc.png, pr.png, importance.png, features.png, onset.png (with dynamics),
-ngram_index.safetensors (unless --index-file) and manifest.json last.
+ngram_index.safetensors (unless --index-file; with tokengrams also its ngram_index.tokens and
+ngram_index.table) and manifest.json last.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
 from memcirc import artifacts as art
-from memcirc.config import MemorizedRule, StageConfig, option
+from memcirc.config import MemorizedRule
 from memcirc.errors import InputError
+from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, ModelSpec, load
 from memcirc.models.arch import embedding_rows
 from memcirc.models.identity import check_recorded_model, results_key, tokenizer_sha256
+from memcirc.plots import figure_source
 from memcirc.predict import report
 from memcirc.predict.baseline import column_predictions, memorized_table_tokens, model_predictions, table_predictions
 from memcirc.predict.evaluate import DECISION_THRESHOLD, cross_validate
@@ -60,8 +63,10 @@ from memcirc.predict.ngram import (
     index_for,
     index_meta,
     load_index,
+    resolve_backend,
 )
 from memcirc.predict.onset import OnsetTargets, onset_targets, predict_onsets
+from memcirc.stages.configs.predict_memorization import PredictConfig
 from memcirc.testbed import CHECKPOINTS_DIR, TESTBED_NAME, checkpoint_folders
 
 log = logging.getLogger(__name__)
@@ -74,54 +79,6 @@ PR_PNG = "pr.png"
 IMPORTANCE_PNG = "importance.png"
 FEATURES_PNG = "features.png"
 ONSET_PNG = "onset.png"
-
-
-@dataclass
-class PredictConfig(MemorizedRule, StageConfig):
-    """predict_memorization: features from the data alone -> classifiers of memorized vs not."""
-
-    stage: ClassVar[str] = "predict_memorization"
-
-    labels_file: str | None = option(None, "table of memorized sequences (pythia-memorized-evals style: JSONL/"
-                                     "Parquet file, dataset folder or Hub id with a tokens/Tokens column, optional "
-                                     "index/Index); default: the labels of <input-dir>/scores.jsonl")
-    labels_split: str = option("train", "split of --labels-file when it is a dataset folder or Hub id")
-    controls_file: str | None = option(None, "random-control table (label 0) to go with --labels-file")
-    controls_split: str = option("train", "split of --controls-file when it is a dataset folder or Hub id")
-    label_column: str | None = option(None, "table column holding a memorization score (e.g. '1.4B' in "
-                                      "pile-*-pythia-random-sampled): label = score >= threshold where present")
-    prefix_len: int | None = option(None, "table rows: prefix tokens (default: half the row)", minimum=1)
-    suffix_len: int | None = option(None, "table rows: suffix tokens; rows are cut to prefix_len + suffix_len "
-                                    "(default: the first row's length)", minimum=1)
-    reference_model: str | None = option(None, "smaller reference model for the surprisal features (Hub id or "
-                                         "folder; default for the testbed: its earliest checkpoint)")
-    reference_revision: str | None = option(None, "revision of the reference model")
-    baseline_model: str | None = option(None, "the seed's baseline predictor: 'memorized' = memorized by this "
-                                        "(smaller) model, scored here, or a JSONL/Parquet table of its memorized "
-                                        "sequences (default for the testbed: its last checkpoint)")
-    baseline_revision: str | None = option(None, "revision of the baseline model")
-    baseline_column: str | None = option(None, "instead of --baseline-model: a label-table column with a smaller "
-                                         "model's memorization score (e.g. '160M'), memorized = score >= threshold")
-    corpus: str = option("testbed", "training corpus for n-gram duplication counts and token rarity (file, "
-                         "folder or Hub id; 'testbed': the testbed's training set, canaries repeated k times)")
-    corpus_split: str = option("train", "split of a Hub / folder corpus")
-    corpus_streaming: bool = option(False, "stream a Hub corpus (with --corpus-tokens)")
-    corpus_tokens: int | None = option(None, "read at most this many corpus tokens into the n-gram index", minimum=1)
-    ngram: int = option(8, "n of the n-gram duplication index", minimum=1)
-    index_file: str | None = option(None, "reuse a saved ngram_index.safetensors instead of building one")
-    domain_column: str = option("source", "window / table field used as the source/domain feature ('doc_kind': "
-                                "the document id's leading word, e.g. canary / corpus on the testbed)")
-    classifiers: list[str] = option(["gradient_boosting", "logistic_regression"], "classifiers to compare",
-                                    choices=("gradient_boosting", "logistic_regression"))
-    folds: int = option(5, "stratified cross-validation folds", minimum=2)
-    permutation_repeats: int = option(10, "shuffles per feature for permutation importance", minimum=1)
-    dynamics_dir: str | None = option(None, "optional: a training_dynamics folder; also predict the onset "
-                                      "checkpoint of each memorized window ('auto': <output-dir>/dynamics when "
-                                      "that stage has finished)")
-    batch_size: int = option(32, "sequences per forward pass", aliases=("--batch_size",), minimum=1, hashed=False)
-
-
-Config = PredictConfig
 
 
 # -- inputs: labels, models, the dynamics run, the n-gram index -----------------------------------
@@ -280,7 +237,7 @@ def _given_index(cfg: PredictConfig, tokenizer_sha: str) -> NgramIndex | None:
     """--index-file, checked against this run's tokenizer and n."""
     if not cfg.index_file:
         return None
-    index = load_index(Path(cfg.index_file))
+    index = load_index(Path(cfg.index_file), cfg.ngram)   # a tokengrams index counts any n
     check_index(index, cfg.ngram, tokenizer_sha, cfg.index_file)
     return index
 
@@ -351,7 +308,7 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
                                 reference_tokenizer=models.reference_sha, corpus=corpus_ident,
                                 baseline=baseline_ident)
     if (done := stage.open(cfg.force)) is not None:
-        print(report.format_table(done))
+        show(report.format_table(done))
         return done
     stage.start(cfg.force)
 
@@ -359,7 +316,7 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
     with _timed(timings, "index_s"):
         vocab = max(len(reference.tokenizer), embedding_rows(reference.model))
         index = given or index_for(cfg.stage_dir / NGRAM_INDEX, cfg.ngram, corpus, reference.tokenizer, vocab,
-                                   index_meta(models.reference_sha, corpus_ident))
+                                   index_meta(models.reference_sha, corpus_ident), resolve_backend(cfg.ngram_index))
     with _timed(timings, "features_s"):
         features = compute_features(examples, reference, index, batch_size=cfg.batch_size, seed=cfg.seed)
     with _timed(timings, "baseline_s"):
@@ -380,24 +337,27 @@ def run(cfg: PredictConfig) -> dict[str, Any]:
         summary["onset"] = {k: v for k, v in ev.onset.items() if k not in ("predicted", "snapped")}
         summary["onset"]["dynamics_dir"] = dynamics_dir
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    outputs = _write_outputs(cfg.stage_dir, examples, ev, targets, summary)
+    source = figure_source(cfg.model, cfg.output_dir, cfg.revision)
+    outputs = _write_outputs(cfg.stage_dir, examples, ev, targets, summary, source)
     if given is None:
-        outputs[NGRAM_INDEX] = None
+        outputs.update(dict.fromkeys(index.files(cfg.stage_dir / NGRAM_INDEX)))
     if targets is not None and ev.onset is not None:
-        onset_figure(targets.steps, ev.onset, cfg.stage_dir / ONSET_PNG)
+        onset_figure(targets.steps, ev.onset, cfg.stage_dir / ONSET_PNG,
+                     groups=[examples[int(i)].window.group for i in targets.rows], source=source)
         outputs[ONSET_PNG] = None
     stage.finish(outputs, reference=reference.identity(), baseline=baseline_ident, seed=cfg.seed,
                  metric={"threshold": DECISION_THRESHOLD, "interval": report.INTERVAL,
                          "auroc": "Mann-Whitney, ties count 1/2", "pr_auc": "average precision (step-wise)",
                          "importance": "drop in held-out PR-AUC under permutation",
                          "features": FEATURE_DEFINITIONS})
-    print(report.format_table(summary))
+    show(report.format_table(summary))
     return summary
 
 
 def _write_outputs(stage_dir: Path, examples: Sequence[Example], ev: report.Evaluation, targets: OnsetTargets | None,
-                   summary: dict[str, Any]) -> dict[str, int | None]:
-    """features.jsonl, predictions.jsonl, summary.json and the four figures; their manifest entries."""
+                   summary: dict[str, Any], source: str | None = None) -> dict[str, int | None]:
+    """features.jsonl, predictions.jsonl, summary.json and the four figures (`source`: their footer);
+    their manifest entries."""
     n_rows = art.write_jsonl(stage_dir / FEATURES_JSONL, report.feature_rows(examples, ev.features))
     onset_of = {}
     if targets is not None and ev.onset is not None:
@@ -406,10 +366,10 @@ def _write_outputs(stage_dir: Path, examples: Sequence[Example], ev: report.Eval
     art.write_jsonl(stage_dir / PREDICTIONS_JSONL, report.prediction_rows(examples, ev, onset_of))
     art.write_json(stage_dir / art.SUMMARY_JSON, summary)
     oof = {name: res.oof for name, res in ev.results.items()}
-    roc_figure(ev.y, oof, ev.base_pred, summary, stage_dir / ROC_PNG)
-    pr_figure(ev.y, oof, ev.base_pred, summary, stage_dir / PR_PNG)
-    importance_figure(summary, stage_dir / IMPORTANCE_PNG)
-    features_figure(ev.features, ev.y, summary, stage_dir / FEATURES_PNG)
+    roc_figure(ev.y, oof, ev.base_pred, summary, stage_dir / ROC_PNG, source=source)
+    pr_figure(ev.y, oof, ev.base_pred, summary, stage_dir / PR_PNG, source=source)
+    importance_figure(summary, stage_dir / IMPORTANCE_PNG, source=source)
+    features_figure(ev.features, ev.y, summary, stage_dir / FEATURES_PNG, source=source)
     return {FEATURES_JSONL: n_rows, PREDICTIONS_JSONL: n_rows, art.SUMMARY_JSON: None, ROC_PNG: None, PR_PNG: None,
             IMPORTANCE_PNG: None, FEATURES_PNG: None}
 
@@ -423,9 +383,10 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     auroc, pr_auc = summary["auroc_ci95"], summary["pr_auc_ci95"]
     line = (f"predictor ({summary['best_classifier']}, {summary['n_memorized']} of {summary['n_sequences']} "
             f"memorized): AUROC {summary['auroc']:.3f} [{auroc[0]:.3f}, {auroc[1]:.3f}], PR-AUC "
-            f"{summary['pr_auc']:.3f} [{pr_auc[0]:.3f}, {pr_auc[1]:.3f}], F1 {summary['f1']:.3f}")
-    if summary.get("baseline"):
-        line += f"; baseline ({summary['baseline']['source']}) F1 {summary['baseline']['all']['f1']:.3f}"
+            f"{summary['pr_auc']:.3f} [{pr_auc[0]:.3f}, {pr_auc[1]:.3f}], F1 {summary['f1']:.3f} (fold means, "
+            "95% t-intervals)")
+    if summary.get("baseline"):   # the fold mean too, as the classifier's (its pooled F1 is in report.json)
+        line += f"; baseline ({summary['baseline']['source']}) F1 {summary['baseline']['cv']['f1']['mean']:.3f}"
     line += (f"; top group {group['group']} ({group['mean']:.2f}), features {', '.join(summary['top_features'][:3])}"
              f"; {CONTROL} rank {summary['control_rank']}/{summary['n_features']}")
     if summary.get("onset"):

@@ -16,12 +16,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from memcirc import artifacts as art
-from memcirc.config import CircuitOptions, MemorizedRule, StageConfig, option
+from memcirc.config import CircuitOptions, MemorizedRule
 from memcirc.data import ScoredWindow, memorized, read_scores
 from memcirc.dynamics.checkpoints import Checkpoint, CheckpointList, resolve_checkpoint_index, resolve_checkpoints
 from memcirc.dynamics.figures import circuit_size_figure, memorization_figure, overlap_figure
@@ -54,11 +54,13 @@ from memcirc.dynamics.units import (
     unit_status,
 )
 from memcirc.errors import InputError
-from memcirc.logs import progress
+from memcirc.logs import progress, show
 from memcirc.manifest import StageRun, read_manifest, read_output
 from memcirc.models.preflight import check_model
 from memcirc.pairs import Pair, pairs_input, read_pairs
+from memcirc.plots import figure_source
 from memcirc.scoring import METRIC_DEFINITIONS
+from memcirc.stages.configs.training_dynamics import DynamicsConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,42 +69,6 @@ OVERLAP_JSON = "overlap.json"
 MEMORIZATION_PNG = "memorization_over_training.png"
 CIRCUIT_PNG = "circuit_over_training.png"
 OVERLAP_PNG = "overlap_heatmap.png"
-
-
-@dataclass
-class DynamicsConfig(MemorizedRule, CircuitOptions, StageConfig):
-    """training_dynamics: memorization and circuits across training checkpoints."""
-
-    stage: ClassVar[str] = "training_dynamics"
-
-    checkpoints: list[str] = option([], "revisions of --model (e.g. step1000) or local checkpoint folders, in "
-                                    "training order (default for the testbed: its checkpoints, then the final "
-                                    "model)")
-    steps: list[int] = option([], "training step of each local checkpoint folder (default: the number at the "
-                              "end of its name, e.g. step-222)")
-    schedule: str | None = option(None, "build the revision list by name, Pythia-style stepN snapped to the "
-                                  "revisions Pythia has: linear (every schedule_every steps, plus the end), log "
-                                  "(schedule_points log-spaced revisions) or exp_plus_detail (Tigges et al.: "
-                                  "2^0..2^9, then 1k..15k by 1k, 20k..65k by 5k, 70k..140k by 10k, 143k; pass "
-                                  "--schedule-start 0 for the 2^i steps)",
-                                  choices=("linear", "log", "exp_plus_detail"))
-    schedule_start: int = option(1000, "first step of the schedule", minimum=0)
-    schedule_end: int = option(143000, "last step of the schedule", minimum=0)
-    schedule_every: int = option(1000, "linear schedule: step spacing", minimum=1)
-    schedule_points: int = option(8, "log schedule: number of checkpoints", minimum=2)
-    circuits: bool = option(True, "run attribution, minimal circuit and faithfulness per checkpoint (needs "
-                            "the contrastive stage's pairs)")
-    pairs_dir: str | None = option(None, "contrastive stage folder with the pairs (default: "
-                                   "<output-dir>/contrastive)")
-    checkpoint_index: int | None = option(None, "run only this checkpoint's unit (default: SLURM_ARRAY_TASK_ID "
-                                          "in a job array, else every checkpoint)", minimum=0, hashed=False)
-    merge: bool = option(False, "only aggregate finished checkpoint units into the stage outputs", hashed=False)
-    batch_size: int = option(32, "windows / pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
-    chunk_size: int = option(256, "windows per resumable scoring chunk inside a checkpoint unit", minimum=1,
-                             hashed=False)
-
-
-Config = DynamicsConfig
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -211,7 +177,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     stage = StageRun.for_config(cfg, plan.inputs, units=plan.unit_fingerprints,
                                 checkpoints=[c.as_dict() for c in checkpoints])
     if (done := stage.open(cfg.force)) is not None:
-        print(format_table(done))
+        show(format_table(done))
         return done if index is None else None
     todo = _units_to_run(cfg, plan, index)
     if index is not None:   # with --force the merge of another config goes: it is stale once a unit changes
@@ -233,7 +199,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     markers = [art.read_json(unit_dir(cfg.stage_dir, c.index) / UNIT_DONE) for c in checkpoints]
     check_same_architecture(checkpoints, [m["signature"] for m in markers])
     summary = _write_outputs(cfg, plan, stage, markers)
-    print(format_table(summary))
+    show(format_table(summary))
     return summary
 
 
@@ -270,12 +236,13 @@ def _write_outputs(cfg: DynamicsConfig, plan: Plan, stage: StageRun,
     n = art.write_jsonl(d / ONSETS_JSONL, onset_rows)
     art.write_json(d / OVERLAP_JSON, overlap)
     art.write_json(d / art.SUMMARY_JSON, summary)
-    memorization_figure(summary, d / MEMORIZATION_PNG)
+    source = figure_source(cfg.model, cfg.output_dir, cfg.revision)
+    memorization_figure(summary, d / MEMORIZATION_PNG, source=source)
     outputs: dict[str, int | None] = {ONSETS_JSONL: n, OVERLAP_JSON: None, art.SUMMARY_JSON: None,
                                       MEMORIZATION_PNG: None}
     if summary["circuits"]:
-        circuit_size_figure(summary, d / CIRCUIT_PNG)
-        overlap_figure(overlap, d / OVERLAP_PNG)
+        circuit_size_figure(summary, d / CIRCUIT_PNG, source=source)
+        overlap_figure(overlap, d / OVERLAP_PNG, source=source)
         outputs |= {CIRCUIT_PNG: None, OVERLAP_PNG: None}
     for c, m in zip(plan.checkpoints, markers, strict=True):
         rel = unit_dir(Path(""), c.index)
@@ -423,7 +390,9 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
         per = ", ".join(f"{c['step']}: {_or_dash(c['circuit_edges'], 'd')}/{_or_dash(c['faithfulness_heldout'])}"
                         f"/{_or_dash(c['jaccard_final'])}{'*' if c['ill_conditioned'] else ''}"
                         for c in summary["checkpoints"])
-        lines.append(f"circuit over training (step: edges/held-out F/Jaccard with final; * ill-conditioned) {per}")
+        lines.append(f"circuit over training, per checkpoint step: edges in the minimal circuit / held-out "
+                     f"faithfulness / Jaccard overlap with the final circuit (* ill-conditioned: faithfulness is "
+                     f"noise there) {per}")
     return "\n".join(lines)
 
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,36 +36,24 @@ from memcirc.circuits import (
     n_pairs,
     top_k,
 )
-from memcirc.config import ABLATIONS, CircuitOptions, StageConfig, option
+from memcirc.circuits.figures import faithfulness_vs_edges_figure
+from memcirc.config import CircuitOptions
 from memcirc.errors import InputError
+from memcirc.logs import show
 from memcirc.manifest import StageRun, output_sha256, read_manifest, read_output
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.models.preflight import check_model
 from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
-from memcirc.plots import edge_count_axis, save_figure, subplots
+from memcirc.plots import figure_source
+from memcirc.stages.configs.verify_circuit import VerifyConfig
 from memcirc.stages.registry import STAGES
 
 log = logging.getLogger(__name__)
 
 METHOD_VERSION = 1
 FAITHFULNESS_PNG = "faithfulness_vs_edges.png"
-
-
-@dataclass
-class VerifyConfig(StageConfig):
-    """verify_circuit: the circuit on held-out pairs, per ablation, against random circuits."""
-
-    stage: ClassVar[str] = "verify_circuit"
-
-    ablations: list[str] = option(list(ABLATIONS), "ablation types to evaluate", choices=ABLATIONS)
-    random_circuits: int = option(10, "random circuits of the same size", minimum=1)
-    edge_counts: list[int] = option([], "extra edge counts to report (default: a log-spaced list)")
-    batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
-
-
-Config = VerifyConfig
 
 
 def run(cfg: VerifyConfig) -> dict[str, Any]:
@@ -138,7 +125,8 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     faithfulness_vs_edges_figure(results, k_min, n, cfg.stage_dir / FAITHFULNESS_PNG,
                                  title=f"{loaded.spec.name_or_path}: {metric} on {len(pairs)} held-out pairs; "
-                                       f"{cfg.random_circuits} random circuits per edge count")
+                                       f"{cfg.random_circuits} random circuits per edge count",
+                                 source=figure_source(cfg.model, cfg.output_dir, cfg.revision))
     stage.finish({art.SUMMARY_JSON: None, FAITHFULNESS_PNG: None}, model=loaded.identity(), seed=cfg.seed,
                  circuits={"run_id": circuits_manifest["run_id"], "minimal_edges": k_min,
                            "config": circuits_manifest["config"]},
@@ -146,9 +134,9 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
                          "faithfulness": FAITHFULNESS_DEFINITION,
                          "random_circuits": "uniform k-edge subsets without replacement, numpy default_rng(seed)"})
     r = results[primary]
-    print(f"verify ({cfg.stage_dir}): held-out faithfulness {r['faithfulness_heldout']:.3f} at {k_min} edges "
-          f"({primary} ablation); random circuits {r['random_faithfulness_mean']:.3f} ± "
-          f"{r['random_faithfulness_sd']:.3f} (overlap {r['random_overlap_mean']:.3f})")
+    show(f"verify ({cfg.stage_dir}): held-out faithfulness {r['faithfulness_heldout']:.3f} at {k_min} edges "
+         f"({primary} ablation); random circuits {r['random_faithfulness_mean']:.3f} ± "
+         f"{r['random_faithfulness_sd']:.3f} (overlap {r['random_overlap_mean']:.3f})")
     return summary
 
 
@@ -245,33 +233,12 @@ def heldout_result(ev: FaithfulnessEvaluator, kept: torch.Tensor, counts: list[i
     }
 
 
-# -- summary, headline, figure ---------------------------------------------------------------
+# -- summary, headline ----------------------------------------------------------------------
 
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     return (f"held-out: faithfulness {summary['faithfulness_heldout']:.3f}; random circuits of the same size "
             f"{summary['random_faithfulness_mean']:.3f} ± {summary['random_faithfulness_sd']:.3f}")
-
-
-def faithfulness_vs_edges_figure(results: Mapping[str, Mapping[str, Any]], minimal_edges: int, n_edges: int,
-                                 path: Path, title: str) -> None:
-    """Per ablation: the circuit's held-out F against k, with the random circuits' mean +- sd band."""
-    fig, ax = subplots(figsize=(8, 4.5))
-    colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b3"]
-    for colour, (name, result) in zip(colours, results.items(), strict=False):
-        rows: Sequence[Mapping[str, float]] = result["faithfulness_at_edges"]
-        ks = [r["edges"] for r in rows]
-        mean = [r["random_mean"] for r in rows]
-        ax.plot(ks, [r["faithfulness"] for r in rows], "o-", color=colour, label=f"circuit, {name} ablation")
-        ax.fill_between(ks, [r["random_mean"] - r["random_sd"] for r in rows],
-                        [r["random_mean"] + r["random_sd"] for r in rows], color=colour, alpha=0.15, lw=0)
-        ax.plot(ks, mean, ":", color=colour, lw=1, label=f"random circuits (mean ± sd), {name}")
-    ax.axvline(minimal_edges, color="grey", ls="--", lw=0.8, label=f"minimal circuit ({minimal_edges} edges)")
-    edge_count_axis(ax, n_edges)
-    ax.set_ylabel("faithfulness (held-out pairs)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    save_figure(fig, path)
 
 
 def needs_transformer_lens(_cfg: VerifyConfig) -> bool:

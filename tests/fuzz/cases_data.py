@@ -218,7 +218,7 @@ CASES = [
     case("x-bigint-token", "new: 2**64 as a JSON integer token",
          rows("huge.jsonl", [{"tokens": [2 ** 64] + tokens(63)}]), words=("18446744073709551616",)),
     case("x-whole-float-token", "new: tokens 2.0", rows("f2.jsonl", [{"tokens": [float(t) for t in tokens()]}]),
-         rc=0, state=COMPLETE, reason="documented in docs/stages.md: whole floats are ids (Arrow stores a list "
+         rc=0, state=COMPLETE, reason="in docs/memorization_score.md: whole floats are ids (Arrow stores a list "
                                       "column with one float as floats); 2.5 is refused (d08)"),
     case("x-deep-json", "new: a JSONL line nested 100,000 deep",
          raw("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"), words=("deep.jsonl", ("line 1", ":1:"))),

@@ -20,7 +20,7 @@ UNCHANGED = "unchanged"  # every file under the output dir is byte-identical to 
 RESUMABLE = "resumable"  # no manifest.json and no temp file: a re-run resumes
 ANY = "any"              # the case checks what it needs itself
 
-# The review's 117 case ids (../shared/reviews/reliability-2026-12.md), in its order.
+# The review's 117 case ids (issue 12's reliability review), in its order.
 REVIEW_IDS = (
     "c01 c02 c03 c04 c05 c06 c07 c08 c09 c10 c11 c11b c12 d01 d02 d03 d04 d05 d06 d07 d08 d09 d10 d11 d12 "
     "d13 d14 d15 d16 n01 n02 n03 n04 n05 n06 n07 n08 p01 p02 p03 p04 p05 s01 s02 h01 m01 m02 m03 m04 m05 "
