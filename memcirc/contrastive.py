@@ -9,7 +9,7 @@ by more than `drop` relative to the previous L *and* the first regenerated token
 the truth (memorization_circuits' rule). Pair: clean = context[:L] + true token, corrupt =
 context[:L] + model token; answer = next true token, wrong = the model's next token.
 
-The predecessor regenerated the whole remainder at every L. Here one teacher-forced pass over the
+memorization_circuits regenerated the whole remainder at every L. Here one teacher-forced pass over the
 window says, for every L, how far greedy decoding stays on the true text: the argmax at position
 j-1 is the greedy token after whole[:j] whenever the text before it is the truth. So from context
 length L greedy decoding copies the truth up to the first mismatch j >= L, and from there it is
@@ -112,7 +112,7 @@ class _BreakSearch:
 
 def find_divergences(model: torch.nn.Module, windows: Sequence[Window], *, metric: str = "bleu",
                      drop: float = 0.3, batch_size: int = 32, pad_id: int = 0) -> list[Divergence]:
-    """The predecessor's divergence rule, computed with one teacher-forced pass per window and
+    """memorization_circuits' divergence rule, computed with one teacher-forced pass per window and
     greedy generation only at candidate lengths (see the module docstring)."""
     score = SCORERS[metric]
     preds = argmax_path(model, [w.tokens for w in windows], batch_size, "divergence: teacher-forced pass")
@@ -142,7 +142,7 @@ def _advance(searches: list[_BreakSearch], score: Callable, drop: float,
     requests = []
     for search, window in zip(searches, windows):
         while search.result is None:
-            if search.L < 1:  # never broke: the predecessor records L = P with scores 1.0
+            if search.L < 1:  # never broke: memorization_circuits records L = P with scores 1.0
                 P = search.prefix_len
                 search.result = Divergence(window, P, 1.0, 1.0, search.whole[P:].tolist(), False)
                 break
@@ -191,7 +191,7 @@ def divergence_pairs(divergences: Sequence[Divergence]) -> tuple[list[Pair], dic
         if len(truth) < 2:
             skipped["too_short"] += 1
             continue
-        if truth[1] == gen[1]:  # nothing to contrast at the last position (predecessor's filter)
+        if truth[1] == gen[1]:  # nothing to contrast at the last position (memorization_circuits' filter)
             skipped["same_next_token"] += 1
             continue
         pairs.append(_pair(d.window, "divergence", whole[:L] + [truth[0]], whole[:L] + [gen[0]],

@@ -42,7 +42,7 @@ METRIC_DEFINITIONS = {
     "suffix_nll": "mean negative log-likelihood (nats) of the true suffix tokens",
     "suffix_entropy": "mean entropy (nats) of the next-token distribution at suffix positions",
     "token_match": "fraction of suffix positions where the greedy continuation equals the truth "
-                   "(the predecessor's 'memorization score')",
+                   "(memorization_circuits' 'memorization score')",
     "bleu4": "BLEU-4 on token ids of the greedy continuation against the true suffix, add-one "
              "smoothing on every order (Lin & Och 2004; Google NMT compute_bleu(smooth=True))",
     "levenshtein": "token edit distance between greedy continuation and true suffix / suffix length; "
@@ -57,7 +57,7 @@ def _ngrams(tokens: Sequence[int], n: int) -> Counter:
 
 
 def bleu4(hypothesis: Sequence[int], reference: Sequence[int], smooth: bool = True) -> float:
-    """Sentence BLEU-4 with one reference, as Google NMT's `compute_bleu` (the predecessor's)."""
+    """Sentence BLEU-4 with one reference, as Google NMT's `compute_bleu` (as memorization_circuits computes it)."""
     log_precision = 0.0
     for n in range(1, 5):
         hyp, ref = _ngrams(hypothesis, n), _ngrams(reference, n)
@@ -184,7 +184,7 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[np.ndarray], n_new
     """Greedy continuation of `n_new` tokens for a batch of prompts (left-padded, mask passed).
 
     No EOS stopping: a memorized suffix may contain EOS, and stopping (or forbidding EOS with
-    min_new_tokens, as the predecessor did) would make the continuation differ from greedy decoding.
+    min_new_tokens, as memorization_circuits did) would make the continuation differ from greedy decoding.
     """
     logging.getLogger("transformers.generation.utils").addFilter(_LEFT_PADDED_PROMPTS)  # no-op if there
     device = next(model.parameters()).device

@@ -117,7 +117,8 @@ def runs(config_file, tmp_path_factory, env):
     """(local run dir, cluster run dir, the cluster run's result): the same pipeline run by
     run_pipeline.sh here and through the cluster, at the same time (the cluster's jobs leave a core
     idle between stages)."""
-    local, remote = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("cluster")
+    # one folder name for both: figures print their run's folder name in the corner
+    local, remote = tmp_path_factory.mktemp("local") / "run", tmp_path_factory.mktemp("cluster") / "run"
     cmd = [str(REPO / "run_pipeline.sh"), "--config", str(config_file), "--output-dir", str(local), *FLAGS]
     with subprocess.Popen(cmd, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as here:

@@ -31,7 +31,7 @@ class ContrastiveConfig(MemorizedRule, StageConfig):
                                    "(memorization decision)", aliases=("--contrastive_mode",),
                                    choices=("divergence", "dataset"))
     metric: str = option("bleu", "score that drives divergence detection: 'bleu' (BLEU-4) or "
-                         "'memorization' (token accuracy), as the predecessor's --metric",
+                         "'memorization' (token accuracy), as memorization_circuits' --metric",
                          choices=("bleu", "memorization"))
     drop: float = option(0.3, "divergence: relative score drop that marks the break", within="(0, 1)")
     low_max_lcp: int = option(0, "dataset mode: a non-memorized context reproduces at most this many "
