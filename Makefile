@@ -35,7 +35,7 @@ pipeline: install
 	PYTHON=$(BIN)/python ./run_pipeline.sh --config configs/testbed.yaml --output-dir $(OUT)
 
 test: install
-	$(BIN)/python -m ruff check memcirc tests bench *.py
+	$(BIN)/python -m ruff check memcirc tests bench examples *.py
 	$(BIN)/pyright
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
