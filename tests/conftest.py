@@ -75,6 +75,18 @@ def scored(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def kfac_run(scored, tmp_path_factory):
+    """The quickest kfac_edit run that saves an edit (12 memorized windows of `scored`, one rho); read-only."""
+    from memcirc.cli import main
+
+    out = tmp_path_factory.mktemp("kfac-run")
+    assert main("kfac_edit", ["--config", str(REPO / "configs" / "testbed.yaml"), "--output-dir", str(out),
+                              "--input-dir", str(scored / "memorization"), "--limit", "12", "--factor-tokens",
+                              "2000", "--rhos", "0.6", "--ppl-blocks", "4", "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def testbed():
     """The committed testbed model, loaded like any model (read-only: never modify it)."""
     from memcirc.models import ModelSpec, load

@@ -16,7 +16,6 @@ from conftest import REPO
 from safetensors.torch import load_file, save_file
 
 import memcirc
-from memcirc.cli import main
 from memcirc.errors import InputError
 from memcirc.kfac import edit as kfac_edit_lib
 from memcirc.stages import kfac_edit as kfac_stage
@@ -158,16 +157,6 @@ def test_bypass_changes_generation_inside_and_restores_it(hf):
 
 
 # -- kfac_edit -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def kfac_run(scored, tmp_path_factory):
-    """The quickest kfac_edit run that saves an edit: 12 memorized windows, one rho."""
-    out = tmp_path_factory.mktemp("api-kfac")
-    assert main("kfac_edit", ["--config", str(REPO / "configs" / "testbed.yaml"), "--output-dir", str(out),
-                              "--input-dir", str(scored / "memorization"), "--limit", "12", "--factor-tokens",
-                              "2000", "--rhos", "0.6", "--ppl-blocks", "4", "--device", "cpu"]) == 0
-    return out
-
 
 def test_stage_file_names_are_the_stage_constants():
     assert (kfac_edit_lib.DELTAS_FILE, kfac_edit_lib.EDITED_MODEL_DIR) == (kfac_stage.DELTAS, kfac_stage.EDITED_MODEL)

@@ -7,10 +7,7 @@ import re
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO
-
-from memcirc.cli import main
 
 EXAMPLE = REPO / "examples" / "score_and_edit.py"
 
@@ -26,15 +23,6 @@ def still_exact(line: str) -> int:
     found = re.search(r": (\d+) of \d+ memorized texts still exact", line)
     assert found is not None, line
     return int(found.group(1))
-
-
-@pytest.fixture(scope="module")
-def kfac_run(scored, tmp_path_factory):
-    out = tmp_path_factory.mktemp("example-kfac")
-    assert main("kfac_edit", ["--config", str(REPO / "configs" / "testbed.yaml"), "--output-dir", str(out),
-                              "--input-dir", str(scored / "memorization"), "--limit", "12", "--factor-tokens",
-                              "2000", "--rhos", "0.6", "--ppl-blocks", "4", "--device", "cpu"]) == 0
-    return out
 
 
 def test_score_and_edit(scored, kfac_run):

@@ -108,11 +108,13 @@ def no_safetensors(folder: Path, what: str) -> InputError:
                           "with save_pretrained(DIR, safe_serialization=True)")
     found = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
     if any(name.startswith("pytorch_model") for name in pickles):
-        how = (f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{folder}', "
-               f"trust_remote_code=False).save_pretrained('{folder}', safe_serialization=True)\"")
+        how = (f"python -c \"from transformers import AutoModelForCausalLM as M; "
+               f"M.from_pretrained('{folder}', trust_remote_code=False)"
+               f".save_pretrained('{folder}', safe_serialization=True)\"")
     else:
-        how = (f"python -c \"import torch; from safetensors.torch import save_file; save_file(torch.load("
-               f"'{folder / pickles[0]}', weights_only=True), '{folder / SAFE_WEIGHTS}')\" (a plain state dict)")
+        how = (f"python -c \"import torch; from safetensors.torch import save_file; "
+               f"save_file(torch.load('{folder / pickles[0]}', weights_only=True), "
+               f"'{folder / SAFE_WEIGHTS}')\" (a plain state dict)")
     return InputError(f"{what} holds only pickle weights ({found}); memcirc never unpickles: convert it once to "
                       f"safetensors in an environment you trust: {how}")
 
