@@ -427,3 +427,99 @@ def test_bad_layers_are_refused_before_the_model_loads(scored, tmp_path, capsys,
         err = _refused(["--config", "configs/testbed.yaml", "--output-dir", str(out), "--input-dir",
                         str(scored / "memorization"), *QUICK, *extra], capsys)
         assert needle in err and not out.exists()
+
+
+def _importances(kind, n, m, g):
+    if kind == 0:
+        return torch.rand(n, m, generator=g, dtype=torch.float64)
+    if kind == 1:   # integers: heavy ties at the boundary, zeros
+        return torch.randint(0, 4, (n, m), generator=g).double()
+    if kind == 2:   # lognormal with zeros
+        P = torch.randn(n, m, generator=g, dtype=torch.float64).mul(3).exp()
+        P[torch.rand(n, m, generator=g) < 0.3] = 0.0
+        return P
+    if kind == 3:   # one repeated value
+        return torch.full((n, m), 0.1, dtype=torch.float64)
+    if kind == 4:   # tiny values (subnormal range)
+        return torch.randn(n, m, generator=g, dtype=torch.float64).square() * 1e-300
+    lam = torch.rand(n, generator=g, dtype=torch.float64)   # the modified formula's shape
+    mu = torch.rand(m, generator=g, dtype=torch.float64)
+    return lam[:, None] * mu * torch.randn(n, m, generator=g).double().square()
+
+
+@pytest.mark.parametrize("small", [0, 4096])
+@pytest.mark.parametrize("seed", range(24))
+def test_radix_select_equals_the_sort(seed, small, monkeypatch):
+    """select_modified (the modified formula, no sort) == select_mask, ties in row-major order; with
+    `_SMALL` = 0 every digit of the radix select runs (not only the residual's sort)."""
+    import memcirc.kfac.select as select
+
+    monkeypatch.setattr(select, "_SMALL", small)
+    g = torch.Generator().manual_seed(seed)
+    n, m = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(1, 80, (1,), generator=g))
+    P = _importances(seed % 6, n, m, g)
+    for rho in (1e-9, 0.01, 0.2, 0.5, 0.6, 0.9, 0.999, 1.0):
+        assert torch.equal(select.select_modified(P, rho), select_mask(P, rho)), rho
+
+
+def test_radix_select_edge_cases():
+    """All zero (the sort keeps the first entry), -0.0, negative and non-finite importances (the sort)."""
+    from memcirc.kfac.select import select_modified
+
+    cases = [torch.zeros(3, 4, dtype=torch.float64), torch.tensor([[-0.0, 1.0, 2.0, 0.0]], dtype=torch.float64),
+             torch.tensor([[-1.0, 3.0, 2.0]], dtype=torch.float64), torch.tensor([[1.0, float("inf"), 2.0]])]
+    for P in cases:
+        for rho in (0.3, 0.7):
+            assert torch.equal(select_modified(P, rho), select_mask(P, rho)), (P, rho)
+
+
+def test_radix_select_on_a_large_layer_equals_the_sort():
+    """A 512 x 2048 modified-formula importance: several digits and a large residual before the sort."""
+    from memcirc.kfac.select import select_modified
+
+    g = torch.Generator().manual_seed(0)
+    lam = torch.randn(512, generator=g, dtype=torch.float64).mul(2).exp()
+    mu = torch.randn(2048, generator=g, dtype=torch.float64).mul(2).exp()
+    P = lam[:, None] * mu[None, :] * torch.randn(512, 2048, generator=g, dtype=torch.float64).square()
+    for rho in (0.1, 0.6, 0.95):
+        assert torch.equal(select_modified(P, rho), select_mask(P, rho)), rho
+
+
+@pytest.mark.parametrize("shape", [(256, 1024), (512, 128), (128, 512)])   # random, and testbed sizes
+def test_float32_reconstruction_is_within_1e6_of_float64(shape):
+    """Eigenbasis.weight (float32 products) vs weight64 (float64), kept sets chosen on the float64 C:
+    the relative max error is < 2e-6 of max |W| for both formulas and every rho."""
+    d_out, d_in = shape
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+    X, Y = torch.randn(4 * d_in, d_in, generator=g), torch.randn(4 * d_out, d_out, generator=g)
+    basis = eigenbasis(W, X.t() @ X, Y.t() @ Y, n_tokens=4 * d_in)
+    for formula in ("original", "modified"):
+        P = basis.importance(formula)
+        for rho in (0.1, 0.6, 0.9, 1.0):
+            mask = select_mask(P, rho)
+            exact = basis.weight64(mask)
+            err = float((basis.weight(mask).double() - exact).abs().max()) / float(W.abs().max())
+            assert err < 2e-6, (formula, rho, err)
+
+
+def test_apply_edit_keeps_the_float64_selection(tiny_loaded):
+    """apply_edit (float32 reconstruction) writes the float64 reconstruction of the same kept set to
+    float32 rounding: the kept set is chosen before, on the float64 C."""
+    lm = tiny_loaded["gpt2"]
+    targets = resolve_targets(lm.model, lm.arch, [1], ["mlp_in", "mlp_out"])
+    f = collect_factors(lm.model, targets, _batches(lm.model.config.vocab_size, 2),
+                        FactorOptions(labels="data"))
+    bases = {t.name: eigenbasis(weight_of(lm.model, t), f.A[t.name], f.G[t.name], f.n_tokens) for t in targets}
+    originals = {t.name: weight_of(lm.model, t).detach().clone() for t in targets}
+    try:
+        apply_edit(lm.model, targets, bases, "modified", 0.6)
+        for t in targets:
+            mask = select_mask(bases[t.name].importance("modified"), 0.6)
+            exact = bases[t.name].weight64(mask)
+            err = (weight_of(lm.model, t).double() - exact).abs().max() / originals[t.name].abs().max()
+            assert float(err) < 2e-6
+    finally:
+        with torch.no_grad():
+            for t in targets:
+                weight_of(lm.model, t).copy_(originals[t.name])

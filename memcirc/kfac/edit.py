@@ -5,9 +5,8 @@ undone on exit."""
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,14 +14,15 @@ import torch
 from memcirc.errors import InputError
 from memcirc.kfac.choices import FORMULAS as FORMULAS  # re-exported
 from memcirc.kfac.factors import Factors
+from memcirc.kfac.select import select_mask as select_mask  # re-exported
+from memcirc.kfac.select import select_modified as select_modified  # re-exported
+from memcirc.kfac.select import select_product as select_product  # re-exported
 from memcirc.kfac.targets import Target, stored_weight, weight_of
-
-_TINY = torch.finfo(torch.float64).tiny
 
 
 @dataclass
 class Eigenbasis:
-    """One module's factor spectra and W in the K-FAC eigenbasis (float64)."""
+    """One module's factor spectra and W in the K-FAC eigenbasis (float64; the reconstruction float32)."""
 
     lam: torch.Tensor     # eigenvalues of G (mean), descending, clamped >= 0 (+ damping)
     U_G: torch.Tensor
@@ -31,6 +31,7 @@ class Eigenbasis:
     C: torch.Tensor       # U_Gᵀ W U_A
     rank_G: int = -1      # numerical ranks of the factors (before damping; -1: not measured)
     rank_A: int = -1
+    _f32: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def importance(self, formula: str) -> torch.Tensor:
         P = self.lam[:, None] * self.mu[None, :]
@@ -41,8 +42,21 @@ class Eigenbasis:
         return P
 
     def weight(self, mask: torch.Tensor | None) -> torch.Tensor:
-        C = self.C if mask is None else self.C * mask
+        """U_G (C ⊙ M) U_Aᵀ in float32 (2x float64's speed on a CPU, more on a GPU): the kept set is
+        chosen on the float64 C, and the two products add a relative error ~1e-6 of max |W|
+        (tests/test_kfac.py), below the float32 weights' own rounding of a sum of d terms."""
+        U_G, C, U_A = self._float32()
+        return U_G @ (C if mask is None else C * mask.to(C.device)) @ U_A.t()
+
+    def weight64(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """The float64 reconstruction (the reference of `weight`)."""
+        C = self.C if mask is None else self.C * mask.to(self.C.device, torch.float64)
         return self.U_G @ C @ self.U_A.t()
+
+    def _float32(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._f32 is None:      # made once per module, reused by every (formula, rho) of a sweep
+            self._f32 = (self.U_G.float(), self.C.float(), self.U_A.float())
+        return self._f32
 
 
 def spectrum(factor: torch.Tensor, n_tokens: int, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -64,161 +78,8 @@ def spectrum(factor: torch.Tensor, n_tokens: int, damping: float = 0.0) -> tuple
 def eigenbasis(W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, n_tokens: int, damping: float = 0.0) -> Eigenbasis:
     mu, U_A, rank_A = spectrum(A, n_tokens, damping)
     lam, U_G, rank_G = spectrum(G, n_tokens, damping)
-    C = U_G.t() @ W.detach().to(U_A.device, torch.float64) @ U_A   # on the factors' device (CPU)
+    C = U_G.t() @ W.detach().to(U_A.device, torch.float64) @ U_A   # on the factors' device
     return Eigenbasis(lam, U_G, mu, U_A, C, rank_G, rank_A)
-
-
-# -- selection ---------------------------------------------------------------------------------
-
-def _check_rho(rho: float) -> None:
-    if not 0.0 < rho <= 1.0:
-        raise InputError(f"rho must lie in (0, 1], got {rho}")
-
-
-def select_mask(importance: torch.Tensor, rho: float) -> torch.Tensor:
-    """Boolean mask of the smallest set of entries whose importance sum reaches rho * total.
-
-    Vectorized: sort descending (stable, so equal importances are taken in row-major order),
-    cumulative sum in float64, `searchsorted` for the first prefix that reaches the target.
-    rho = 1 keeps everything (zero-importance entries included), so the weights are unchanged.
-    """
-    _check_rho(rho)
-    flat = importance.reshape(-1).double()
-    if rho >= 1.0:
-        return torch.ones_like(importance, dtype=torch.bool)
-    values, order = torch.sort(flat, descending=True, stable=True)
-    csum = torch.cumsum(values, 0)
-    target = rho * float(csum[-1])
-    k = int(torch.searchsorted(csum, torch.tensor([target], dtype=csum.dtype), right=False)) + 1
-    k = min(k, flat.numel())
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask.view(importance.shape)
-
-
-def _bits(x: float) -> int:
-    """A non-negative double's bit pattern as int64 (monotone in x)."""
-    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
-
-
-def _double(b: int) -> float:
-    return float(torch.tensor([b], dtype=torch.int64).view(torch.float64))
-
-
-class _Staircase:
-    """The products λ_i μ_j of two descending spectra >= 0, never materialized: for a value τ, row
-    i's kept columns are the first c_i(τ) = #{j: λ_i μ_j ≥ τ}, and their mass is Σ_i λ_i Σ_{j<c_i} μ_j."""
-
-    def __init__(self, lam: torch.Tensor, mu: torch.Tensor) -> None:
-        self.lam, self.mu = lam, mu
-        self.n, self.m = len(lam), len(mu)
-        self.mu_asc, self.lam_asc = mu.flip(0), lam.flip(0)
-        self.prefix_mu = torch.cat([mu.new_zeros(1), torch.cumsum(mu, 0)])
-        self.prefix_lam = torch.cat([lam.new_zeros(1), torch.cumsum(lam, 0)])
-
-    def mass(self, c: torch.Tensor) -> float:
-        """The mass of the staircase with row counts `c`."""
-        return float((self.lam * self.prefix_mu[c]).sum())
-
-    def counts(self, tau: float, strict: bool) -> torch.Tensor:
-        """Per row, the columns j with λ_i μ_j >= tau (> tau if `strict`), exact on the products."""
-        c = self.m - torch.searchsorted(self.mu_asc, tau / self.lam.clamp_min(_TINY), right=strict)
-        # The division can be off by an ulp: fix c on the real products, jumping a whole run of
-        # equal mu values at a time (equal mu give equal products).
-        return self._grow(self._shrink(c, tau, strict), tau, strict)
-
-    def _shrink(self, c: torch.Tensor, tau: float, strict: bool) -> torch.Tensor:
-        while True:
-            last = self.mu[(c - 1).clamp_min(0)]
-            bad = (c > 0) & ((self.lam * last <= tau) if strict else (self.lam * last < tau))
-            if not bool(bad.any()):
-                return c
-            c = torch.where(bad, self.m - torch.searchsorted(self.mu_asc, last, right=True), c)
-
-    def _grow(self, c: torch.Tensor, tau: float, strict: bool) -> torch.Tensor:
-        while True:
-            nxt = self.mu[c.clamp_max(self.m - 1)]
-            more = (c < self.m) & ((self.lam * nxt > tau) if strict else (self.lam * nxt >= tau))
-            if not bool(more.any()):
-                return c
-            c = torch.where(more, self.m - torch.searchsorted(self.mu_asc, nxt, right=False), c)
-
-    def exact_mass(self, tau: float) -> float:
-        return self.mass(self.counts(tau, strict=False))
-
-    def approx_mass(self, tau: float) -> float:
-        """The mass of the products >= tau by plain division (no ulp fix-up), over the shorter spectrum."""
-        if self.n > self.m:   # per column j: rows i with λ_i ≥ τ / μ_j
-            r = self.n - torch.searchsorted(self.lam_asc, tau / self.mu.clamp_min(_TINY))
-            return float((self.mu * self.prefix_lam[r]).sum())
-        return self.mass(self.m - torch.searchsorted(self.mu_asc, tau / self.lam.clamp_min(_TINY)))
-
-
-def _bisect(mass_of: Callable[[float], float], top: int, target: float) -> int:
-    """Bisection over the bit patterns of non-negative doubles (at most 64 steps). Invariant: the
-    products >= lo hold >= target, the products >= hi hold < target. Returns lo's bit pattern."""
-    lo, hi = 0, top
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if mass_of(_double(mid)) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _boundary_value(stairs: _Staircase, target: float) -> float:
-    """The product value τ* at which the kept mass first reaches `target`: the bisection runs on the
-    approximate mass; the exact counts then check its result, and a failed check repeats it with
-    exact counts."""
-    top = _bits(float(stairs.lam[0] * stairs.mu[0])) + 1
-    for mass_of in (stairs.approx_mass, stairs.exact_mass):
-        lo = _bisect(mass_of, top, target)
-        tau = _double(lo)
-        if stairs.exact_mass(tau) >= target and stairs.mass(stairs.counts(tau, strict=True)) < target:
-            break
-    return tau                    # no double lies strictly between tau and hi: the boundary value
-
-
-def _kept_counts(stairs: _Staircase, tau: float, target: float) -> torch.Tensor:
-    """Per row, the kept columns: every product above tau, and of those equal to tau as many as
-    needed to reach `target`, in row-major order (the tie rule of `select_mask`)."""
-    c_ge = stairs.counts(tau, strict=False)
-    c_gt = stairs.counts(tau, strict=True)
-    above = stairs.mass(c_gt)
-    ties = c_ge - c_gt                      # components equal to tau, per row (contiguous columns)
-    n_ties = int(ties.sum())
-    if not n_ties:
-        return c_gt
-    if tau == 0:                            # only zero components are left to add
-        return c_ge if above < target else c_gt
-    k = min(n_ties, max(1, math.ceil((target - above) / tau)))
-    while k > 1 and above + (k - 1) * tau >= target:   # ceil may overshoot by one ulp
-        k -= 1
-    before = torch.cumsum(ties, 0) - ties   # ties in the rows above (row-major order)
-    return c_gt + (k - before).clamp(min=0).minimum(ties)
-
-
-def select_product(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Tensor:
-    """`select_mask(lam[:, None] * mu[None, :], rho)` without materializing or sorting the products
-    (the `original` formula, both spectra sorted descending and >= 0): a threshold search.
-
-    The kept set is a staircase: row i keeps the first c_i(τ) columns, c_i = #{j: λ_i μ_j ≥ τ},
-    with mass m(τ) = Σ_i λ_i Σ_{j<c_i} μ_j. Bisection over τ (m is a step function, each step
-    one product value) finds the boundary value τ*; components strictly above it are kept, and of
-    the components equal to τ* as many as needed, in row-major order (the tie rule of
-    `select_mask`). Each step is one vectorized `searchsorted` over the rows: O(n_G log n_A).
-    The kept mass is summed per row, not in sorted order, so where a prefix's mass equals
-    ρ · total to within float rounding the two may differ by that one component.
-    """
-    _check_rho(rho)
-    lam, mu = lam.double(), mu.double()
-    if rho >= 1.0:
-        return torch.ones(len(lam), len(mu), dtype=torch.bool)
-    target = rho * float(lam.sum() * mu.sum())
-    stairs = _Staircase(lam, mu)
-    keep = _kept_counts(stairs, _boundary_value(stairs, target), target)
-    return torch.arange(len(mu))[None, :] < keep[:, None]
 
 
 # -- writing the edit --------------------------------------------------------------------------
@@ -232,14 +93,21 @@ def apply_edit(model: torch.nn.Module, targets: Sequence[Target], bases: dict[st
     for t in targets:
         basis = bases[t.name]
         P = basis.importance(formula)
-        # original: threshold search on the two spectra; modified: sort of the full product matrix
-        mask = select_product(basis.lam, basis.mu, rho) if formula == "original" else select_mask(P, rho)
+        # original: threshold search on the two spectra; modified: radix select on the importances
+        mask = select_product(basis.lam, basis.mu, rho) if formula == "original" else select_modified(P, rho)
         kept += int(mask.sum())
         total += mask.numel()
         mass_kept += float(P[mask].sum() / P.sum()) if float(P.sum()) > 0 else 1.0
         W = weight_of(model, t)
-        W.copy_(basis.weight(mask.to(basis.C.device, torch.float64)).to(W.device, W.dtype))
+        W.copy_(basis.weight(mask).to(W.device, W.dtype))
     return {"kept_fraction": kept / total, "kept_importance": mass_kept / len(targets)}
+
+
+def _on(W: torch.Tensor, factors: Factors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's factors on its weight's device, where eigh and the products run (GPU float64 is
+    seconds where a CPU takes minutes); MPS has no float64, so its edit stays on the CPU."""
+    device = torch.device("cpu") if W.device.type == "mps" else W.device
+    return factors.A[name].to(device), factors.G[name].to(device)
 
 
 class ModelEdit:
@@ -250,7 +118,7 @@ class ModelEdit:
                  damping: float = 0.0) -> None:
         self.model, self.targets = model, list(targets)
         self.originals = {t.name: weight_of(model, t).detach().clone() for t in targets}
-        self.bases = {t.name: eigenbasis(self.originals[t.name], factors.A[t.name], factors.G[t.name],
+        self.bases = {t.name: eigenbasis(self.originals[t.name], *_on(self.originals[t.name], factors, t.name),
                                          factors.n_tokens, damping) for t in targets}
 
     def apply(self, formula: str, rho: float) -> dict[str, float]:
