@@ -53,6 +53,10 @@ class ArchSpec:
     attn_v: str | None = None
     attn_qkv: str | None = None           # fused Q/K/V projection
     mlp_gate: str | None = None           # SwiGLU/GeGLU gate projection (d_mlp <- d_model)
+    # The base model (embeddings, blocks, final norm): its output[0] is the final-normed hidden state and
+    # `unembed` of it is exactly the logits. None where the *ForCausalLM does more after the head (e.g.
+    # Gemma-3's final logit soft-capping). memcirc.forward uses it to unembed only scored positions.
+    body: str | None = None
     # --- HF config attribute names --------------------------------------------------------------
     cfg_n_layers: str = "num_hidden_layers"
     cfg_n_heads: str = "num_attention_heads"
@@ -129,6 +133,7 @@ def _llama_like(family: str, model_types: tuple[str, ...], hf_architecture: str,
     base: dict[str, Any] = dict(
         family=family, model_types=model_types, hf_architecture=hf_architecture,
         embed="model.embed_tokens", blocks="model.layers", ln_final="model.norm", unembed="lm_head",
+        body="model",
         attn=f"{block}.self_attn", attn_q=f"{block}.self_attn.q_proj",
         attn_k=f"{block}.self_attn.k_proj", attn_v=f"{block}.self_attn.v_proj",
         attn_out=f"{block}.self_attn.o_proj", mlp=f"{block}.mlp",
@@ -148,7 +153,7 @@ SPECS: Mapping[str, ArchSpec] = MappingProxyType({
     "gpt2": ArchSpec(
         family="gpt2", model_types=("gpt2",), hf_architecture="GPT2LMHeadModel",
         embed="transformer.wte", blocks="transformer.h", ln_final="transformer.ln_f",
-        unembed="lm_head",
+        unembed="lm_head", body="transformer",
         attn="transformer.h.{layer}.attn", attn_qkv="transformer.h.{layer}.attn.c_attn",
         attn_out="transformer.h.{layer}.attn.c_proj", mlp="transformer.h.{layer}.mlp",
         mlp_in="transformer.h.{layer}.mlp.c_fc", mlp_out="transformer.h.{layer}.mlp.c_proj",
@@ -162,7 +167,7 @@ SPECS: Mapping[str, ArchSpec] = MappingProxyType({
     "gpt_neo": ArchSpec(
         family="gpt_neo", model_types=("gpt_neo",), hf_architecture="GPTNeoForCausalLM",
         embed="transformer.wte", blocks="transformer.h", ln_final="transformer.ln_f",
-        unembed="lm_head",
+        unembed="lm_head", body="transformer",  # lm_head(transformer(...)[0]), nothing between
         attn="transformer.h.{layer}.attn",
         attn_q="transformer.h.{layer}.attn.attention.q_proj",
         attn_k="transformer.h.{layer}.attn.attention.k_proj",
@@ -179,7 +184,7 @@ SPECS: Mapping[str, ArchSpec] = MappingProxyType({
     "gpt_neox": ArchSpec(
         family="gpt_neox", model_types=("gpt_neox",), hf_architecture="GPTNeoXForCausalLM",
         embed="gpt_neox.embed_in", blocks="gpt_neox.layers", ln_final="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="embed_out", body="gpt_neox",
         attn="gpt_neox.layers.{layer}.attention",
         attn_qkv="gpt_neox.layers.{layer}.attention.query_key_value",
         attn_out="gpt_neox.layers.{layer}.attention.dense", mlp="gpt_neox.layers.{layer}.mlp",
@@ -217,6 +222,7 @@ SPECS: Mapping[str, ArchSpec] = MappingProxyType({
         qk_norm=True,               # per-head RMSNorm on q and k
         local_attn_layers=True,     # config.layer_types: sliding_attention / full_attention
         embed_scaled=True,          # embeddings are multiplied by sqrt(d_model) inside embed_tokens
+        body=None,                  # logits are soft-capped (final_logit_softcapping) after lm_head
         attn_scaled=True,           # by query_pre_attn_scalar**-0.5, not head_dim**-0.5
         tl_note="TransformerLens 2.18 builds Gemma-3 configs only for the official Hub names "
                 "(hard-coded sizes), not from a config.json",
@@ -303,6 +309,14 @@ def get_module(
     elif layer is not None:
         raise InputError(f"role {role!r} is not per-layer; do not pass layer={layer}")
     return model.get_submodule(template)
+
+
+def lm_body(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(base model, LM head) of an HF causal LM whose logits are exactly head(base(...)[0]), else None."""
+    arch = arch_for(model)
+    if arch.body is None:
+        return None
+    return model.get_submodule(arch.body), model.get_submodule(arch.unembed)
 
 
 def tl_hook_name(role: str, layer: int | None = None) -> str:
@@ -395,7 +409,7 @@ def parallel_attn_mlp(model_or_config: Any) -> bool:
 def quirks(arch: ArchSpec) -> dict[str, Any]:
     """The quirk flags of `arch` as a dict (for logs and manifests), derived flags included."""
     skip = {"family", "model_types", "hf_architecture", "tl_note", "tl_cfg_from_hf",
-            "tl_hf_config_aliases"}
+            "tl_hf_config_aliases", "body"}
     flags = {f.name: getattr(arch, f.name) for f in fields(arch)
              if f.name not in skip and isinstance(getattr(arch, f.name), (bool, str))
              and not f.name.startswith("cfg_") and f.name not in ROLES}
