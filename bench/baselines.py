@@ -53,6 +53,20 @@ def _by_shape(items: Sequence[tuple[int, Window]]) -> dict[tuple[int, int], list
     return groups
 
 
+def full_generation_metrics(model: torch.nn.Module, windows: Sequence[Window], pad_id: int, batch_size: int = 32,
+                            metrics: Sequence[str] = ("token_match", "bleu4", "levenshtein"),
+                            threshold: float = 0.75) -> list[dict[str, Any]]:
+    """`full_generation_scores`, then the continuation metrics computed from its generation (the
+    predecessor's method for every metric: generate all S tokens, compare with the truth)."""
+    from memcirc.scoring import WindowScore, generation_metrics
+
+    rows = full_generation_scores(model, windows, pad_id, batch_size)
+    for w, r in zip(windows, rows):
+        score = WindowScore(w, r["exact"], r["lcp"], 0.0, 0.0, 0.0, None, r["generated"])
+        r.update(generation_metrics(score, metrics, threshold))
+    return rows
+
+
 # -- memorization_circuits' contrastive_dataset.py (divergence mode) ------------------------
 
 def find_divergences_bruteforce(model: torch.nn.Module, windows: Sequence[Window], *,

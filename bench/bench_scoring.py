@@ -7,7 +7,13 @@ first divergence. Baseline (memorization_circuits' memorization_score.py): greed
 of the whole suffix for every window, then per-token accuracy.
 
 The last line printed is a JSON object: ours_s, baseline_s, ratio (baseline/ours) and agree for
-the default metrics, and the same with token_match on (ours_tm_s, ratio_token_match, agree_tm).
+the default metrics, and the same with token_match on (ours_tm_s, ratio_token_match, agree_tm), and
+for the testbed config's memorization metrics (configs/testbed.yaml: teacher-forced + token_match,
+bleu4, levenshtein) against full generation + the same metrics from it: ours_default_s,
+ratio_default, agree_default (exact/lcp/token_match/bleu4/levenshtein identical per window) and
+bound_default = baseline / (teacher-forced only + the decode steps ours runs, at the baseline's cost
+per row-step); bound_free_decode = baseline / teacher-forced only (decoding for free).
+Times are CPU seconds (time.process_time) on CPU, wall seconds on a GPU; best of --repeats.
 
   OMP_NUM_THREADS=1 python bench/bench_scoring.py                       # testbed, CPU
   python bench/bench_scoring.py --random-gpt-neo-125m --device cuda    # GPU machine
@@ -19,10 +25,11 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from baselines import full_generation_scores  # bench/baselines.py
+from baselines import full_generation_metrics, full_generation_scores  # bench/baselines.py
 
 from memcirc.data import Columns, Window, load_documents, make_windows
 from memcirc.models import ModelSpec, load
@@ -35,11 +42,12 @@ def best_of(repeats: int, fn):
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        clock = time.perf_counter if torch.cuda.is_available() else time.process_time
+        start = clock()
         result = fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times), result
 
 
@@ -77,6 +85,20 @@ def agree(ours, reference, with_token_match: bool) -> bool:
     return len(ours) == len(reference)
 
 
+def default_metrics() -> list[str]:
+    """The memorization metrics of configs/testbed.yaml (what `make pipeline` scores)."""
+    import yaml
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
+    return list(yaml.safe_load(config.read_text())["memorization"]["metrics"])
+
+
+def agree_all(ours, reference, names) -> bool:
+    keys = [k for k in ("exact", "lcp", "token_match", "bleu4", "levenshtein") if k in names or k in ("exact", "lcp")]
+    return len(ours) == len(reference) and all(round(m[k], 6) == round(r[k], 6) if isinstance(m[k], float)
+                                               else m[k] == r[k] for m, r in zip(ours, reference) for k in keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -99,6 +121,16 @@ def main() -> None:
                                                                                   args.batch_size))
     ours_s, rows = best_of(args.repeats, lambda: ours(["exact", "lcp", "tf_accuracy", "suffix_nll"]))
     ours_tm_s, rows_tm = best_of(args.repeats, lambda: ours(["exact", "lcp", "token_match"]))
+    names = default_metrics()
+    generation = [m for m in names if m in ("token_match", "bleu4", "levenshtein")]
+    base_default_s, reference_default = best_of(args.repeats, lambda: full_generation_metrics(
+        model, windows, pad, args.batch_size, generation))
+    ours_default_s, rows_default = best_of(args.repeats, lambda: ours(names))
+    tf_only_s, _ = best_of(args.repeats, lambda: ours([m for m in names if m not in generation]))
+    # Row-steps: the baseline decodes S per window (prefill counted as decode: generous to the bound);
+    # ours decodes S - lcp - 1 per non-exact window.
+    steps_base = sum(w.suffix_len for w in windows)
+    steps_ours = sum(r["suffix_len"] - r["lcp"] - 1 for r in rows_default if not r["exact"])
     result = {
         "case": name, "device": str(next(model.parameters()).device), "dtype": args.dtype,
         "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -109,6 +141,12 @@ def main() -> None:
         "agree": agree(rows, reference, False),
         "ours_tm_s": round(ours_tm_s, 4), "ratio_token_match": round(baseline_s / ours_tm_s, 2),
         "agree_tm": agree(rows_tm, reference, True),
+        "default_metrics": names, "baseline_default_s": round(base_default_s, 4),
+        "ours_default_s": round(ours_default_s, 4), "ratio_default": round(base_default_s / ours_default_s, 2),
+        "agree_default": agree_all(rows_default, reference_default, names),
+        "tf_only_s": round(tf_only_s, 4), "decode_row_steps_ours": steps_ours, "decode_row_steps_baseline": steps_base,
+        "bound_default": round(base_default_s / (tf_only_s + base_default_s * steps_ours / steps_base), 2),
+        "bound_free_decode": round(base_default_s / tf_only_s, 2),
     }
     print(json.dumps(result))
 

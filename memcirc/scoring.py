@@ -14,7 +14,6 @@ For a window with prefix P and true suffix S:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections import Counter
@@ -26,7 +25,10 @@ import numpy as np
 import torch
 from rapidfuzz.distance import Levenshtein
 
+from memcirc.continuation import CachedContinuation
 from memcirc.data import TEXT_COLUMNS, Window
+from memcirc.forward import causal_lm_logits
+from memcirc.suffix_metrics import position_metrics
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin
@@ -106,14 +108,18 @@ def pad_batch(sequences: Sequence[Sequence[int] | np.ndarray], pad_id: int,
     return ids, mask
 
 
-def _accepts(model: torch.nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
-
-
 @torch.inference_mode()
 def teacher_forced(model: torch.nn.Module, windows: Sequence[Window], pad_id: int,
                    padding_side: str = "right") -> list[WindowScore]:
     """Score a batch of windows (any mix of lengths) with one forward pass."""
+    return _teacher_forced(model, windows, pad_id, padding_side, None)[0]
+
+
+def _teacher_forced(model: torch.nn.Module, windows: Sequence[Window], pad_id: int, padding_side: str,
+                    continuation: CachedContinuation | None) -> tuple[list[WindowScore], bool]:
+    """`teacher_forced`; with `continuation`, the pass also keeps its KV cache and hands the non-exact
+    rows to it (their true-token slots), so their greedy continuation needs no re-encoding. Returns the
+    scores and whether it did (not where the cache was cropped: sliding-window cache layers)."""
     device = next(model.parameters()).device
     ids, mask = pad_batch([w.tokens for w in windows], pad_id, padding_side)
     width = ids.shape[1]
@@ -121,13 +127,9 @@ def teacher_forced(model: torch.nn.Module, windows: Sequence[Window], pad_id: in
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     # First position whose logits predict a suffix token, per row, in padded coordinates.
     starts = [(0 if padding_side == "right" else width - len(w.tokens)) + w.prefix_len - 1 for w in windows]
-    kwargs: dict[str, Any] = {}
-    keep_from = 0
-    if _accepts(model, "logits_to_keep"):   # skip the unembedding of prefix positions
-        keep_from = min(starts)
-        kwargs["logits_to_keep"] = width - keep_from
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   position_ids=positions.to(device), use_cache=False, **kwargs).logits
+    keep_from = min(starts)   # skip the unembedding of prefix positions
+    logits, cache = causal_lm_logits(model, ids.to(device), mask.to(device), positions.to(device), keep_from,
+                                     use_cache=continuation is not None)
     lengths = torch.tensor([w.suffix_len for w in windows])
     longest = int(lengths.max())
     truth = torch.zeros((len(windows), longest), dtype=torch.long)
@@ -141,23 +143,38 @@ def teacher_forced(model: torch.nn.Module, windows: Sequence[Window], pad_id: in
         rows = torch.arange(len(windows))[:, None].expand(-1, longest)
         cols = (torch.tensor(starts)[:, None] - keep_from + offsets[None, :]).clamp(max=logits.shape[1] - 1)
         suffix_logits = logits[rows.to(device), cols.to(device)]
-    return _scores(windows, suffix_logits.float(), truth.to(device), valid.to(device))
+    scores = _scores(windows, suffix_logits.float(), truth.to(device), valid.to(device))
+    if continuation is None or any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        return scores, False
+    _hand_over(continuation, cache, scores, width, padding_side)
+    return scores, True
+
+
+def _hand_over(continuation: CachedContinuation, cache: Any, scores: Sequence[WindowScore], width: int,
+               padding_side: str) -> None:
+    """Give the non-exact rows to `continuation`: slots of the P + lcp true tokens, the divergent token."""
+    rows = [i for i, s in enumerate(scores) if not s.exact]
+    wins = [scores[i].window for i in rows]
+    continuation.add(cache, rows,
+                     offsets=[0 if padding_side == "right" else width - len(w.tokens) for w in wins],
+                     lengths=[w.prefix_len + scores[i].lcp for i, w in zip(rows, wins)],
+                     first=[_divergent_token(scores[i]) for i in rows],
+                     n_new=[w.suffix_len - scores[i].lcp - 1 for i, w in zip(rows, wins)],
+                     owners=[scores[i] for i in rows])
 
 
 def _scores(windows: Sequence[Window], logits: torch.Tensor, truth: torch.Tensor,
             valid: torch.Tensor) -> list[WindowScore]:
     """Metrics of a batch from its suffix logits (batch, S, vocab); `valid` masks short suffixes."""
-    predicted = logits.argmax(dim=-1)
+    # One fused chunked pass (memcirc.suffix_metrics): no (B, S, V) temporaries next to the logits.
+    predicted, token_nll, token_entropy = position_metrics(logits, truth)
     match = (predicted == truth) | ~valid
     # lcp = index of the first mismatch (S if none): the length of the leading run of matches.
     lcp = match.long().cumprod(dim=-1).sum(-1)
     n = valid.sum(-1)
     hits = ((predicted == truth) & valid).sum(-1) / n
-    # One logsumexp serves both: nll = lse - logit[truth], entropy = lse - E_p[logit].
-    lse = torch.logsumexp(logits, dim=-1)
-    nll = ((lse - logits.gather(-1, truth[..., None]).squeeze(-1)) * valid).sum(-1) / n
-    expected_logit = (torch.exp(logits - lse[..., None]) * logits).sum(-1)
-    entropy = ((lse - expected_logit) * valid).sum(-1) / n
+    nll = (token_nll * valid).sum(-1) / n
+    entropy = (token_entropy * valid).sum(-1) / n
     first = predicted.gather(-1, lcp.clamp(max=truth.shape[1] - 1)[:, None]).squeeze(-1)
     lcp, n, hits, nll, entropy, first = (t.cpu().tolist() for t in (lcp, n, hits, nll, entropy, first))
     return [WindowScore(window=w, exact=lcp[i] >= n[i], lcp=min(lcp[i], n[i]), tf_accuracy=hits[i],
@@ -245,29 +262,52 @@ def generation_metrics(score: WindowScore, metrics: Sequence[str], threshold: fl
 
 # -- scoring a list of windows ---------------------------------------------------------------
 
+@torch.inference_mode()   # the teacher-forced passes and the decode: no autograd
 def score_windows(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: int, batch_size: int = 32,
                   metrics: Sequence[str] = TEACHER_FORCED_METRICS, padding_side: str = "right",
-                  levenshtein_threshold: float = 0.75,
+                  levenshtein_threshold: float = 0.75, generation_batch_size: int | None = None,
                   advance: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Rows of `scores.jsonl` for `windows`, in order. Deterministic for a given batch layout.
+
+    With continuation metrics, the non-exact windows are decoded from the teacher-forced pass's KV
+    cache (memcirc.continuation), `generation_batch_size` rows at a time (default 4 * batch_size:
+    larger decode batches amortize the per-step cost; memory is that many rows of cache).
 
     `advance(n)` (progress) is told after every batch how many more windows are fully scored: all of
     a teacher-forced batch without continuation metrics; with them, its exact windows there (they need
     no generation) and the rest after their generation batch. The counts add up to len(windows).
     """
     wanted = [m for m in metrics if m in GENERATION_METRICS]
+    continuation = None
+    if wanted:
+        def done(decoded: list[tuple[WindowScore, list[int]]]) -> None:
+            for score, tail in decoded:   # truth up to lcp, the divergent token, the decoded rest
+                w = score.window
+                score.generated = w.tokens[w.prefix_len:w.prefix_len + score.lcp].tolist() + [
+                    _divergent_token(score)] + tail
+            if advance is not None:
+                advance(len(decoded))
+        continuation = CachedContinuation(model, generation_batch_size or 4 * batch_size, done)
     # Group by length so the teacher-forced batches carry as little padding as possible.
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].tokens))
     by_index: dict[int, WindowScore] = {}
+    re_encode: list[WindowScore] = []
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        batch = teacher_forced(model, [windows[i] for i in idx], pad_id, padding_side)
+        batch, handed = _teacher_forced(model, [windows[i] for i in idx], pad_id, padding_side, continuation)
         by_index.update(zip(idx, batch))
+        for s in batch:
+            if s.exact and wanted:
+                s.generated = s.window.tokens[s.window.prefix_len:].tolist()
+            elif wanted and not handed:
+                re_encode.append(s)   # a cropped (sliding-window) cache: no slots to decode from
         if advance is not None:
             advance(sum(s.exact for s in batch) if wanted else len(batch))
+    if continuation is not None:
+        continuation.flush()
+    if re_encode:
+        continue_from_divergence(model, re_encode, pad_id, generation_batch_size or 4 * batch_size, advance)
     scores = [by_index[i] for i in range(len(windows))]
-    if wanted:
-        continue_from_divergence(model, scores, pad_id, batch_size, advance)
     return [_row(s, wanted, levenshtein_threshold) for s in scores]
 
 
