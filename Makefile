@@ -47,9 +47,14 @@ test-slurm: install
 test-all: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or not slow"
 
+# Each script prints its ratios against a baseline run in the same process as its last (JSON) line.
+# bench_startup reads the pipeline's wall time from $(OUT) (run `make pipeline` first for that figure).
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_scoring.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_peak.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_divergence.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_kfac_select.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_startup.py --run $(OUT)
 
 testbed: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m memcirc.testbed.build

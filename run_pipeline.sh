@@ -98,15 +98,15 @@ if (( USE_SLURM )); then
 fi
 (( ${#SLURM[@]} == 0 )) || [[ ${SLURM[*]} == --dry-run ]] || die "--wait and --num-shards need --slurm"
 
-# Each stage's model is checked from its config.json first (no weights; not for --dry-run): a family
-# TransformerLens cannot convert is refused here, not after scoring and contrastive have run.
-[[ " ${COMMON[*]} " == *" --dry-run "* ]] || "$PYTHON" -m memcirc.preflight \
-  --stages "${STAGES[@]:first:last-first+1}" --config "$CONFIG" --output-dir "$OUTPUT_DIR" "${COMMON[@]}" || exit $?
-echo "memcirc pipeline: config=$CONFIG output=$OUTPUT_DIR stages=${STAGES[*]:first:last-first+1}"
+# One process runs the rest (memcirc.pipeline): each stage's model is checked from its config.json first
+# (no weights; not for --dry-run), so a family TransformerLens cannot convert is refused before
+# scoring and contrastive have run; then the stages in order, through the same memcirc.cli.main as
+# `python <stage>.py`, paying the torch/transformers/TransformerLens imports once; then the report,
+# whose headline numbers end the log (also saved as report.md and report.json in the run folder).
+args=(--config "$CONFIG" --output-dir "$OUTPUT_DIR" --from-stage "${STAGES[first]}" --to-stage "${STAGES[last]}")
+args+=("${COMMON[@]}")
 for stage in "${STAGES[@]:first:last-first+1}"; do
-  echo "== $stage"
   stage_flags "$stage"
-  "$PYTHON" "$stage.py" --config "$CONFIG" --output-dir "$OUTPUT_DIR" "${COMMON[@]}" "${extra[@]}"
+  for a in "${extra[@]}"; do args+=("--stage-arg=$stage=$a"); done
 done
-# The headline numbers last, so they end the log; also saved as report.md and report.json in the run folder.
-"$PYTHON" -m memcirc.report "$OUTPUT_DIR"
+exec "$PYTHON" -m memcirc pipeline "${args[@]}"

@@ -1,8 +1,9 @@
 """`memcirc <command> [flags]`, the console command (also `python -m memcirc <command>`).
 
 A stage's command is its short name or its stage name: `memcirc score` = `memcirc memorization_score`
-= `python memorization_score.py` (the same `memcirc.cli.main`). `memcirc report RUN` and `memcirc
-slurm ...` are `python -m memcirc.report` and `python -m memcirc.slurm`. The names are the stage
+= `python memorization_score.py` (the same `memcirc.cli.main`). `memcirc report RUN`, `memcirc
+slurm ...` and `memcirc pipeline ...` are `python -m memcirc.report`, `python -m memcirc.slurm` and
+`python -m memcirc.pipeline` (what run_pipeline.sh runs). The names are the stage
 registry's (memcirc.stages.registry); nothing heavy is imported before a stage parses its flags.
 """
 
@@ -15,6 +16,7 @@ from memcirc import __version__
 from memcirc.stages.registry import STAGES
 
 TOOLS = {   # command -> (module whose main(argv) it runs, its line in `memcirc --help`)
+    "pipeline": ("memcirc.pipeline", "preflight, the config's stages and the report in one process"),
     "report": ("memcirc.report", "the run report of a run folder: memcirc report RUN"),
     "slurm": ("memcirc.slurm.__main__", "the pipeline as SLURM jobs: submit, grid, status, wait"),
 }
