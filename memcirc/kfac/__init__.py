@@ -23,9 +23,12 @@ Choices (and where they differ from goodfire-ai/memorization_kfac):
   last of each block contributes (the last has no data label).
 - Eigendecomposition in float64 of the symmetrized factor, negative eigenvalues clamped to 0,
   optional damping added to both spectra.
-- Selection is vectorized: sort all importances (descending, ties in row-major (i, j) order),
-  cumulative sum, `searchsorted` for the first prefix whose mass reaches ρ · total. The original
-  runs a Python heap over up to 45 M pairs. ρ = 1 keeps every component (W unchanged), including
-  components of zero importance that the "smallest set" would drop.
+- Selection keeps the smallest set of components whose importance reaches ρ · total (ties in
+  row-major (i, j) order) without sorting: `original` (λ_i μ_j) by a threshold search on the two
+  spectra (`select_product`), `modified` by a radix select over the float64 bit patterns
+  (`select_modified`); the full sort `select_mask` is the reference both are tested against (the
+  original runs a Python heap over up to 45 M pairs). ρ = 1 keeps every component (W unchanged),
+  including components of zero importance that the "smallest set" would drop. Eigenbasis on the
+  model's device; the reconstruction U_G (C ⊙ M) U_Aᵀ in float32 from the float64 C.
 - Importance: `original` λ_i μ_j; `modified` λ_i μ_j |C_ij|² (the omrifahn / smarter variant).
 """
