@@ -172,8 +172,6 @@ def select_product(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> torch.Ten
     return torch.arange(len(mu), device=keep.device)[None, :] < keep[:, None]
 
 
-
-
 # -- the modified formula: radix select over the bit patterns ---------------------------------
 
 # (shift, mask) of the lower digits of a double's bit pattern; the top digit is its highest 16 bits
