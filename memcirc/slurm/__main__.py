@@ -11,13 +11,14 @@ from pathlib import Path
 import memcirc.slurm
 from memcirc.errors import InputError
 from memcirc.parsing import Parser
+from memcirc.pipeline import stage_argv
 from memcirc.slurm.grid import plan_grid
 from memcirc.slurm.plan import REPO, plan_pipeline
 from memcirc.slurm.render import check_script_path
 from memcirc.slurm.settings import EXPERIMENTS, Settings, read_settings
 from memcirc.slurm.status import POLL_S, status_report, wait
 from memcirc.slurm.submit import submit
-from memcirc.stages.registry import DEFAULT_PIPELINE, STAGES
+from memcirc.stages.registry import DEFAULT_PIPELINE
 
 
 def _run_dir(path: str) -> Path:
@@ -30,14 +31,6 @@ def _python(explicit: str | None, settings: Settings) -> str:
     return os.path.abspath(chosen) if os.sep in chosen else chosen
 
 
-def _stage_args(pairs: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for pair in pairs:
-        stage, sep, arg = pair.partition("=")
-        if not sep or stage not in STAGES:
-            raise InputError(f"--stage-arg takes STAGE=ARG with a stage from {', '.join(STAGES)}; got {pair!r}")
-        out.setdefault(stage, []).append(arg)
-    return out
 
 
 def _poll_seconds(text: str) -> float:
@@ -104,7 +97,7 @@ def _submit(args: argparse.Namespace) -> int:
         raise InputError(f"--num-shards must be >= 1, got {args.num_shards}")
     if args.command == "submit":
         jobs = plan_pipeline(args.stages, run_dir, config, settings, python=python, common=args.common_arg,
-                             stage_args=_stage_args(args.stage_arg), num_shards=args.num_shards,
+                             stage_args=stage_argv(args.stage_arg), num_shards=args.num_shards,
                              report=not args.no_report)
         what = {"command": "submit", "stages": args.stages}
     else:
