@@ -278,6 +278,7 @@ def score_windows(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: 
     no generation) and the rest after their generation batch. The counts add up to len(windows).
     """
     wanted = [m for m in metrics if m in GENERATION_METRICS]
+    generation_batch = generation_batch_size or 4 * batch_size
     continuation = None
     if wanted:
         def done(decoded: list[tuple[WindowScore, list[int]]]) -> None:
@@ -287,7 +288,7 @@ def score_windows(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: 
                     _divergent_token(score)] + tail
             if advance is not None:
                 advance(len(decoded))
-        continuation = CachedContinuation(model, generation_batch_size or 4 * batch_size, done)
+        continuation = CachedContinuation(model, generation_batch, done)
     # Group by length so the teacher-forced batches carry as little padding as possible.
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].tokens))
     by_index: dict[int, WindowScore] = {}
@@ -306,7 +307,7 @@ def score_windows(model: torch.nn.Module, windows: Sequence[Window], *, pad_id: 
     if continuation is not None:
         continuation.flush()
     if re_encode:
-        continue_from_divergence(model, re_encode, pad_id, generation_batch_size or 4 * batch_size, advance)
+        continue_from_divergence(model, re_encode, pad_id, generation_batch, advance)
     scores = [by_index[i] for i in range(len(windows))]
     return [_row(s, wanted, levenshtein_threshold) for s in scores]
 
