@@ -54,6 +54,7 @@ bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_peak.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_divergence.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_kfac_select.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_kfac_labels.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_startup.py --run-dir $(OUT)
 
 testbed: install

@@ -107,7 +107,7 @@ def select_heap(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> set[tuple[in
     λ_i μ_j (both sorted descending) with a max-heap seeded at (0, 0), pushing (i+1, j) and (i, j+1),
     a `seen` set, and the tensors indexed and `.item()`-ed per element, as in the original, until the
     mass reaches ρ (Σλ)(Σμ). Returns the kept (i, j) pairs. The baseline of bench_kfac_select.py;
-    tests/test_kfac.py checks it keeps the set `memcirc.kfac.edit.select_product` keeps."""
+    tests/test_kfac_select.py checks it keeps the set `memcirc.kfac.edit.select_product` keeps."""
     target = rho * (lam.sum() * mu.sum()).item()
     heap = [(-(lam[0] * mu[0]).item(), 0, 0)]
     seen = {(0, 0)}
@@ -124,3 +124,13 @@ def select_heap(lam: torch.Tensor, mu: torch.Tensor, rho: float) -> set[tuple[in
             seen.add((i, j + 1))
             heapq.heappush(heap, (-(lam[i] * mu[j + 1]).item(), i, j + 1))
     return kept
+
+
+# -- memcirc's own sampled K-FAC labels before issue 14 ----------------------------------------
+
+def multinomial_labels(logits: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """Row r's labels by torch.multinomial over softmax(logits[r]) with a generator seeded `seeds[r]`:
+    one row at a time, V exponential variates per position. The baseline of bench_kfac_labels.py."""
+    return torch.stack([torch.multinomial(torch.softmax(logits[r].detach(), -1), 1,
+                                          generator=torch.Generator(logits.device).manual_seed(s))
+                        for r, s in enumerate(seeds)]).view(len(seeds), -1)
