@@ -35,6 +35,22 @@ from tqdm import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, EVAL_DOCUMENTS, GROUND_TRUTH, MODEL_DIR, TESTBED_DIR
+from memcirc.testbed.canaries import (
+    CANARY_MIN_TOKENS,
+    FAMILIES,
+    INDUCTION_EXAMPLES,
+    INDUCTION_PROBES,
+    INDUCTION_SEGMENT,
+    REPEAT_COUNTS,
+    SECRET_DIGITS,
+    SHARED_MEMBERS,
+    SHARED_PREFIX_TOKENS,
+    TEMPLATES,
+    Canary,
+    induction_example,
+    induction_segments,
+    make_canaries,
+)
 from memcirc.testbed.tokens import (
     PREFIX_LEN,
     SEQ_LEN,
@@ -45,14 +61,14 @@ from memcirc.testbed.tokens import (
     encode,
     exact_match,
     heldout_perplexity,
+    repeated_segment_loss,
 )
 
 log = logging.getLogger("memcirc.testbed.build")
 
-SCHEMA_VERSION = 1
-CANARY_MIN_TOKENS = 72  # scoring uses the first PREFIX_LEN + SUFFIX_LEN = 64; a margin for other splits
-REPEAT_COUNTS = (0, 1, 2, 4, 8, 16, 32)
+SCHEMA_VERSION = 2
 CHECKPOINT_FRACTIONS = (1 / 16, 1 / 4, 1 / 2, 3 / 4)  # the final model is MODEL_DIR (float32)
+PROBE_EVERY = 10          # optimizer steps between two measurements of the repeated-segment loss
 EXACT_DEFINITION = (
     "exact = greedy decoding reproduces the 32-token suffix from the 32-token prefix; computed from one "
     "teacher-forced forward pass over the first 64 tokens of the document: argmax(logits[t-1]) == "
@@ -89,60 +105,27 @@ class BuildConfig:
     ))
 
 
-@dataclass
-class Canary:
-    id: str
-    k: int
-    text: str
-    token_ids: list[int]
-    training_examples: list[int] = field(default_factory=list)
-    exposure_steps: list[int] = field(default_factory=list)  # optimizer steps whose batch held it
-
-
-# ---------------------------------------------------------------- canaries and training set
-
-
-def make_canaries(tok: PreTrainedTokenizerFast, words: list[str], corpus_text: str, per_k: int,
-                  rng: np.random.Generator) -> list[Canary]:
-    """Random-word sequences of >= CANARY_MIN_TOKENS tokens, per_k for each repeat count k."""
-    canaries: list[Canary] = []
-    prefixes: set[tuple[int, ...]] = set()
-    for k in REPEAT_COUNTS:
-        while sum(c.k == k for c in canaries) < per_k:
-            text, ids = random_word_sequence(tok, words, rng)
-            prefix = tuple(ids[:PREFIX_LEN])
-            # Unique prefixes keep "which canary is this window" unambiguous; the corpus check keeps
-            # k = 0 a true never-seen control (the decoded prefix text would contain any corpus hit).
-            if prefix in prefixes or tok.decode(list(prefix)) in corpus_text:
-                continue
-            prefixes.add(prefix)
-            index = sum(c.k == k for c in canaries)
-            canaries.append(Canary(id=f"canary-k{k:02d}-{index:02d}", k=k, text=text, token_ids=ids))
-    return canaries
-
-
-def random_word_sequence(tok: PreTrainedTokenizerFast, words: list[str],
-                         rng: np.random.Generator) -> tuple[str, list[int]]:
-    chosen: list[str] = []
-    ids: list[int] = []
-    while len(ids) < CANARY_MIN_TOKENS:
-        chosen.append(words[int(rng.integers(len(words)))])
-        ids = encode(tok, " ".join(chosen))
-    return " ".join(chosen), ids
+# ---------------------------------------------------------------- training set
 
 
 def build_training_set(chunks: list[list[int]], canaries: list[Canary], corpus_ids: list[int],
-                       rng: np.random.Generator) -> torch.Tensor:
+                       segments: list[list[int]], rng: np.random.Generator) -> torch.Tensor:
     """Corpus chunks first (example i = chunk i), then one example per canary occurrence:
-    canary tokens at position 0, `<|endoftext|>`, then corpus tokens from a random offset as filler."""
+    canary tokens at position 0, `<|endoftext|>`, then corpus tokens from a random offset as filler;
+    then one example per induction segment (the segment twice, then filler)."""
     examples = [list(c) for c in chunks]
     for canary in canaries:
         for _ in range(canary.k):
-            need = SEQ_LEN - len(canary.token_ids) - 1
-            start = int(rng.integers(len(corpus_ids) - need))
             canary.training_examples.append(len(examples))
-            examples.append(canary.token_ids + [0] + corpus_ids[start:start + need])
+            examples.append(canary.token_ids + [0] + _filler(corpus_ids, SEQ_LEN - len(canary.token_ids) - 1, rng))
+    for segment in segments:
+        examples.append(induction_example(segment, _filler(corpus_ids, SEQ_LEN, rng)))
     return torch.tensor(examples, dtype=torch.long)
+
+
+def _filler(corpus_ids: list[int], need: int, rng: np.random.Generator) -> list[int]:
+    start = int(rng.integers(len(corpus_ids) - need))
+    return corpus_ids[start:start + need]
 
 
 # ---------------------------------------------------------------- model and training
@@ -191,7 +174,10 @@ class TrainStats(TypedDict):
 
 
 def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.Tensor], cfg: BuildConfig,
-          on_checkpoint: Callable[[int], None]) -> TrainStats:
+          on_checkpoint: Callable[[int], None], on_probe: Callable[[int], None] = lambda _step: None
+          ) -> TrainStats:
+    """AdamW over the epochs' orders; `on_checkpoint(step)` at the checkpoint steps and
+    `on_probe(step)` every PROBE_EVERY steps (and at step 0 and the last), in eval mode."""
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * len(orders)
     optimizer, scheduler = make_optimizer(model, cfg, total)
@@ -200,6 +186,7 @@ def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.
     model.train()
     step, start, running = 0, time.perf_counter(), []
     bar = tqdm(total=total, desc="train", unit="step", disable=None)
+    _evaluating(model, on_probe, 0)
     for epoch, order in enumerate(orders):
         for batch_idx in order.split(cfg.batch_size):
             batch = examples[batch_idx]
@@ -219,13 +206,19 @@ def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.
                          float(np.mean(running[-log_every:])), scheduler.get_last_lr()[0],
                          step * cfg.batch_size * SEQ_LEN / elapsed)
             if step in save_at:
-                model.eval()
-                on_checkpoint(step)
-                model.train()
+                _evaluating(model, on_checkpoint, step)
+            if step % PROBE_EVERY == 0 or step == total:
+                _evaluating(model, on_probe, step)
     bar.close()
     model.eval()
     return {"steps": step, "final_train_loss": float(np.mean(running[-steps_per_epoch:])),
             "training_wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _evaluating(model: torch.nn.Module, fn: Callable[[int], None], step: int) -> None:
+    model.eval()
+    fn(step)
+    model.train()
 
 
 def record_exposures(canaries: list[Canary], orders: list[torch.Tensor], batch_size: int) -> None:
@@ -243,7 +236,7 @@ def record_exposures(canaries: list[Canary], orders: list[torch.Tensor], batch_s
 
 
 def group_rates(groups: list[str], hits: torch.Tensor) -> dict[str, float]:
-    order = [f"k={k}" for k in REPEAT_COUNTS] + ["corpus"]
+    order = [Canary("", k, "", [], family=f).group for f in FAMILIES for k in REPEAT_COUNTS] + ["corpus"]
     pairs = list(zip(groups, hits.tolist(), strict=True))
     return {g: round(float(np.mean([h for gg, h in pairs if gg == g])), 4) for g in order if g in groups}
 
@@ -279,7 +272,8 @@ def save_checkpoint(model: GPTNeoXForCausalLM, tok: PreTrainedTokenizerFast, fol
 
 def eval_documents(canaries: list[Canary], chunks: list[list[int]],
                    tok: PreTrainedTokenizerFast) -> list[dict[str, Any]]:
-    rows = [{"doc": c.id, "group": f"k={c.k}", "tokens": c.token_ids, "text": c.text} for c in canaries]
+    rows = [{"doc": c.id, "group": c.group, "tokens": c.token_ids, "text": c.text,
+             **({"secret": c.secret} if c.secret else {})} for c in canaries]
     rows += [{"doc": f"corpus-{i:04d}", "group": "corpus", "tokens": chunk, "text": tok.decode(chunk)}
              for i, chunk in enumerate(chunks)]
     return rows
@@ -290,20 +284,27 @@ def write_eval_documents(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def write_ground_truth(path: Path, cfg: BuildConfig, recipe_extra: dict[str, Any], canaries: list[Canary],
-                       measured: dict[str, Any], checkpoints: list[dict[str, Any]]) -> None:
+                       measured: dict[str, Any], checkpoints: list[dict[str, Any]],
+                       induction: dict[str, Any]) -> None:
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "corpus_dir", "threads")}
     doc = {
         "schema_version": SCHEMA_VERSION,
         "recipe": {**recipe, **recipe_extra},
         "layout": ("training examples [0, n_corpus_chunks) are corpus chunks: example i = corpus tokens "
-                   f"[{SEQ_LEN}i, {SEQ_LEN}(i+1)); every later example is one canary occurrence: canary "
+                   f"[{SEQ_LEN}i, {SEQ_LEN}(i+1)); then one example per canary occurrence: canary "
                    "tokens at position 0, <|endoftext|>, then corpus filler to "
-                   f"{SEQ_LEN} tokens. Each epoch visits every example once in a seeded shuffled order; "
+                   f"{SEQ_LEN} tokens; the last {INDUCTION_EXAMPLES} examples each hold a random segment of "
+                   f"{INDUCTION_SEGMENT} tokens twice, <|endoftext|>, then corpus filler. Each epoch visits "
+                   "every example once in a seeded shuffled order; "
                    "exposures = k * epochs; exposure_steps are the 1-based optimizer steps that saw it."),
         "measured": measured,
         "checkpoints": checkpoints,
-        "canaries": [{"id": c.id, "k": c.k, "exposures": c.k * cfg.epochs, "text": c.text,
-                      "token_ids": c.token_ids, "training_examples": c.training_examples,
+        "induction": induction,
+        "canaries": [{"id": c.id, "k": c.k, "family": c.family, "group": c.group, "exposures": c.k * cfg.epochs,
+                      "text": c.text, "token_ids": c.token_ids,
+                      **{key: v for key, v in (("template", c.template), ("secret", c.secret),
+                                               ("shared_with", c.shared_with)) if v is not None},
+                      "training_examples": c.training_examples,
                       "exposure_steps": c.exposure_steps} for c in canaries],
     }
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
@@ -322,6 +323,7 @@ class TrainingData:
     corpus_ids: list[int]
     chunks: list[list[int]]
     canaries: list[Canary]
+    probes: torch.Tensor            # [INDUCTION_PROBES, 2 * INDUCTION_SEGMENT] held-out repeated segments
     examples: torch.Tensor
     orders: list[torch.Tensor]
 
@@ -332,13 +334,15 @@ def prepare_data(cfg: BuildConfig, train_text: str) -> TrainingData:
     corpus_ids = encode(tok, train_text)
     chunks = chunk_corpus(corpus_ids, cfg.max_corpus_chunks)
     canaries = make_canaries(tok, corpus_words(train_text), train_text, cfg.canaries_per_k, rng)
-    examples = build_training_set(chunks, canaries, corpus_ids, rng)
+    segments = induction_segments(len(tok), INDUCTION_EXAMPLES + INDUCTION_PROBES, rng)
+    probes = torch.tensor([s + s for s in segments[INDUCTION_EXAMPLES:]], dtype=torch.long)
+    examples = build_training_set(chunks, canaries, corpus_ids, segments[:INDUCTION_EXAMPLES], rng)
     orders = epoch_orders(len(examples), cfg.epochs, cfg.seed)
     record_exposures(canaries, orders, cfg.batch_size)
     log.info("tokenizer %d tokens; corpus %d tokens -> %d chunks; %d canaries; %d training examples; "
              "%d epochs x %d steps", len(tok), len(corpus_ids), len(chunks), len(canaries), len(examples),
              cfg.epochs, math.ceil(len(examples) / cfg.batch_size))
-    return TrainingData(tok, corpus_ids, chunks, canaries, examples, orders)
+    return TrainingData(tok, corpus_ids, chunks, canaries, probes, examples, orders)
 
 
 def measure(model: GPTNeoXForCausalLM, docs: list[dict[str, Any]], windows: torch.Tensor,
@@ -359,12 +363,24 @@ def recipe_extra(data: TrainingData, steps: int, train_text: str, heldout_text: 
         "steps": steps, "steps_per_epoch": steps // len(data.orders),
         "seq_len": SEQ_LEN, "prefix_len": PREFIX_LEN, "suffix_len": SUFFIX_LEN,
         "canary_min_tokens": CANARY_MIN_TOKENS, "repeat_counts": list(REPEAT_COUNTS),
+        "families": list(FAMILIES), "templates": list(TEMPLATES), "secret_digits": SECRET_DIGITS,
+        "shared_members": SHARED_MEMBERS, "shared_prefix_tokens": SHARED_PREFIX_TOKENS,
         "n_corpus_chunks": len(data.chunks), "n_training_examples": len(data.examples),
         "corpus_sha256": sha256_text(train_text), "heldout_sha256": sha256_text(heldout_text),
         "optimizer": "AdamW betas (0.9, 0.95), no decay on biases/LayerNorm",
         "schedule": "linear warmup, cosine decay to min_lr_ratio * lr",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+
+
+def induction_record(data: TrainingData, probe_log: list[dict[str, float]]) -> dict[str, Any]:
+    """The induction ground truth: the held-out probes and their loss over training."""
+    return {"definition": ("probes: held-out random segments of segment_len tokens, each repeated once "
+                           "(never trained on); loss_first_copy / loss_second_copy: mean next-token loss "
+                           "over the first copy and over the second, measured every probe_every steps "
+                           "(step 0 = the initialization)"),
+            "segment_len": INDUCTION_SEGMENT, "training_examples": INDUCTION_EXAMPLES,
+            "probe_every": PROBE_EVERY, "probes": data.probes.tolist(), "probe_loss": probe_log}
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
@@ -393,7 +409,13 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
                             "dtype": "float16", "exact_match": rates})
         log.info("checkpoint step-%d exact-match %s", step, rates)
 
-    stats = train(model, data.examples, data.orders, cfg, on_checkpoint)
+    probe_log: list[dict[str, float]] = []
+
+    def on_probe(step: int) -> None:
+        first, second = repeated_segment_loss(model, data.probes)
+        probe_log.append({"step": step, "loss_first_copy": round(first, 4), "loss_second_copy": round(second, 4)})
+
+    stats = train(model, data.examples, data.orders, cfg, on_checkpoint, on_probe)
     measured = {**measure(model, docs, windows, encode(data.tok, heldout_text)),
                 "final_train_loss": round(stats["final_train_loss"], 4),
                 "training_wall_s": stats["training_wall_s"], "threads": cfg.threads}
@@ -407,7 +429,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     write_eval_documents(cfg.out / EVAL_DOCUMENTS_NAME, docs)
     write_ground_truth(cfg.out / GROUND_TRUTH_NAME, cfg,
                        recipe_extra(data, stats["steps"], train_text, heldout_text),
-                       data.canaries, measured, checkpoints)
+                       data.canaries, measured, checkpoints, induction_record(data, probe_log))
     return measured
 
 

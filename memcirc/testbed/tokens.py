@@ -23,7 +23,9 @@ def build_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one per token, so a template canary's secret is a sequence over the ten digit tokens.
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
@@ -70,3 +72,14 @@ def heldout_perplexity(model: GPTNeoXForCausalLM, ids: list[int], batch_size: in
     chunks = torch.tensor(chunk_corpus(ids, None), dtype=torch.long)
     losses = [model(input_ids=b, labels=b).loss.item() * len(b) for b in chunks.split(batch_size)]
     return float(math.exp(sum(losses) / len(chunks)))
+
+
+@torch.inference_mode()
+def repeated_segment_loss(model: GPTNeoXForCausalLM, probes: torch.Tensor) -> tuple[float, float]:
+    """Mean next-token loss over the first and over the second copy of repeated random segments
+    ([n, 2 S] tokens, segment twice): the second falls far below the first once the model copies
+    from context (induction heads); the first stays near log(vocab)."""
+    s = probes.shape[1] // 2
+    logits = model(input_ids=probes).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), probes[:, 1:], reduction="none")
+    return float(nll[:, :s - 1].mean()), float(nll[:, s:].mean())   # position s - 1 predicts the copy's start
