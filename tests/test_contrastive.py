@@ -159,3 +159,26 @@ def test_divergence_search_reports_progress_per_batch(testbed, memorized, monkey
     assert rounds and all(sum(m.updates) == m.total and max(m.updates) <= 8 for m in rounds)
     assert rounds[0].desc.startswith("divergence round 1 (") and "windows resolved)" in rounds[0].desc
     assert rounds[0].unit == "continuations"
+
+
+def test_break_position_summary_counts_each_group():
+    """The summary's break-position distribution on hand-made breaks: quartiles, counts per L, the
+    share beyond L = 4 overall and per group, and the headline that quotes it."""
+    from memcirc.contrastive import Divergence
+    from memcirc.stages.contrastive_dataset import _positions, headline
+
+    def div(pos, group):
+        w = Window(id=f"{group}-{pos}", tokens=np.zeros(8, dtype=np.int64), prefix_len=4, source="t", doc="d",
+                   offset=0, group=group)
+        return Divergence(w, pos, 1.0, 0.0, [], True)
+
+    breaks = [div(1, "k=8"), div(1, "k=8"), div(13, "shared k=8"), div(15, "template k=8"), div(5, "template k=8")]
+    pos = _positions(breaks)
+    assert pos is not None and pos["quartiles"] == [1.0, 5.0, 13.0]
+    assert pos["counts"] == {"1": 2, "5": 1, "13": 1, "15": 1}
+    assert pos["beyond_short_context"] == 3 and pos["fraction_beyond_short_context"] == 0.6
+    assert pos["groups"]["template k=8"] == {"n": 2, "median": 10.0, "beyond_short_context": 2}
+    assert pos["groups"]["k=8"]["beyond_short_context"] == 0 and _positions([]) is None
+    summary = {"mode": "divergence", "n_pairs": 5, "n_discovery": 3, "n_heldout": 2, "n_memorized": 9,
+               "n_resolved": 5, "divergence_position": pos}
+    assert headline(summary, None).endswith("breaks at context length L: median 5, 3 of 5 beyond L = 4")  # type: ignore[arg-type]

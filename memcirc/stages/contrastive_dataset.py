@@ -110,14 +110,39 @@ def _summary(cfg: ContrastiveConfig, n_windows: int, n_memorized: int, divergenc
         "n_discovery": sum(p.split == "discovery" for p in pairs),
         "n_heldout": sum(p.split == "heldout" for p in pairs),
         "skipped": skipped,
-        "divergence_position": ({"mean": float(np.mean([d.position for d in resolved])),
-                                 "min": min(d.position for d in resolved),
-                                 "max": max(d.position for d in resolved)} if resolved else None),
+        "divergence_position": _positions(resolved),
     }
+
+
+SHORT_CONTEXT = 4   # a break at L <= 4: the pair's prompt holds at most 5 tokens
+
+
+def _positions(resolved: list[Divergence]) -> dict[str, Any] | None:
+    """The distribution of break positions (context length L): quartiles, the share beyond
+    SHORT_CONTEXT, a count per L, and per group."""
+    if not resolved:
+        return None
+    pos = np.array([d.position for d in resolved])
+    groups: dict[str, list[int]] = {}
+    for d in resolved:
+        groups.setdefault(str(d.window.group), []).append(d.position)
+    return {"mean": float(pos.mean()), "min": int(pos.min()), "max": int(pos.max()),
+            "quartiles": [float(q) for q in np.percentile(pos, [25, 50, 75])],
+            "short_context": SHORT_CONTEXT, "beyond_short_context": int((pos > SHORT_CONTEXT).sum()),
+            "fraction_beyond_short_context": round(float((pos > SHORT_CONTEXT).mean()), 4),
+            "counts": {str(v): int(c) for v, c in zip(*np.unique(pos, return_counts=True), strict=True)},
+            "groups": {g: {"n": len(v), "median": float(np.median(v)),
+                           "beyond_short_context": int(sum(x > SHORT_CONTEXT for x in v))}
+                       for g, v in sorted(groups.items())}}
 
 
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report (and what the stage prints last)."""
-    return (f"contrastive ({summary['mode']}): {summary['n_pairs']} pairs ({summary['n_discovery']} discovery, "
+    line = (f"contrastive ({summary['mode']}): {summary['n_pairs']} pairs ({summary['n_discovery']} discovery, "
             f"{summary['n_heldout']} held-out) from {summary['n_memorized']} memorized windows")
+    pos = summary.get("divergence_position")
+    if pos and "quartiles" in pos:
+        line += (f"; breaks at context length L: median {pos['quartiles'][1]:g}, "
+                 f"{pos['beyond_short_context']} of {summary['n_resolved']} beyond L = {pos['short_context']}")
+    return line
 
