@@ -43,11 +43,22 @@ DOC_COLUMNS = ("doc", "index", "id")                  # stable document ids, whe
 
 
 @dataclass(frozen=True)
+class Secret:
+    """A row's optional `secret`: tokens[start:start + length] of the document, each token drawn
+    uniformly from `alphabet` (the exposure metric, `memcirc.exposure`)."""
+
+    start: int
+    length: int
+    alphabet: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Document:
     doc: str                        # stable id inside its source
     tokens: list[int] | None = None
     text: str | None = None
     group: str | None = None
+    secret: Secret | None = None
 
 
 @dataclass(frozen=True)
@@ -163,10 +174,25 @@ def _rows_to_documents(rows: Iterator[Located], columns: Columns, where: str) ->
         doc = _doc_id(row, doc_col, f"{where}: {at}") if doc_col else str(i)
         group = row.get(columns.group)
         group = None if group is None else str(group)
+        secret = _secret(row["secret"], f"{where}: {at}") if row.get("secret") is not None else None
         if token_col:
-            yield Document(doc=doc, tokens=_token_ids(row, token_col, f"{where}: {at}"), group=group)
+            yield Document(doc=doc, tokens=_token_ids(row, token_col, f"{where}: {at}"), group=group, secret=secret)
         else:
-            yield Document(doc=doc, text=_text(row, columns.text, f"{where}: {at}"), group=group)
+            yield Document(doc=doc, text=_text(row, columns.text, f"{where}: {at}"), group=group, secret=secret)
+
+
+def _secret(value: Any, at: str) -> Secret:
+    """The `secret` column, its shape checked (its place in the tokens is checked by memcirc.exposure)."""
+    if not isinstance(value, dict) or not {"start", "length", "alphabet"} <= set(value):
+        raise InputError(f"{at}: 'secret' must be an object with start, length and alphabet, got {kind(value)}")
+    start, length = value["start"], value["length"]
+    if not _is_int(start) or start < 0 or not _is_int(length) or length < 1:
+        raise InputError(f"{at}: secret start {start!r} and length {length!r} must be whole numbers, "
+                         "start >= 0 and length >= 1")
+    alphabet = token_list(value["alphabet"], at, "secret.alphabet")
+    if not alphabet or len(set(alphabet)) != len(alphabet):
+        raise InputError(f"{at}: secret alphabet {alphabet} must be a non-empty list of distinct token ids")
+    return Secret(start=start, length=length, alphabet=tuple(alphabet))
 
 
 def _text(row: dict[str, Any], column: str, at: str) -> str:

@@ -17,6 +17,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 
 from memcirc.artifacts import atomic_write_bytes
+from memcirc.groups import dose_of as dose_of  # re-exported: figures colour and order groups
+from memcirc.groups import family_of as family_of
+from memcirc.groups import group_order as group_order
 
 
 def use_agg() -> None:
@@ -61,16 +64,6 @@ def edge_count_axis(ax: Any, n_edges: int, label: bool = True) -> None:
 
 
 # -- groups of windows (canaries inserted k times, the corpus) -----------------------------------
-
-def dose_of(group: str) -> int | None:
-    """k of a canary group named "k=<k>" (inserted k times into the training data); None for others."""
-    return int(group[2:]) if group.startswith("k=") and group[2:].isdigit() else None
-
-
-def group_order(groups: Iterable[str]) -> list[str]:
-    """Canary groups by k (numerically: k=8 before k=16), then the others alphabetically."""
-    return sorted(set(groups), key=lambda g: (0, dose_of(g) or 0, "") if dose_of(g) is not None else (1, 0, g))
-
 
 def group_colours(groups: Iterable[str]) -> dict[str, Any]:
     """One colour per group, the same in every figure and run (it does not depend on which groups are

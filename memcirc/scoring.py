@@ -28,6 +28,7 @@ from rapidfuzz.distance import Levenshtein
 from memcirc.continuation import CachedContinuation
 from memcirc.data import TEXT_COLUMNS, Window
 from memcirc.forward import causal_lm_logits
+from memcirc.groups import group_order
 from memcirc.suffix_metrics import position_metrics
 
 if TYPE_CHECKING:
@@ -375,13 +376,6 @@ def _means(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, fl
     return {m: round(float(np.mean([float(r[m]) for r in rows])), 6) for m in names}
 
 
-def _group_key(group: str) -> tuple[int, float, str]:
-    """k=0 < k=1 < ... < k=32 < anything else (e.g. 'corpus'), alphabetically."""
-    if group.startswith("k=") and group[2:].isdigit():
-        return (0, int(group[2:]), group)
-    return (1, 0.0, group)
-
-
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     names = metric_columns(rows)
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -391,5 +385,5 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_windows": len(rows),
         "metrics": _means(rows, names),
         "groups": {g: {"n": len(groups[g]), **_means(groups[g], names)}
-                   for g in sorted(groups, key=_group_key)},
+                   for g in group_order(groups)},
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +21,7 @@ from memcirc import artifacts as art
 from memcirc.data import (
     SCORES_PARQUET,
     Columns,
+    Document,
     Window,
     WindowSet,
     load_documents,
@@ -29,14 +30,23 @@ from memcirc.data import (
     validate_windows,
 )
 from memcirc.errors import InputError
+from memcirc.exposure import (
+    EXPOSURE_JSONL,
+    EXPOSURE_PNG,
+    SecretCase,
+    check_vocab,
+    exposure_rows,
+    secret_case,
+    summarize_exposure,
+)
 from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
-from memcirc.memorization_figures import score_histogram
+from memcirc.memorization_figures import exposure_figure, score_histogram
 from memcirc.models import LoadedModel, load
 from memcirc.models.arch import dims, embedding_rows
 from memcirc.models.identity import results_key
 from memcirc.models.loading import load_config_and_tokenizer
-from memcirc.models.tokenizer import bos_policy, checked_documents, tokenizer_check_of
+from memcirc.models.tokenizer import BosPolicy, bos_policy, checked_documents, encode, tokenizer_check_of
 from memcirc.plots import figure_source
 from memcirc.scoring import (
     GENERATION_METRICS,
@@ -66,10 +76,10 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     num_shards, shard_index = resolve_shards(cfg.num_shards, cfg.shard_index)
     # Config and tokenizer first: every data row is read and checked before the weights load.
     config, tokenizer = load_config_and_tokenizer(cfg.model_spec())
-    windows, inputs = _stage_windows(cfg, config, tokenizer)
+    windows, inputs, secrets = _stage_windows(cfg, config, tokenizer)
     loaded = load(cfg.model_spec())
     loaded.tokenizer_check = tokenizer_check_of(tokenizer)   # in the manifest's model identity
-    _check_embedding_rows(windows, loaded, config)
+    _check_embedding_rows(windows, loaded, config, secrets)
     stage = StageRun.for_config(cfg, inputs, model=results_key(loaded))
     if (summary := stage.open(cfg.force)) is not None:
         show(format_summary(summary))
@@ -90,13 +100,17 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
     context = {"inputs": inputs, "model": loaded.identity(), "windows": windows.summary()}
     if num_shards == 1:
         store = art.ChunkStore(cfg.stage_dir / art.CHUNKS_DIR, stage.fingerprint)
-        return _finish(cfg, stage, run_chunked_by_batch(windows.windows, work, store, cfg.chunk_size, "scoring",
-                                                        "windows"), context)
+        data = run_chunked_by_batch(windows.windows, work, store, cfg.chunk_size, "scoring", "windows")
+        context["exposure"] = exposure_rows(loaded.model, secrets, cfg.exposure_candidates, cfg.seed)
+        return _finish(cfg, stage, data, context)
     if shard_done(shard_dir, stage.fingerprint, num_shards) and not cfg.force:   # a re-submitted finished shard
         log.info("shard %d/%d is done for this config (%s); nothing to do", shard_index, num_shards, shard_dir)
         stage.release()
         return None
     (shard_dir / DONE_MARKER).unlink(missing_ok=True)
+    # shard 0 scores every secret; its rows reach the merge in its done record's context
+    context["exposure"] = exposure_rows(loaded.model, secrets, cfg.exposure_candidates, cfg.seed) \
+        if shard_index == 0 else []
     start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
     store = art.ChunkStore(shard_dir / art.CHUNKS_DIR, stage.fingerprint)
     data = run_chunked_by_batch(windows.windows[start:stop], work, store, cfg.chunk_size,
@@ -114,11 +128,13 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
 
 # -- inputs ----------------------------------------------------------------------------------
 
-def _stage_windows(cfg: ScoreConfig, config: PretrainedConfig,
-                   tokenizer: PreTrainedTokenizerBase) -> tuple[WindowSet, list[dict[str, Any]]]:
-    """The windows to score, checked against the model config, and the input descriptors the
-    fingerprint covers. Needs no weights: it runs before the model loads."""
+def _stage_windows(cfg: ScoreConfig, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+                   ) -> tuple[WindowSet, list[dict[str, Any]], list[SecretCase]]:
+    """The windows to score, checked against the model config, the input descriptors the
+    fingerprint covers and the documents' secrets (for exposure). Needs no weights: it runs before
+    the model loads."""
     policy = bos_policy(tokenizer, cfg.prepend_bos)
+    secrets: list[Document] = []
     if cfg.input_dir:  # re-score the windows of an earlier memorization run (e.g. another checkpoint)
         upstream = read_manifest(Path(cfg.input_dir), what="memorization")
         windows = WindowSet(list(read_scores(Path(cfg.input_dir), cfg.limit)), source=str(cfg.input_dir),
@@ -134,6 +150,8 @@ def _stage_windows(cfg: ScoreConfig, config: PretrainedConfig,
                               streaming=cfg.streaming)
         # the tokenizer's sanity check on the first documents' text, before any weights load
         docs = checked_documents(docs, tokenizer, dims(config).d_vocab)
+        if cfg.exposure_candidates:
+            docs = _keeping_secrets(docs, secrets)
         windows = make_windows(docs, tokenizer, cfg.dataset, cfg.prefix_len, cfg.suffix_len,
                                cfg.windowing, cfg.stride, cfg.limit, bos=policy)
         local = Path(cfg.data_path("dataset"))
@@ -147,7 +165,31 @@ def _stage_windows(cfg: ScoreConfig, config: PretrainedConfig,
              len(windows.windows), windows.n_documents, windows.n_short_skipped, policy.to_dict())
     if not cfg.input_dir:
         _warn_window_pitfalls(cfg, windows)
-    return windows, inputs
+    cases = [_secret_case(d, tokenizer, policy) for d in secrets]
+    check_vocab(cases, vocab_size=size.d_vocab, n_ctx=size.n_ctx)
+    if cases:
+        log.info("%d documents hold a secret: exposure from up to %d candidates each", len(cases),
+                 cfg.exposure_candidates)
+    return windows, inputs, cases
+
+
+def _keeping_secrets(documents: Iterator[Document], secrets: list[Document]) -> Iterator[Document]:
+    """`documents` unchanged; those with a secret are also appended to `secrets` as they pass."""
+    for document in documents:
+        if document.secret is not None:
+            secrets.append(document)
+        yield document
+
+
+def _secret_case(document: Document, tokenizer: PreTrainedTokenizerBase, policy: BosPolicy) -> SecretCase:
+    """The secret's start indexes the document's tokens: its token column, or its text encoded."""
+    if document.tokens is not None:
+        return secret_case(document, document.tokens, policy.bos_id)
+    try:
+        return secret_case(document, encode(tokenizer, document.text or ""), policy.bos_id)
+    except InputError as e:   # e.g. a row whose secret indexes its token column, not its re-encoded text
+        raise InputError(f"{e} (its text as the model's tokenizer encodes it; --token-column names a token "
+                         "column to index instead)") from None
 
 
 def _warn_window_pitfalls(cfg: ScoreConfig, windows: WindowSet) -> None:
@@ -164,11 +206,13 @@ def _warn_window_pitfalls(cfg: ScoreConfig, windows: WindowSet) -> None:
                     "--prefix-len/--suffix-len to score them", windows.n_short_skipped, windows.n_documents, size)
 
 
-def _check_embedding_rows(windows: WindowSet, loaded: LoadedModel, config: PretrainedConfig) -> None:
+def _check_embedding_rows(windows: WindowSet, loaded: LoadedModel, config: PretrainedConfig,
+                          secrets: list[SecretCase]) -> None:
     """The windows were checked against config.vocab_size; re-check when the embedding has other rows."""
     rows = embedding_rows(loaded.model)
     if rows != dims(config).d_vocab:
         validate_windows(windows, vocab_size=rows, n_ctx=dims(config).n_ctx)
+        check_vocab(secrets, vocab_size=rows, n_ctx=dims(config).n_ctx)
 
 
 # -- shards ----------------------------------------------------------------------------------
@@ -230,9 +274,17 @@ def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, A
         outputs[SCORES_PARQUET] = len(rows)
     summary = summarize(rows)
     summary.update(prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len, windows=context["windows"])
+    source = figure_source(cfg.model, cfg.output_dir, cfg.revision)
+    score_histogram(rows, summary, cfg.stage_dir / art.HISTOGRAM_PNG, source=source)
+    if exposures := context.get("exposure"):
+        outputs[EXPOSURE_JSONL] = art.write_jsonl(cfg.stage_dir / EXPOSURE_JSONL, exposures)
+        summary["exposure"] = summarize_exposure(exposures, cfg.exposure_candidates, cfg.seed)
+        exposure_figure(exposures, summary["exposure"], cfg.stage_dir / EXPOSURE_PNG, source=source)
+        outputs[EXPOSURE_PNG] = None
+    else:   # a --force run without secrets: no exposure files of an earlier config stay behind
+        for name in (EXPOSURE_JSONL, EXPOSURE_PNG):
+            (cfg.stage_dir / name).unlink(missing_ok=True)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    score_histogram(rows, summary, cfg.stage_dir / art.HISTOGRAM_PNG,
-                    source=figure_source(cfg.model, cfg.output_dir, cfg.revision))
     computed = TEACHER_FORCED_METRICS + tuple(m for m in cfg.metrics if m in GENERATION_METRICS)
     stage.inputs = context["inputs"]
     stage.finish({**outputs, art.SUMMARY_JSON: None, art.HISTOGRAM_PNG: None},
@@ -246,17 +298,32 @@ def _finish(cfg: ScoreConfig, stage: StageRun, data: bytes, context: dict[str, A
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The per-group table the stage prints last."""
+    """The per-group table the stage prints last (and the exposure table, when secrets were scored)."""
     cols = [c for c in ("exact", "lcp", "tf_accuracy", "token_match", "loose_match")
             if c in summary["metrics"]]
-    lines = [f"{'group':<10} {'n':>6} " + " ".join(f"{c:>12}" for c in cols)]
     groups = summary["groups"]
     if list(groups) == ["all"]:   # no group column: summarize's one group is the 'all' row below
         groups = {}
+    width = max([10, *map(len, groups)])
+    lines = [f"{'group':<{width}} {'n':>6} " + " ".join(f"{c:>12}" for c in cols)]
     for group, stats in groups.items():
-        lines.append(f"{group:<10} {stats['n']:>6} " + " ".join(f"{stats[c]:>12.3f}" for c in cols))
-    lines.append(f"{'all':<10} {summary['n_windows']:>6} "
+        lines.append(f"{group:<{width}} {stats['n']:>6} " + " ".join(f"{stats[c]:>12.3f}" for c in cols))
+    lines.append(f"{'all':<{width}} {summary['n_windows']:>6} "
                  + " ".join(f"{summary['metrics'][c]:>12.3f}" for c in cols))
+    if block := summary.get("exposure"):
+        lines.append(format_exposure(block))
+    return "\n".join(lines)
+
+
+def format_exposure(block: dict[str, Any]) -> str:
+    """Exposure per group (bits), from summary.json's `exposure` block."""
+    width = max([10, *map(len, block["groups"])])
+    stats = ("mean", "median", "min", "max")
+    lines = [f"\nexposure (bits; {block['n_candidates']} candidates per secret)",
+             f"{'group':<{width}} {'n':>6} " + " ".join(f"{c:>8}" for c in (*stats, "capped"))]
+    for group, s in block["groups"].items():
+        lines.append(f"{group:<{width}} {s['n']:>6} " + " ".join(f"{s[c]:>8.2f}" for c in stats)
+                     + f" {s['n_capped']:>8}")
     return "\n".join(lines)
 
 

@@ -60,6 +60,9 @@ class ScoreConfig(Sharding, StageConfig):
     decode_text: bool = option(True, "add prefix_text, suffix_text (and continuation_text with token_match, "
                                "bleu4 or levenshtein) to scores.jsonl, decoded with the model's tokenizer")
     parquet: bool = option(False, "also write scores.parquet (the same rows) beside scores.jsonl")
+    exposure_candidates: int = option(1000, "exposure of documents with a 'secret': candidates scored per "
+                                      "secret (every one when alphabet^length is at most this; 0: no exposure)",
+                                      minimum=0)
 
     GENERATION_METRICS: ClassVar[tuple[str, ...]] = ("token_match", "bleu4", "levenshtein")
 
