@@ -140,25 +140,48 @@ def _contrastive(s: dict[str, Any]) -> Numbers:
             ("divergence_position_mean", "mean divergence position (tokens of context)", pos.get("mean"))], []
 
 
+def _interval(s: dict[str, Any]) -> str:
+    """What a summary's intervals are, for their labels: '95% bootstrap interval over pairs'."""
+    b = s.get("bootstrap") or {}
+    return f"{b.get('level', 0.95) * 100:g}% bootstrap interval over pairs"
+
+
 def _circuits(s: dict[str, Any]) -> Numbers:
-    return [("minimal_edges", "edges in the minimal circuit", s["minimal_edges"]),
+    rows = [("minimal_edges", "edges in the minimal circuit", s["minimal_edges"]),
             ("edges_total", "edges in the graph", s["edges_total"]),
             ("faithfulness", f"faithfulness on discovery pairs ({s['metric']}, {s['ablation']} ablation)",
-             s["faithfulness"]),
-            ("target", "faithfulness target", s["target"]), ("n_pairs", "discovery pairs", s["n_pairs"]),
-            ("monotone", "faithfulness monotone in edges", s["monotone"])], []
+             s["faithfulness"])]
+    if "faithfulness_ci" in s:   # summaries from before the intervals have none
+        rows.append(("faithfulness_ci", f"faithfulness on discovery pairs: {_interval(s)}", s["faithfulness_ci"]))
+    return rows + [("target", "faithfulness target", s["target"]), ("n_pairs", "discovery pairs", s["n_pairs"]),
+                   ("monotone", "faithfulness monotone in edges", s["monotone"])], []
 
 
 def _verify(s: dict[str, Any]) -> Numbers:
+    ci = _interval(s)
+    with_ci = "faithfulness_heldout_ci" in s   # summaries from before the intervals have none
     rows = [("circuit_edges", "edges in the circuit", s["circuit_edges"]),
-            ("faithfulness_heldout", f"held-out faithfulness ({s['ablation']} ablation)", s["faithfulness_heldout"]),
-            ("random_faithfulness_mean", "random circuits of the same size: mean", s["random_faithfulness_mean"]),
-            ("random_faithfulness_sd", "random circuits of the same size: sd", s["random_faithfulness_sd"]),
-            ("n_pairs", "held-out pairs", s["n_pairs"])]
-    table = {"title": "per ablation (held-out pairs)",
-             "columns": ["ablation", "faithfulness", "random circuits: mean", "random circuits: sd"],
+            ("faithfulness_heldout", f"held-out faithfulness ({s['ablation']} ablation)", s["faithfulness_heldout"])]
+    if with_ci:
+        rows.append(("faithfulness_heldout_ci", f"held-out faithfulness: {ci}", s["faithfulness_heldout_ci"]))
+    rows.append(("random_faithfulness_mean", "random circuits of the same size: mean", s["random_faithfulness_mean"]))
+    if with_ci:
+        rows.append(("random_faithfulness_ci", f"random circuits of the same size: mean, {ci}",
+                     s["random_faithfulness_ci"]))
+    rows += [("random_faithfulness_sd", "random circuits of the same size: sd", s["random_faithfulness_sd"]),
+             ("n_pairs", "held-out pairs", s["n_pairs"])]
+    if with_ci:
+        rows += [("discovery_faithfulness", "discovery faithfulness (find_circuits)", s.get("discovery_faithfulness")),
+                 ("discovery_faithfulness_ci", f"discovery faithfulness: {ci}", s.get("discovery_faithfulness_ci"))]
+    ablations = s.get("ablations", {})
+    columns = ["ablation", "faithfulness", "random circuits: mean", "random circuits: sd"]
+    table = {"title": "per ablation (held-out pairs)", "columns": columns,
              "rows": [[a, r["faithfulness_heldout"], r["random_faithfulness_mean"], r["random_faithfulness_sd"]]
-                      for a, r in s.get("ablations", {}).items()]}
+                      for a, r in ablations.items()]}
+    if with_ci:
+        table["columns"] = [*columns, f"faithfulness: {ci}", f"random mean: {ci}"]
+        for row, r in zip(table["rows"], ablations.values(), strict=True):
+            row += [r.get("faithfulness_heldout_ci"), r.get("random_faithfulness_ci")]
     return rows, [table] if table["rows"] else []
 
 

@@ -4,7 +4,9 @@ training_dynamics).
 - `graph`: auto-circuit's factorized edge graph (`build_graph`, `EdgeGraph`) and pair batches;
 - `ablation`: what an ablated edge carries (`Ablation`);
 - `attribution`: edge scores by mask gradients (`attribute_edges`), their ranking (`edge_ranking`, `top_k`);
-- `faithfulness`: M and F of circuits (`FaithfulnessEvaluator`);
+- `faithfulness`: M and F of circuits (`FaithfulnessEvaluator`), the per-pair metric behind them
+  (`faithfulness.circuit_metrics_per_pair`, not re-exported) and F's bootstrap interval over pairs
+  (`FaithfulnessEvaluator.intervals`, with `memcirc.bootstrap`);
 - `search`: the minimal circuit (`minimal_circuit`);
 - `store`: prune scores on disk, circuit.json rows;
 - `discover`: the whole discovery on one set of pairs (`discover_circuit`, `prune_scores_metadata`).

@@ -32,11 +32,17 @@ ABLATION_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#8172b3")
 # -- faithfulness_curve.png -------------------------------------------------------------------
 
 def faithfulness_curve_figure(search: MinimalCircuit, n_edges: int, path: Path, title: str,
-                              source: str | None = None) -> None:
+                              source: str | None = None, intervals: Mapping[int, Sequence[float]] | None = None,
+                              level: float = 0.95) -> None:
     """F against k: the log-spaced curve, the bisection probes, the target, the minimal circuit, and the
-    steps where F drops as edges are added (drawn thick, their k range shaded). `source`: the footer."""
+    steps where F drops as edges are added (drawn thick, their k range shaded). `intervals`: k -> the
+    bootstrap interval of F (a band along the curve, an error bar on the minimal circuit). `source`: the footer."""
     fig, ax = subplots(figsize=(8.5, 4.8), constrained_layout=True)
     ks, fs = zip(*search.curve, strict=True)
+    intervals = intervals or {}
+    if all(k in intervals for k in ks):
+        ax.fill_between(ks, [intervals[k][0] for k in ks], [intervals[k][1] for k in ks], color="#4c72b0",
+                        alpha=0.18, lw=0, zorder=1, label=f"{level * 100:g}% bootstrap interval over pairs")
     ax.plot(ks, fs, "o-", color="#4c72b0", label="curve (log-spaced k)", zorder=2)
     for step in search.non_monotone_steps:
         lo, hi = step["from_edges"], step["to_edges"]
@@ -51,8 +57,12 @@ def faithfulness_curve_figure(search: MinimalCircuit, n_edges: int, path: Path, 
         pk, pf = zip(*search.probes, strict=True)
         ax.plot(pk, pf, "x", color="#55a868", ms=7, label="bisection probes", zorder=4)
     ax.axhline(search.target, color="grey", ls="--", lw=0.8, label=f"target F = {search.target}")
+    minimal_ci = intervals.get(search.minimal_edges)
+    if minimal_ci is not None:
+        _bars(ax, [search.minimal_edges], [minimal_ci[0]], [minimal_ci[1]], "#c44e52", zorder=5)
+    ci = f" [{minimal_ci[0]:.3f}, {minimal_ci[1]:.3f}]" if minimal_ci is not None else ""
     ax.plot([search.minimal_edges], [search.faithfulness], "*", ms=15, color="#c44e52", zorder=5,
-            label=f"minimal: {search.minimal_edges} edges, F = {search.faithfulness:.3f}")
+            label=f"minimal: {search.minimal_edges} edges, F = {search.faithfulness:.3f}{ci}")
     edge_count_axis(ax, n_edges)
     ax.set_ylabel("faithfulness F (discovery pairs)")
     ax.set_title(f"{title}\nrandom circuits of the same size: verify/faithfulness_vs_edges.png", fontsize=9)
@@ -170,9 +180,10 @@ def _circuit_legend(drawn: Sequence[Mapping[str, Any]], top: float) -> list[Any]
 # -- faithfulness_vs_edges.png ----------------------------------------------------------------
 
 def faithfulness_vs_edges_figure(results: Mapping[str, Mapping[str, Any]], minimal_edges: int, n_edges: int,
-                                 path: Path, title: str, source: str | None = None) -> None:
+                                 path: Path, title: str, source: str | None = None, level: float = 0.95) -> None:
     """One panel per ablation: the circuit's held-out F against k over the random circuits' mean +- sd band
-    (hatched, outlined). The legend sits below the panels. `source`: the footer."""
+    (hatched, outlined); where the rows hold bootstrap intervals over pairs, the circuit's as a band in
+    its colour and the random mean's as error bars. The legend sits below the panels. `source`: the footer."""
     names = list(results)
     fig, axes = subplots(1, max(len(names), 1), figsize=(max(4.6 * len(names) + 0.6, 8), 4.8), sharey=True,
                          squeeze=False, constrained_layout=True)
@@ -185,17 +196,45 @@ def faithfulness_vs_edges_figure(results: Mapping[str, Mapping[str, Any]], minim
         ax.fill_between(ks, lo, hi, facecolor="0.85", edgecolor="0.45", hatch="///", lw=0.6,
                         label="random circuits: mean ± sd")
         ax.plot(ks, [r["random_mean"] for r in rows], color="0.3", lw=1, ls="--", label="random circuits: mean")
+        _interval_marks(ax, rows, colour, level)
         ax.plot(ks, [r["faithfulness"] for r in rows], "o-", color=colour, ms=5, label="circuit (top-k edges)")
         ax.axvline(minimal_edges, color="#c44e52", ls=":", lw=1.2, label=f"minimal circuit ({minimal_edges} edges)")
         edge_count_axis(ax, n_edges)
         ax.xaxis.label.set_fontsize(8)
         r = results[name]
         found = " (as discovered)" if i == 0 else ""
-        ax.set_title(f"{name} ablation{found}: F = {r['faithfulness_heldout']:.3f} at {minimal_edges} edges\n"
-                     f"random {r['random_faithfulness_mean']:.3f} ± {r['random_faithfulness_sd']:.3f}", fontsize=9)
+        ax.set_title(f"{name} ablation{found}: F = {r['faithfulness_heldout']:.3f}"
+                     f"{_bracket(r.get('faithfulness_heldout_ci'))} at {minimal_edges} edges\n"
+                     f"random {r['random_faithfulness_mean']:.3f} ± {r['random_faithfulness_sd']:.3f}"
+                     f"{_bracket(r.get('random_faithfulness_ci'), ', mean in ')}", fontsize=9)
     axes[0][0].set_ylabel("faithfulness F (held-out pairs)")
     fig.suptitle(title, fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=4 if len(names) > 1 else 2, fontsize=8,
+    fig.legend(handles, labels, loc="outside lower center", ncol=3 if len(names) > 1 else 2, fontsize=8,
                frameon=False)
     save_figure(fig, path, source)
+
+
+def _interval_marks(ax: Any, rows: Sequence[Mapping[str, Any]], colour: str, level: float) -> None:
+    """The circuit's interval as a band, the random mean's as error bars (rows without one: none)."""
+    ks = [r["edges"] for r in rows]
+    if all(r.get("faithfulness_ci") for r in rows):
+        ax.fill_between(ks, [r["faithfulness_ci"][0] for r in rows], [r["faithfulness_ci"][1] for r in rows],
+                        color=colour, alpha=0.25, lw=0, label=f"circuit: {level * 100:g}% bootstrap interval")
+    marked = [r for r in rows if r.get("random_mean_ci")]
+    if marked:
+        _bars(ax, [r["edges"] for r in marked], [r["random_mean_ci"][0] for r in marked],
+              [r["random_mean_ci"][1] for r in marked], "0.15",
+              label=f"random circuits' mean: {level * 100:g}% bootstrap interval")
+
+
+def _bars(ax: Any, ks: Sequence[float], lo: Sequence[float], hi: Sequence[float], colour: str,
+          label: str | None = None, zorder: float = 3) -> None:
+    """Interval bars with caps. Not errorbar: a percentile interval need not contain the point estimate,
+    and errorbar refuses the negative lengths that gives."""
+    ax.vlines(ks, lo, hi, colors=colour, lw=1.1, zorder=zorder, label=label)
+    ax.plot([*ks, *ks], [*lo, *hi], "_", color=colour, ms=7, mew=1.1, zorder=zorder)
+
+
+def _bracket(ci: Sequence[float] | None, prefix: str = " ") -> str:
+    return f"{prefix}[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""

@@ -2,7 +2,10 @@
 
 Reads <output-dir>/contrastive/pairs.jsonl (discovery split); writes prune_scores.safetensors,
 circuit.json, summary.json, faithfulness_curve.png, circuit.png and manifest.json (last) into
-<output-dir>/circuits/. The science is in `memcirc.circuits` (`discover_circuit`).
+<output-dir>/circuits/. The science is in `memcirc.circuits` (`discover_circuit`). Every F on the curve
+comes with a percentile bootstrap interval over the discovery pairs (`memcirc.bootstrap`), with the
+ranking and k held fixed: it does not cover the choice of k on these same pairs (verify's held-out
+interval is the one to quote).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 
 from memcirc import artifacts as art
+from memcirc.bootstrap import PairBootstrap, as_interval, bootstrap_info, ci_text, pair_bootstrap
 from memcirc.circuits import (
     CIRCUIT_JSON,
     FAITHFULNESS_DEFINITION,
@@ -97,12 +101,16 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     art.write_json(cfg.stage_dir / CIRCUIT_JSON, {
         "edges_total": graph.n_edges, "edges": len(found.edges), "faithfulness": search.faithfulness,
         "ranking": RANKING, "score_definition": SCORE_DEFINITION, "circuit": found.edges})
-    summary = build_summary(found, opts, graph.n_edges, n_pairs=len(pairs), n_batches=len(batches))
+    boot = pair_bootstrap(len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
+    summary = build_summary(found, opts, graph.n_edges, n_pairs=len(pairs), n_batches=len(batches), boot=boot)
+    summary["bootstrap"] = bootstrap_info(boot, len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     source = figure_source(cfg.model, cfg.output_dir, cfg.revision)
     faithfulness_curve_figure(search, graph.n_edges, cfg.stage_dir / CURVE_PNG,
                               title=f"{loaded.spec.name_or_path}: {opts.faithfulness_metric}, {opts.ablation} "
-                                    f"ablation, {len(pairs)} discovery pairs", source=source)
+                                    f"ablation, {len(pairs)} discovery pairs" + (f"; interval: bootstrap over "
+                                    f"pairs, {boot.resamples} resamples" if boot is not None else ""), source=source,
+                              intervals=curve_intervals(summary), level=cfg.interval_level)
     circuit_graph_figure(found.edges, cfg.stage_dir / CIRCUIT_PNG,
                          title=f"minimal circuit: {search.minimal_edges} of {graph.n_edges} edges, "
                                f"F = {search.faithfulness:.3f} ({opts.faithfulness_metric}, {opts.ablation} "
@@ -112,8 +120,9 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
                  metric={"name": opts.faithfulness_metric,
                          "definition": FAITHFULNESS_METRIC_DEFINITIONS[opts.faithfulness_metric],
                          "faithfulness": FAITHFULNESS_DEFINITION})
+    ci = f", {ci_text(summary['faithfulness_ci'], cfg.interval_level)}" if summary["faithfulness_ci"] else ""
     show(f"circuits ({cfg.stage_dir}): {search.minimal_edges} of {graph.n_edges} edges reach faithfulness "
-         f"{search.faithfulness:.3f} (target {opts.target}) on {len(pairs)} discovery pairs; "
+         f"{search.faithfulness:.3f} (target {opts.target}{ci}) on {len(pairs)} discovery pairs; "
          f"monotone: {search.monotone}")
     return summary
 
@@ -140,27 +149,41 @@ def _log_search(search: MinimalCircuit, n_edges: int) -> None:
 # -- summary and headline --------------------------------------------------------------------
 
 def build_summary(found: CircuitResult, opts: CircuitOptions, n_edges: int, *, n_pairs: int,
-                  n_batches: int) -> dict[str, Any]:
-    """summary.json: the minimal circuit, the baselines, the curve and the bisection probes."""
+                  n_batches: int, boot: PairBootstrap | None = None) -> dict[str, Any]:
+    """summary.json: the minimal circuit, the baselines, the curve and the bisection probes; with `boot`,
+    the bootstrap interval of every F (`faithfulness_ci`: the circuit and k held fixed, pairs resampled)."""
     search, evaluator, scores = found.search, found.evaluator, found.scores
     assert search is not None and evaluator is not None
+    rows = {"curve": evaluator.curve_rows(search.curve, boot), "bisection": evaluator.curve_rows(search.probes, boot)}
+    pp = evaluator.per_pair_at.get(search.minimal_edges)
+    minimal_ci = as_interval(evaluator.intervals(pp, boot)) if boot is not None and pp is not None else None
     return {
         "edges_total": n_edges, "minimal_edges": search.minimal_edges,
         "edge_fraction": search.minimal_edges / n_edges, "faithfulness": search.faithfulness,
-        "target": opts.target, "split": "discovery", "n_pairs": n_pairs, "n_batches": n_batches,
+        "faithfulness_ci": minimal_ci, "target": opts.target, "split": "discovery",
+        "n_pairs": n_pairs, "n_batches": n_batches,
         "metric": opts.faithfulness_metric, "ablation": opts.ablation, "metric_full": evaluator.m_full,
         "metric_empty": evaluator.m_empty, "monotone": search.monotone,
         "monotone_in_bracket": search.monotone_in_bracket, "non_monotone_steps": search.non_monotone_steps,
         "bracket": list(search.bracket) if search.bracket else None,
-        "curve": evaluator.curve_rows(search.curve), "bisection": evaluator.curve_rows(search.probes),
+        **rows,
         "score_abs_sum": float(scores.abs().sum()), "scores_nonzero": int((scores != 0).sum()),
     }
 
 
+def curve_intervals(summary: dict[str, Any]) -> dict[int, list[float]]:
+    """k -> the interval of F, for every curve point and probe that has one."""
+    return {r["edges"]: r["faithfulness_ci"] for r in (*summary["curve"], *summary["bisection"])
+            if r.get("faithfulness_ci")}
+
+
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
+    ci = summary.get("faithfulness_ci")
+    level = (summary.get("bootstrap") or {}).get("level", 0.95)
     return (f"circuit: {summary['minimal_edges']} of {summary['edges_total']} edges reach faithfulness "
-            f"{summary['faithfulness']:.3f} on discovery pairs (target {summary['target']})")
+            f"{summary['faithfulness']:.3f}" + (f" ({ci_text(ci, level)})" if ci else "")
+            + f" on discovery pairs (target {summary['target']})")
 
 
 def needs_transformer_lens(_cfg: CircuitsConfig) -> bool:

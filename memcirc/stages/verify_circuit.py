@@ -5,6 +5,9 @@ evaluated on the HELD-OUT split of the same pairs file, which attribution and th
 saw (the contrastive stage splits by document). Faithfulness is `memcirc.circuits`' one definition:
 for every ablation type the baselines M(full) and M(empty) are recomputed on the held-out pairs under
 that ablation. Random circuits of the same size (uniform edge subsets, seeded) give the chance level.
+Every F comes with a percentile bootstrap interval over the held-out pairs (`memcirc.bootstrap`;
+--bootstrap-resamples, --interval-level); the random baseline's is the interval of their MEAN F with
+the random circuits held fixed (`RANDOM_CI_DEFINITION`).
 Prune scores are refused when they were computed for another model or another pairs file, or when
 their shapes do not fit this model's graph. Writes summary.json, faithfulness_vs_edges.png and
 manifest.json (last) into <output-dir>/verify/.
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
+from memcirc.bootstrap import PairBootstrap, as_interval, bootstrap_info, ci_text, pair_bootstrap
 from memcirc.circuits import (
     FAITHFULNESS_DEFINITION,
     FAITHFULNESS_METRIC_DEFINITIONS,
@@ -54,6 +58,9 @@ log = logging.getLogger(__name__)
 
 METHOD_VERSION = 1
 FAITHFULNESS_PNG = "faithfulness_vs_edges.png"
+RANDOM_CI_DEFINITION = ("interval of the MEAN faithfulness over the random circuits of each size: the random "
+                        "circuits are held fixed and the pairs resampled (the same resamples as the circuit's "
+                        "interval); not the spread between random circuits (random_faithfulness_sd)")
 
 
 def run(cfg: VerifyConfig) -> dict[str, Any]:
@@ -109,23 +116,32 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     randoms = {k: random_circuits(n, k, cfg.random_circuits, rng) for k in counts if 0 < k < n}
     kept, overlap = circuits_to_evaluate(ranking, counts, k_min, randoms)
-    results = {name: heldout_result(ev, kept, counts, k_min, randoms, overlap) for name, ev in evaluators.items()}
+    # one set of pair resamples for every ablation and circuit: their intervals are paired
+    boot = pair_bootstrap(len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
+    results = {name: heldout_result(ev, kept, counts, k_min, randoms, overlap, boot)
+               for name, ev in evaluators.items()}
     primary = ablations[0]
     summary = {
         "edges_total": n, "circuit_edges": k_min, "metric": metric, "split": "heldout",
         "n_pairs": n_pairs(batches), "n_batches": len(batches), "random_circuits": cfg.random_circuits,
         "discovery_faithfulness": circuits_summary.get("faithfulness"),
+        "discovery_faithfulness_ci": circuits_summary.get("faithfulness_ci"),
         "target": circuits_summary.get("target"),
         "ablation": primary,
-        **{k: results[primary][k] for k in ("faithfulness_heldout", "random_faithfulness_mean",
+        **{k: results[primary][k] for k in ("faithfulness_heldout", "faithfulness_heldout_ci",
+                                            "random_faithfulness_mean", "random_faithfulness_ci",
                                             "random_faithfulness_sd", "random_overlap_mean")},
         "faithfulness_at_edges": results[primary]["faithfulness_at_edges"],
         "ablations": results,
+        "bootstrap": {**bootstrap_info(boot, len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed),
+                      "random_faithfulness_ci": RANDOM_CI_DEFINITION},
     }
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    faithfulness_vs_edges_figure(results, k_min, n, cfg.stage_dir / FAITHFULNESS_PNG,
+    faithfulness_vs_edges_figure(results, k_min, n, cfg.stage_dir / FAITHFULNESS_PNG, level=cfg.interval_level,
                                  title=f"{loaded.spec.name_or_path}: {metric} on {len(pairs)} held-out pairs; "
-                                       f"{cfg.random_circuits} random circuits per edge count",
+                                       f"{cfg.random_circuits} random circuits per edge count"
+                                       + (f"; intervals: bootstrap over pairs, {boot.resamples} resamples"
+                                          if boot is not None else ""),
                                  source=figure_source(cfg.model, cfg.output_dir, cfg.revision))
     stage.finish({art.SUMMARY_JSON: None, FAITHFULNESS_PNG: None}, model=loaded.identity(), seed=cfg.seed,
                  circuits={"run_id": circuits_manifest["run_id"], "minimal_edges": k_min,
@@ -134,8 +150,9 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
                          "faithfulness": FAITHFULNESS_DEFINITION,
                          "random_circuits": "uniform k-edge subsets without replacement, numpy default_rng(seed)"})
     r = results[primary]
+    ci = f", {ci_text(r['faithfulness_heldout_ci'], cfg.interval_level)}" if r["faithfulness_heldout_ci"] else ""
     show(f"verify ({cfg.stage_dir}): held-out faithfulness {r['faithfulness_heldout']:.3f} at {k_min} edges "
-         f"({primary} ablation); random circuits {r['random_faithfulness_mean']:.3f} ± "
+         f"({primary} ablation{ci}); random circuits {r['random_faithfulness_mean']:.3f} ± "
          f"{r['random_faithfulness_sd']:.3f} (overlap {r['random_overlap_mean']:.3f})")
     return summary
 
@@ -207,38 +224,70 @@ def circuits_to_evaluate(ranking: torch.Tensor, counts: list[int], k_min: int,
 
 
 def heldout_result(ev: FaithfulnessEvaluator, kept: torch.Tensor, counts: list[int], k_min: int,
-                   randoms: Mapping[int, torch.Tensor], overlap: float) -> dict[str, Any]:
-    """One ablation's held-out faithfulness of the circuit and of the random circuits, at every count."""
-    f = ev.faithfulness(kept)
+                   randoms: Mapping[int, torch.Tensor], overlap: float,
+                   boot: PairBootstrap | None = None) -> dict[str, Any]:
+    """One ablation's held-out faithfulness of the circuit and of the random circuits, at every count;
+    with `boot`, their bootstrap intervals over pairs (`_intervals`)."""
+    f, per_pair = ev.evaluate(kept)
     f_circ = dict(zip(counts, f[:len(counts)].tolist(), strict=True))
     rand: dict[int, np.ndarray] = {}
+    rand_pp: dict[int, np.ndarray] = {}
     offset = len(counts)
     for k, circuits in randoms.items():
         rand[k] = f[offset:offset + len(circuits)]
+        rand_pp[k] = per_pair[offset:offset + len(circuits)]
         offset += len(circuits)
     # at 0 and n edges every circuit is the same circuit
     rand_mean = {k: float(rand[k].mean()) if k in rand else f_circ[k] for k in counts}
     rand_sd = {k: _sd(rand[k]) if k in rand else 0.0 for k in counts}
-    log.info("%s ablation: held-out faithfulness %.4f at %d edges; random circuits %.4f ± %.4f",
-             ev.ablation_kind, f_circ[k_min], k_min, rand_mean[k_min], rand_sd[k_min])
+    circ_ci, rand_ci = _intervals(ev, per_pair[:len(counts)], counts, rand_pp, boot)
+    log.info("%s ablation: held-out faithfulness %.4f at %d edges%s; random circuits %.4f ± %.4f",
+             ev.ablation_kind, f_circ[k_min], k_min, _ci_text(circ_ci[k_min], boot), rand_mean[k_min],
+             rand_sd[k_min])
     return {
-        "faithfulness_heldout": f_circ[k_min],
-        "random_faithfulness_mean": rand_mean[k_min], "random_faithfulness_sd": rand_sd[k_min],
+        "faithfulness_heldout": f_circ[k_min], "faithfulness_heldout_ci": circ_ci[k_min],
+        "random_faithfulness_mean": rand_mean[k_min], "random_faithfulness_ci": rand_ci[k_min],
+        "random_faithfulness_sd": rand_sd[k_min],
         "random_faithfulness": rand[k_min].tolist() if k_min in rand else [],
         "random_overlap_mean": overlap,
         "metric_full": ev.m_full, "metric_empty": ev.m_empty,
         "metric_circuit": ev.m_empty + f_circ[k_min] * (ev.m_full - ev.m_empty),
-        "faithfulness_at_edges": [{"edges": k, "faithfulness": f_circ[k], "random_mean": rand_mean[k],
+        "faithfulness_at_edges": [{"edges": k, "faithfulness": f_circ[k], "faithfulness_ci": circ_ci[k],
+                                   "random_mean": rand_mean[k], "random_mean_ci": rand_ci[k],
                                    "random_sd": rand_sd[k]} for k in counts],
     }
+
+
+def _intervals(ev: FaithfulnessEvaluator, circuit_pp: np.ndarray, counts: list[int],
+               rand_pp: Mapping[int, np.ndarray], boot: PairBootstrap | None,
+               ) -> tuple[dict[int, list[float] | None], dict[int, list[float] | None]]:
+    """Per count: the interval of the top-k circuit's F and of the random circuits' mean F.
+
+    The random mean is F of the circuits' per-pair metric averaged over the circuits: F is affine in
+    M(C) for fixed M(empty), M(full), so on every resample this is the mean of their F."""
+    if boot is None:
+        return dict.fromkeys(counts), dict.fromkeys(counts)
+    circ = dict(zip(counts, (as_interval(row) for row in ev.intervals(circuit_pp, boot)), strict=True))
+    rand = {k: as_interval(ev.intervals(rand_pp[k].mean(axis=0), boot)) if k in rand_pp else circ[k]
+            for k in counts}
+    return circ, rand
+
+
+def _ci_text(ci: list[float] | None, boot: PairBootstrap | None) -> str:
+    return f" ({ci_text(ci, boot.level, 4)})" if ci is not None and boot is not None else ""
 
 
 # -- summary, headline ----------------------------------------------------------------------
 
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
-    return (f"held-out: faithfulness {summary['faithfulness_heldout']:.3f}; random circuits of the same size "
-            f"{summary['random_faithfulness_mean']:.3f} ± {summary['random_faithfulness_sd']:.3f}")
+    ci, rand_ci = summary.get("faithfulness_heldout_ci"), summary.get("random_faithfulness_ci")
+    level = (summary.get("bootstrap") or {}).get("level", 0.95)
+    return (f"held-out: faithfulness {summary['faithfulness_heldout']:.3f};"
+            + (f" {ci_text(ci, level)};" if ci else "")
+            + f" random circuits of the same size {summary['random_faithfulness_mean']:.3f} ± "
+              f"{summary['random_faithfulness_sd']:.3f}"
+            + (f" (their mean: {ci_text(rand_ci, level)})" if rand_ci else ""))
 
 
 def needs_transformer_lens(_cfg: VerifyConfig) -> bool:

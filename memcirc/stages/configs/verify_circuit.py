@@ -31,6 +31,9 @@ class VerifyConfig(StageConfig):
     ablations: list[str] = option(list(ABLATIONS), "ablation types to evaluate", choices=ABLATIONS)
     random_circuits: int = option(10, "random circuits of the same size", minimum=1)
     edge_counts: list[int] = option([], "extra edge counts to report (default: a log-spaced list)")
+    bootstrap_resamples: int = option(1000, "bootstrap resamples of the pairs for the faithfulness "
+                                      "intervals (0 = no intervals)", minimum=0)
+    interval_level: float = option(0.95, "coverage of the bootstrap intervals", within="(0, 1)")
     batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
 
     def needs_auto_circuit(self) -> bool:
