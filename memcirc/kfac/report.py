@@ -9,6 +9,7 @@ from typing import Any
 from matplotlib.lines import Line2D
 
 from memcirc.plots import label_points, save_figure, subplots, wilson_interval
+from memcirc.stress_figures import stress_line
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -23,6 +24,8 @@ def format_table(summary: dict[str, Any]) -> str:
     s = summary["saved"]
     where = "saved edited_model" if s.get("edited_model", "edited_model") else "saved setting (deltas only)"
     lines.append(f"{where}: {s['formula']} rho={s['rho']} (exact {s['exact_after']:.3f}, ppl {s['ppl_after']:.2f})")
+    if "stress" in summary:
+        lines.append(stress_line(summary["stress"]))
     lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     return "\n".join(lines)
 

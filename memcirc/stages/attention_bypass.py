@@ -13,11 +13,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 
 from memcirc import artifacts as art
 from memcirc.benchmarks import check_tasks
-from memcirc.bypass import METRICS, parse_layer_sets, parse_layers, sweep, windows_from_file
+from memcirc.bypass import (
+    METRICS,
+    bypass_attention,
+    mean_attention_outputs,
+    parse_layer_sets,
+    parse_layers,
+    sweep,
+    windows_from_file,
+)
 from memcirc.bypass_figures import tradeoff_figure
 from memcirc.config import LmEval
 from memcirc.data import Window
@@ -32,13 +41,15 @@ from memcirc.evaluation import (
 )
 from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
-from memcirc.models import load
+from memcirc.models import LoadedModel, load
 from memcirc.models.arch import embedding_rows, n_ctx, n_layers
 from memcirc.models.identity import check_same_model, results_key
 from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.tokenizer import bos_policy
 from memcirc.plots import figure_source
 from memcirc.stages.configs.attention_bypass import BypassConfig
+from memcirc.stress import StressPlan, stage_stress
+from memcirc.stress_figures import stress_figure, stress_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -46,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRADEOFF_PNG = "tradeoff.png"
+STRESS_PNG = "stress.png"     # --stress: exact before/after per prefix perturbation
 TABLE_COLUMNS = ("exact", "lcp", "token_match", "loose_match")
 
 
@@ -75,7 +87,7 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
         reference = blocks
     if cfg.heldout != "testbed" and Path(cfg.heldout).is_file():
         inputs.append({"path": cfg.heldout, "sha256": art.sha256_file(Path(cfg.heldout))})
-    stage = StageRun.for_config(cfg, inputs, model=results_key(loaded))
+    stage = StageRun.for_config(cfg, inputs, model=results_key(loaded), **_stress_part(cfg))
     if (done := stage.open(cfg.force)) is not None:
         show(format_table(done))
         return done
@@ -99,10 +111,19 @@ def run(cfg: BypassConfig) -> dict[str, Any]:
     summary["bos"] = bos.to_dict()
     if bench is not None:
         summary["lm_eval"] = bench.describe()   # the setting; each run's results are in its row's "lm_eval"
+    if cfg.stress:
+        summary["stress"] = _stress(cfg, loaded, windows, every, summary, pad)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     source = figure_source(cfg.model, cfg.output_dir, cfg.revision)
     tradeoff_figure(summary, cfg.stage_dir / TRADEOFF_PNG, source=source)
-    stage.finish({art.SUMMARY_JSON: None, TRADEOFF_PNG: None}, model=loaded.identity(), seed=cfg.seed,
+    outputs: dict[str, int | None] = {art.SUMMARY_JSON: None, TRADEOFF_PNG: None}
+    (cfg.stage_dir / STRESS_PNG).unlink(missing_ok=True)   # an old run's, with another config
+    if "stress" in summary:
+        edit = summary["stress"]["edit"]
+        stress_figure(summary["stress"], cfg.stage_dir / STRESS_PNG,
+                      f"the attention bypass ({edit['mode']}) of {_blocks(edit['layers'])}", source=source)
+        outputs[STRESS_PNG] = None
+    stage.finish(outputs, model=loaded.identity(), seed=cfg.seed,
                  metric={"memorization": list(METRICS), "levenshtein_threshold": cfg.levenshtein_threshold,
                          "ppl": "exp(total NLL / total predicted tokens) over held-out blocks, padding masked"})
     show(format_table(summary))
@@ -148,6 +169,38 @@ def _check_vocab(windows: Sequence[Window], model: PreTrainedModel) -> None:
                          "were they tokenized for another model?")
 
 
+# -- the stress test (--stress) --------------------------------------------------------------
+
+def _stress_part(cfg: BypassConfig) -> dict[str, Any]:
+    """The fingerprint part of --stress: its plan when on, nothing when off (the fingerprint of a run
+    without it is the one it had before the option existed)."""
+    return {"stress": StressPlan().to_dict()} if cfg.stress else {}
+
+
+def _stress(cfg: BypassConfig, loaded: LoadedModel, windows: Sequence[Window], heldout: list[np.ndarray],
+            summary: dict[str, Any], pad: int) -> dict[str, Any]:
+    """The stress block: the run that lowers exact match most (ties: the lower perplexity, then the first)
+    bypassed again, the memorized windows scored under prefix perturbations before and with it."""
+    chosen = min(summary["layers"], key=lambda e: (e["exact"], e["ppl"]))
+    layers = chosen["layer"] if isinstance(chosen["layer"], list) else [chosen["layer"]]
+    upstream = cfg.upstream_dir   # a --memorized-file may come without a memorization run
+    upstream = upstream if upstream is not None and (upstream / art.MANIFEST).is_file() else None
+    stress = stage_stress(loaded, windows, upstream, heldout, pad_id=pad, batch_size=cfg.batch_size,
+                          documents=not cfg.memorized_file)
+    stress.measure_before(loaded.model)
+    # mode mean: the same reference means as the sweep's (the held-out blocks after the perplexity blocks)
+    reference = heldout[cfg.ppl_blocks:] or heldout[:cfg.ppl_blocks]
+    means = (mean_attention_outputs(loaded.model, loaded.arch, reference, pad_id=pad, batch_size=cfg.batch_size)
+             if cfg.mode == "mean" else None)
+    with bypass_attention(loaded.model, loaded.arch, layers, cfg.mode, means):
+        return stress.result(loaded.model, {"mode": cfg.mode, "layers": layers, "exact": chosen["exact"],
+                                            "ppl": chosen["ppl"]})
+
+
+def _blocks(layers: list[int]) -> str:
+    return f"block {layers[0]}" if len(layers) == 1 else "blocks " + ",".join(map(str, layers))
+
+
 # -- outputs ---------------------------------------------------------------------------------
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -162,6 +215,8 @@ def format_table(summary: dict[str, Any]) -> str:
     for entry in summary["layers"]:
         layer = entry["layer"]
         lines.append(line(",".join(map(str, layer)) if isinstance(layer, list) else str(layer), entry))
+    if "stress" in summary:
+        lines.append(f"{_blocks(summary['stress']['edit']['layers'])} bypassed: " + stress_line(summary["stress"]))
     return "\n".join(lines)
 
 

@@ -66,6 +66,8 @@ from memcirc.models.tokenizer import BosPolicy, bos_policy
 from memcirc.plots import figure_source
 from memcirc.sharding import resolve_shards
 from memcirc.stages.configs.kfac_edit import KfacConfig
+from memcirc.stress import StressPlan, StressRun, stage_stress
+from memcirc.stress_figures import stress_figure
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ FACTORS = FACTORS_FILE
 DELTAS = "deltas.safetensors"
 EDITED_MODEL = "edited_model"
 RHO_CURVE = "rho_curve.png"
+STRESS_PNG = "stress.png"            # --stress: exact before/after per prefix perturbation
 PPL_LIMIT = 0.20                     # the default saved setting: ppl rise <= 20 %
 FACTOR_SAMPLING = "per-block seeds, float64 sums"  # changes the fingerprint when the collection changes
 
@@ -101,7 +104,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     plan = _factor_plan(cfg, loaded, targets, reused, bos)
     warnings.append(plan.warning)
     stage = StageRun.for_config(cfg, _inputs(cfg, upstream), model=results_key(loaded),
-                                factor_sampling=FACTOR_SAMPLING)
+                                factor_sampling=FACTOR_SAMPLING, **_stress_part(cfg))
     if (done := stage.open(cfg.force)) is not None:
         show(format_table(done))
         return done
@@ -138,6 +141,7 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
         log.warning(measured)
         warnings.append(measured)
     lm_before = _benchmarks(cfg, loaded, bench, timings)   # unedited (the edit is applied per setting below)
+    stress = _stress_before(cfg, loaded, windows, blocks, timings)
     t0 = time.perf_counter()
     evaluate = partial(_evaluate, cfg, loaded, windows, blocks)
     sweep = _sweep(cfg, edit, evaluate)
@@ -153,6 +157,10 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
         "warnings": [w for w in warnings if w], **sweep, "saved": saved,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    if stress is not None:  # the saved setting is still applied
+        t0 = time.perf_counter()
+        summary["stress"] = stress.result(loaded.model, {"formula": saved["formula"], "rho": saved["rho"]})
+        summary["timings"]["stress_s"] = round(timings["stress_s"] + time.perf_counter() - t0, 3)
     if bench is not None:   # lm-eval before the edit and with the saved setting, still applied here
         lm_after = _benchmarks(cfg, loaded, bench, timings)
         summary["lm_eval"] = {**bench.describe(), "before": lm_before, "after": lm_after}
@@ -163,6 +171,8 @@ def run(cfg: KfacConfig) -> dict[str, Any] | None:
     rho_curve(summary, cfg.stage_dir / RHO_CURVE, PPL_LIMIT, source=figure_source(cfg.model, cfg.output_dir,
                                                                                    cfg.revision))
     outputs: dict[str, int | None] = {FACTORS: None, DELTAS: None, art.SUMMARY_JSON: None, RHO_CURVE: None}
+    if _stress_figure(cfg, summary):
+        outputs[STRESS_PNG] = None
     if cfg.save_model:
         for f in sorted((cfg.stage_dir / EDITED_MODEL).iterdir()):
             outputs[f"{EDITED_MODEL}/{f.name}"] = None
@@ -277,14 +287,19 @@ def _factors(cfg: KfacConfig, collection: FactorCollection, reused: tuple[Factor
 def _evaluate(cfg: KfacConfig, loaded: LoadedModel, windows: list[ScoredWindow],
               blocks: list[np.ndarray]) -> dict[str, Any]:
     """Memorization of the windows and held-out perplexity of the model as it is now."""
+    pad = _pad_id(loaded)
+    mem = memorization(loaded.model, windows, pad_id=pad, batch_size=cfg.batch_size,
+                       levenshtein_threshold=cfg.levenshtein_threshold)
+    return {**mem, "ppl": perplexity(loaded.model, blocks, pad_id=pad, batch_size=cfg.batch_size)}
+
+
+def _pad_id(loaded: LoadedModel) -> int:
     # transformers' tokenizer __getattr__ types special-token ids as str | list[str]
     pad = cast("int | None", loaded.tokenizer.pad_token_id)
     if pad is None:
         raise InputError(f"the tokenizer of {loaded.spec.name_or_path} has no pad token (nor an EOS token to pad "
                          "with): cannot batch the evaluation windows")
-    mem = memorization(loaded.model, windows, pad_id=pad, batch_size=cfg.batch_size,
-                       levenshtein_threshold=cfg.levenshtein_threshold)
-    return {**mem, "ppl": perplexity(loaded.model, blocks, pad_id=pad, batch_size=cfg.batch_size)}
+    return pad
 
 
 def _benchmarks(cfg: KfacConfig, loaded: LoadedModel, bench: Benchmarks | None,
@@ -356,6 +371,39 @@ def _result(formula: str, rho: float, before: dict[str, Any], after: dict[str, A
             "ppl_before": before["ppl"], "ppl_after": after["ppl"],
             "ppl_ratio": after["ppl"] / before["ppl"],
             "after": {k: v for k, v in after.items() if k != "ppl"}, **kept}
+
+
+# -- the stress test (--stress) --------------------------------------------------------------
+
+def _stress_part(cfg: KfacConfig) -> dict[str, Any]:
+    """The fingerprint part of --stress: its plan when on, nothing when off (the fingerprint of a run
+    without it is the one it had before the option existed)."""
+    return {"stress": StressPlan().to_dict()} if cfg.stress else {}
+
+
+def _stress_before(cfg: KfacConfig, loaded: LoadedModel, windows: list[ScoredWindow], blocks: list[np.ndarray],
+                   timings: dict[str, float]) -> StressRun | None:
+    """With --stress: the perturbed memorized windows scored on the unedited model; else None."""
+    if not cfg.stress:
+        return None
+    t0 = time.perf_counter()
+    stress = stage_stress(loaded, windows, cfg.upstream_dir, blocks, pad_id=_pad_id(loaded),
+                          batch_size=cfg.batch_size)
+    stress.measure_before(loaded.model)
+    timings["stress_s"] = time.perf_counter() - t0
+    return stress
+
+
+def _stress_figure(cfg: KfacConfig, summary: dict[str, Any]) -> bool:
+    """stress.png of the summary's stress block (an old one is removed without --stress); drawn?"""
+    path = cfg.stage_dir / STRESS_PNG
+    if "stress" not in summary:
+        path.unlink(missing_ok=True)
+        return False
+    edit = summary["stress"]["edit"]
+    stress_figure(summary["stress"], path, f"the K-FAC edit ({edit['formula']}, rho={edit['rho']:g})",
+                  source=figure_source(cfg.model, cfg.output_dir, cfg.revision))
+    return True
 
 
 # -- reporting -------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ class BypassConfig(HeldoutEval, LmEval, StageConfig):
     layer_sets: list[str] = option([], "block sets to bypass together, run after the single blocks, e.g. 0,1 2,3")
     memorized_file: str | None = option(None, "score these windows instead of the upstream memorized set "
                                         "(JSONL/Parquet with tokens, or the llm-memorization .npy format)")
+    # not hashed: a run without --stress keeps the fingerprint it had before the option existed; the
+    # stage adds the stress plan to the fingerprint when it is on (a toggle is a changed run)
+    stress: bool = option(False, "bypass the run that lowers exact match most (ties: the lower perplexity) and "
+                          "measure memorization under prefix perturbations before and after: a 'stress' block "
+                          "in summary.json and stress.png (memcirc/stress.py)", hashed=False)
     batch_size: int = option(32, "sequences per forward pass", aliases=("--batch_size",), minimum=1,
                              hashed=False)
 

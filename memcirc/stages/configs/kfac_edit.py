@@ -52,6 +52,12 @@ class KfacConfig(HeldoutEval, LmEval, Sharding, StageConfig):
     save_formula: str = option("original", "formula of the saved edited model", choices=FORMULAS)
     save_model: bool = option(True, "write edited_model/ (the saved setting as a from_pretrained folder, "
                               "with a model card README.md); --no-save-model: deltas.safetensors only")
+    # not hashed: a run without --stress keeps the fingerprint it had before the option existed; the
+    # stage adds the stress plan to the fingerprint when it is on (a toggle is a changed run)
+    stress: bool = option(False, "after the saved edit, measure memorization under prefix perturbations (shifted "
+                          "windows, longer/shorter prefixes, substituted/dropped tokens, prepended text) before "
+                          "and after: a 'stress' block in summary.json and stress.png (memcirc/stress.py)",
+                          hashed=False)
     factors_file: str | None = option(None, "reuse factors.safetensors of a previous kfac run (same model "
                                       "and modules) instead of collecting them")
     batch_size: int = option(32, "sequences per forward/backward pass", aliases=("--batch_size",), minimum=1,
