@@ -27,6 +27,7 @@ from memcirc.contrastive import (
 from memcirc.contrastive_figures import divergence_figure
 from memcirc.data import ScoredWindow, memorized, read_scores
 from memcirc.errors import InputError
+from memcirc.groups import group_order
 from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
@@ -133,7 +134,7 @@ def _positions(resolved: list[Divergence]) -> dict[str, Any] | None:
             "counts": {str(v): int(c) for v, c in zip(*np.unique(pos, return_counts=True), strict=True)},
             "groups": {g: {"n": len(v), "median": float(np.median(v)),
                            "beyond_short_context": int(sum(x > SHORT_CONTEXT for x in v))}
-                       for g, v in sorted(groups.items())}}
+                       for g, v in ((g, groups[g]) for g in group_order(groups))}}
 
 
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
