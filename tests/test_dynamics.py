@@ -125,10 +125,10 @@ def _checkpoints(**values):
 def test_testbed_checkpoints_come_from_ground_truth_without_importing_torch():
     truth = json.loads(GROUND_TRUTH.read_text())["checkpoints"]
     cps = _checkpoints()
-    assert [c.step for c in cps] == [t["step"] for t in truth] == [28, 111, 222, 333, 444]
+    assert [c.step for c in cps] == [t["step"] for t in truth] == [54, 218, 435, 652, 870]
     assert [c.index for c in cps] == list(range(5))
     assert cps[-1].name_or_path == "testbed" and cps[-1].revision is None
-    assert [Path(c.name_or_path) for c in cps[:-1]] == [CHECKPOINTS_DIR / f"step-{s}" for s in (28, 111, 222, 333)]
+    assert [Path(c.name_or_path) for c in cps[:-1]] == [CHECKPOINTS_DIR / f"step-{s}" for s in (54, 218, 435, 652)]
     assert array_tasks(DynamicsConfig()) == 5                 # what memcirc.slurm sizes the job array with
     code = ("import sys; from memcirc.dynamics import CheckpointList, resolve_checkpoints;"
             "opts = CheckpointList('testbed', [], [], None, 1000, 143000, 1000, 8);"
@@ -253,7 +253,7 @@ def _summary(stage: Path) -> dict:
 
 def test_onset_per_k_on_the_testbed(dynamics_run):
     onset = _summary(dynamics_run)["onset_by_group"]
-    assert onset == {"k=0": None, "k=1": None, "k=2": None, "k=4": None, "k=8": 444, "k=16": 333, "k=32": 222}
+    assert onset == {"k=0": None, "k=1": None, "k=2": None, "k=4": 652, "k=8": 652, "k=16": 435, "k=32": 435}
     rows = list(art.read_jsonl(dynamics_run / "onsets.jsonl"))
     assert len(rows) == 112
     for row in rows:  # every onset is consistent with the per-checkpoint flags it came from
@@ -369,28 +369,28 @@ def test_units_run_separately_then_merged_are_identical(dynamics_run, pairs_run,
 def test_memorization_only_on_listed_folders(scored, tmp_path):
     """--no-circuits needs no pairs; a folder without a step number in its name gets one from --steps."""
     out = tmp_path / "mem-only"
-    assert _dynamics(out, scored, "--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-222"), str(MODEL_DIR),
-                     "--steps", "222", "444") == 0
+    assert _dynamics(out, scored, "--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-435"), str(MODEL_DIR),
+                     "--steps", "435", "870") == 0
     summary = _summary(out / "dynamics")
-    assert summary["circuits"] is False and summary["steps"] == [222, 444]
-    assert summary["onset_by_group"]["k=32"] == 222 and summary["onset_by_group"]["k=8"] == 444
+    assert summary["circuits"] is False and summary["steps"] == [435, 870]
+    assert summary["onset_by_group"]["k=32"] == 435 and summary["onset_by_group"]["k=8"] == 870
     assert not (unit_dir(out / "dynamics", 0) / "prune_scores.safetensors").exists()
     overlap = json.loads((out / "dynamics" / "overlap.json").read_text())
     assert overlap["jaccard"] == [[None, None], [None, None]]
     # another config in the same folder is refused without --force
-    assert _dynamics(out, scored, "--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-222"),
-                     str(MODEL_DIR), "--steps", "222", "444", "--threshold", "0.5") == 2
+    assert _dynamics(out, scored, "--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-435"),
+                     str(MODEL_DIR), "--steps", "435", "870", "--threshold", "0.5") == 2
 
 
 def test_memorized_by_token_match_gives_the_exact_onsets(scored, tmp_path):
     """token_match needs generation; token_match == 1 is exact match by definition, so the onsets agree."""
-    common = ["--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-333"), str(MODEL_DIR), "--steps", "333",
-              "444"]
+    common = ["--no-circuits", "--checkpoints", str(CHECKPOINTS_DIR / "step-652"), str(MODEL_DIR), "--steps", "652",
+              "870"]
     assert _dynamics(tmp_path / "exact", scored, *common) == 0
     assert _dynamics(tmp_path / "tm", scored, *common, "--memorized-by", "token_match") == 0
     rows = [list(art.read_jsonl(tmp_path / run / "dynamics" / "onsets.jsonl")) for run in ("exact", "tm")]
     assert [r["onset_step"] for r in rows[0]] == [r["onset_step"] for r in rows[1]]
-    assert _summary(tmp_path / "tm" / "dynamics")["onset_by_group"]["k=16"] == 333
+    assert _summary(tmp_path / "tm" / "dynamics")["onset_by_group"]["k=16"] == 652
     scores = list(art.read_jsonl(unit_dir(tmp_path / "tm" / "dynamics", 0) / "scores.jsonl"))
     assert all((r["token_match"] == 1.0) == r["exact"] for r in scores)
 

@@ -36,12 +36,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def other_scores(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Memorization scores of another model (the testbed's step-333 checkpoint)."""
+    """Memorization scores of another model (the testbed's step-652 checkpoint)."""
     from fuzz.table import CHECKPOINTS
 
     run = tmp_path_factory.mktemp("fuzz-other")
     assert main("memorization_score", ["--config", str(CONFIG), "--device", "cpu", "--output-dir", str(run),
-                                       "--model", str(CHECKPOINTS / "step-333"), "--limit", "112",
+                                       "--model", str(CHECKPOINTS / "step-652"), "--limit", "112",
                                        "--metrics", "exact"]) == 0
     return run
 

@@ -73,12 +73,13 @@ def test_shipped_task_agrees_with_our_teacher_forced_scoring(testbed):
 
 def test_include_path_task_on_memorized_canaries(testbed, tmp_path):
     """A local JSON task (dataset_path: json) from --lm-eval-include-path: the canaries the testbed saw 32
-    times end on the right word, the never-seen ones do not; lm-eval and our scoring agree on both."""
+    times end on the right word, the never-seen ones do not; lm-eval and our scoring agree on both. The
+    random-word family only: a k = 0 template canary still ends on words of its (trained) template."""
     canaries = json.loads(GROUND_TRUTH.read_text())["canaries"]
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for k in (0, 32):
-        rows = [{"text": " ".join(c["text"].split()[:24])} for c in canaries if c["k"] == k]
+        rows = [{"text": " ".join(c["text"].split()[:24])} for c in canaries if c["k"] == k and c["family"] == "random"]
         (tmp_path / f"k{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tasks / f"canary_k{k}.yaml").write_text(
             f"task: canary_k{k}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/k{k}.jsonl\n"

@@ -43,7 +43,7 @@ from memcirc.models.weights import weight_files, weights_sha256
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "testbed.yaml")
 TESTBED = REPO / "memcirc" / "testbed" / "model"
-STEP28 = REPO / "memcirc" / "testbed" / "checkpoints" / "step-28"
+STEP54 = REPO / "memcirc" / "testbed" / "checkpoints" / "step-54"
 
 
 class _Touch:
@@ -164,8 +164,8 @@ def test_bad_checkpoint_of_a_sweep_leaves_nothing(case: str, tmp_path: Path, mon
     """y03 / y06: every checkpoint is checked before the stage folder (or a unit folder) exists."""
     build, words = HOSTILE[case]
     marker, out = tmp_path / "MARKER", tmp_path / "out"
-    build(tmp_path / "step-50", marker)
-    done = _in_process("training_dynamics", "--checkpoints", str(STEP28), str(tmp_path / "step-50"),
+    build(tmp_path / "step-100", marker)
+    done = _in_process("training_dynamics", "--checkpoints", str(STEP54), str(tmp_path / "step-100"),
                        "--no-circuits", "--output-dir", str(out), monkeypatch=monkeypatch, capsys=capsys)
     _refused(done, words, marker, out)
 
@@ -277,9 +277,9 @@ def test_checkpoint_units_are_keyed_by_content(tmp_path: Path) -> None:
         return unit_fingerprint(spec, Checkpoint(0, "x", 9, str(path)))
 
     assert fingerprint(copy) == fingerprint("testbed") == fingerprint(TESTBED)
-    shutil.copyfile(STEP28 / "model.safetensors", copy / "model.safetensors")
-    assert fingerprint(copy) == fingerprint(STEP28) != fingerprint("testbed")
-    assert local_weights_sha256(str(copy)) == art.sha256_file(STEP28 / "model.safetensors")
+    shutil.copyfile(STEP54 / "model.safetensors", copy / "model.safetensors")
+    assert fingerprint(copy) == fingerprint(STEP54) != fingerprint("testbed")
+    assert local_weights_sha256(str(copy)) == art.sha256_file(STEP54 / "model.safetensors")
 
 
 # -- through the stages ------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def test_swapped_weights_invalidate_downstream(tmp_path: Path, capsys: pytest.Ca
     assert _stage("memorization_score", out, model, *score) == 0
     scores = out / "memorization" / "scores.jsonl"
     before = scores.read_bytes()
-    shutil.copyfile(STEP28 / "model.safetensors", Path(model) / "model.safetensors")   # as `cp` does: in place
+    shutil.copyfile(STEP54 / "model.safetensors", Path(model) / "model.safetensors")   # as `cp` does: in place
     capsys.readouterr()
     assert _stage("contrastive_dataset", out, model) == 2
     err = capsys.readouterr().err.strip()
@@ -308,8 +308,8 @@ def test_swapped_weights_invalidate_downstream(tmp_path: Path, capsys: pytest.Ca
     assert _stage("memorization_score", out, model, *score, "--force") == 0
     assert "nothing to do" not in capsys.readouterr().err
     manifest = art.read_json(out / "memorization" / "manifest.json")
-    assert manifest["model"]["weights_sha256"] == art.sha256_file(STEP28 / "model.safetensors")
-    assert scores.read_bytes() != before   # step-28 has memorized less than the final model
+    assert manifest["model"]["weights_sha256"] == art.sha256_file(STEP54 / "model.safetensors")
+    assert scores.read_bytes() != before   # step-54 has memorized less than the final model
 
 
 def test_same_weights_under_two_spellings_are_one_model(scored: Path, tmp_path: Path,
@@ -329,7 +329,7 @@ def test_a_model_not_loaded_is_checked_by_content_too(tmp_path: Path) -> None:
     record = {"name_or_path": "testbed", "weights_sha256": art.sha256_file(TESTBED / "model.safetensors")}
     check_recorded_model(record, ModelSpec(str(_copy(tmp_path / "copy"))), "scores")
     with pytest.raises(InputError, match=r"belong to model 'testbed' \(weights_sha256 .*not to the weights in"):
-        check_recorded_model(record, ModelSpec(str(STEP28)), "scores")
+        check_recorded_model(record, ModelSpec(str(STEP54)), "scores")
     with pytest.raises(InputError, match="belong to model 'testbed', this run is for 'org/hub-model'"):
         check_recorded_model(record, ModelSpec("org/hub-model"), "scores")
     check_recorded_model({"name_or_path": "org/hub-model"}, ModelSpec("org/hub-model"), "scores")

@@ -330,18 +330,19 @@ def test_summary_metrics_equal_the_reference_formulas_on_the_written_predictions
     assert summary["pr_auc"] == best["cv"]["pr_auc"]["mean"]
 
 
-def test_baseline_is_the_step_333_memorized_set_and_dup_counts_are_the_insertions(predicted, scored):
-    """Two independent computations: the testbed build measured step-333's exact match per group, and
+def test_baseline_is_the_step_652_memorized_set_and_dup_counts_are_the_insertions(predicted, scored):
+    """Two independent computations: the testbed build measured step-652's exact match per group, and
     knows how often each canary was inserted (k); the stage's baseline and n-gram counts must agree."""
     truth = json.loads(GROUND_TRUTH.read_text())
-    step333 = next(c for c in truth["checkpoints"] if c["dir"].endswith("step-333"))["exact_match"]
+    step652 = next(c for c in truth["checkpoints"] if c["dir"].endswith("step-652"))["exact_match"]
     groups = {r["id"]: r["group"] for r in _jsonl(scored / "memorization" / "scores.jsonl")}
     preds = _jsonl(predicted / "predictions.jsonl")
     for group in {g for g in groups.values()}:
         hits = [r["baseline"] for r in preds if groups[r["id"]] == group]
-        assert np.mean(hits) == pytest.approx(step333[group]), group
+        assert np.mean(hits) == pytest.approx(step652[group]), group
     feats = {r["id"]: r for r in _jsonl(predicted / "features.jsonl")}
-    k_of = {f"{c['id']}@0": c["k"] for c in truth["canaries"]}
+    k_of = {f"{c['id']}@0": c["k"] for c in truth["canaries"] if f"{c['id']}@0" in feats}
+    assert len(k_of) == 112   # the scored run's canaries (the random-word family)
     counts = {i: round(float(np.expm1(feats[i]["dup_min"]))) for i in k_of}
     assert all(counts[i] >= k for i, k in k_of.items())                  # every n-gram was inserted k times
     assert np.mean([counts[i] == k for i, k in k_of.items()]) > 0.9       # and (almost) nowhere else
@@ -353,7 +354,7 @@ def test_rerun_is_a_no_op_another_config_refuses(predicted, scored, capsys):
     assert (predicted / "manifest.json").read_bytes() == before
     assert "PR-AUC" in capsys.readouterr().out
     line = headline(json.loads((predicted / "summary.json").read_text()), predicted)
-    assert line.startswith("predictor (") and "baseline (testbed step-333)" in line and "\n" not in line
+    assert line.startswith("predictor (") and "baseline (testbed step-652)" in line and "\n" not in line
     assert predict(["--output-dir", str(scored), "--folds", "4"]) == 2
 
 
@@ -489,7 +490,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(scored, tmp_path, ca
     long_ctl.write_text("".join(json.dumps({"tokens": r["tokens"] * 4}) + "\n" for r in others))
     tiny, tiny_run = _tiny_scored(tmp_path)
     mem = ["--input-dir", str(scored / "memorization")]
-    step28, step333 = str(CHECKPOINTS_DIR / "step-28"), str(CHECKPOINTS_DIR / "step-333")
+    step54, step652 = str(CHECKPOINTS_DIR / "step-54"), str(CHECKPOINTS_DIR / "step-652")
     cases = {
         "one class only": ["--labels-file", str(only)],
         "outside the reference model's vocabulary": ["--labels-file", str(only), "--controls-file", str(foreign)],
@@ -499,9 +500,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(scored, tmp_path, ca
         "--reference-model is required": ["--labels-file", str(only), "--controls-file", str(controls), "--model",
                                           str(tiny)],
         "encodes the label": [*mem, "--domain-column", "group"],
-        "belong to model": [*mem, "--model", str(tiny), "--reference-model", step28, "--baseline-model", step333],
-        "vocabulary differs": ["--output-dir", str(tiny_run), "--model", str(tiny), "--reference-model", step28,
-                               "--baseline-model", step333, "--corpus", str(REPO / "memcirc/testbed/corpus/train.txt")],
+        "belong to model": [*mem, "--model", str(tiny), "--reference-model", step54, "--baseline-model", step652],
+        "vocabulary differs": ["--output-dir", str(tiny_run), "--model", str(tiny), "--reference-model", step54,
+                               "--baseline-model", step652, "--corpus", str(REPO / "memcirc/testbed/corpus/train.txt")],
         "training_dynamics folder": [*mem, "--dynamics-dir", str(tmp_path / "nowhere")],
         "no memorization run": [],
     }

@@ -24,7 +24,7 @@ PREDICT = {   # the keys predict_memorization's summary.json has, with made-up n
         "cv": {m: _cv(v) for m, v in {"auroc": 0.9, "pr_auc": 0.8, "f1": 0.75, "precision": 0.7,
                                       "recall": 0.8}.items()},
         "group_importance": [{"group": "duplication", "mean": 0.4}]}},
-    "baseline": {"source": "testbed step-333", "definition": "exact >= 1.0",
+    "baseline": {"source": "testbed step-652", "definition": "exact >= 1.0",
                  "all": {"auroc": 0.8, "pr_auc": 0.7, "precision": 1.0, "recall": 0.6, "f1": 0.61},
                  "cv": {m: _cv(v) for m, v in {"auroc": 0.8, "pr_auc": 0.7, "f1": 0.55, "precision": 0.9,
                                                 "recall": 0.6}.items()}},
@@ -68,7 +68,7 @@ def test_the_report_is_printed_and_saved_and_agrees_with_the_summaries(run, caps
     assert pred["values"]["f1"] == PREDICT["f1"] and "fold mean" in pred["labels"]["f1"]
     assert pred["values"]["baseline_f1"] == PREDICT["baseline"]["cv"]["f1"]["mean"]   # the same way as the classifier
     assert "fold mean" in pred["labels"]["baseline_f1"] and "pooled" in pred["labels"]["baseline_f1_pooled"]
-    assert "baseline (testbed step-333) F1 0.550" in printed and "(fold means" in printed
+    assert "baseline (testbed step-652) F1 0.550" in printed and "(fold means" in printed
 
     md = (run / REPORT_MD).read_text()
     assert md.startswith("# memcirc run report: run\n") and "## predict_memorization (`predict/`)" in md

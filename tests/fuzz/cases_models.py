@@ -46,14 +46,14 @@ def _broken_file(name: str, blob: bytes):
 
 
 def _scored_then_swapped(ctx: Ctx) -> None:
-    """Score with a copy of the final model, then put step-28's weights into that folder (u05, u07)."""
+    """Score with a copy of the final model, then put step-54's weights into that folder (u05, u07)."""
     from memcirc.cli import main
 
     model_copy(ctx.tmp / "m")
     argv = ["--config", str(CONFIG), "--device", "cpu", "--output-dir", str(ctx.out), "--model", str(ctx.tmp / "m"),
             *SCORE_112]
     assert main("memorization_score", argv) == 0
-    shutil.copy2(CHECKPOINTS / "step-28" / "model.safetensors", ctx.tmp / "m" / "model.safetensors")
+    shutil.copy2(CHECKPOINTS / "step-54" / "model.safetensors", ctx.tmp / "m" / "model.safetensors")
     ctx.snapshot = snapshot(ctx.out)
 
 

@@ -135,7 +135,7 @@ CASES = [
     stage_case("x-upstream-binary-scores", "new: non-UTF-8 bytes in a resealed upstream scores.jsonl", C, MEM_UP,
                ("scores.jsonl", "utf-8"), INPUTS, build=upstream("memorization", _binary_scores)),
     # -- scores of another model ------------------------------------------------------------------------
-    *[stage_case(i, "H", s, ("--input-dir", "{other}/memorization"), ("step-333",), MODELS)
+    *[stage_case(i, "H", s, ("--input-dir", "{other}/memorization"), ("step-652",), MODELS)
       for i, s in (("u01", C), ("u02", K), ("u03", B), ("u04", P))],
     # -- circuits and verify ----------------------------------------------------------------------------
     stage_case("v01", "H (sha check: 'changed after its stage wrote it')", CI, ("--input-dir", f"{UP}/contrastive"),
@@ -198,7 +198,7 @@ CASES = [
     # -- training_dynamics ----------------------------------------------------------------------------------
     stage_case("y01", "H", D, (*DYN, "--checkpoints", "{tmp}/final", "{model}"), ("step",), MODELS, fast=False,
                build=lambda ctx: _ckpt_copy(ctx, "final")),
-    stage_case("y02", "H", D, (*DYN, "--checkpoints", "{ckpt}/step-333", "{model}", "--steps", "333"), ("steps",),
+    stage_case("y02", "H", D, (*DYN, "--checkpoints", "{ckpt}/step-652", "{model}", "--steps", "652"), ("steps",),
                MODELS, fast=False),
     stage_case("y03", "B: dynamics/checkpoints/00000/ and an empty log.txt left (no marker)", D,
                (*DYN, "--checkpoints", "{tmp}/evil", "{model}", "--steps", "1", "2"), ("safetensors",), MODELS,
@@ -210,8 +210,8 @@ CASES = [
     stage_case("y06", "B: a legit pickle checkpoint is loaded (as m04)", D,
                (*DYN, "--checkpoints", "{tmp}/legit", "{model}", "--steps", "1", "2"), ("safetensors",), MODELS,
                fast=False, build=lambda ctx: pickle_model(ctx.tmp / "legit", ctx.marker, "legit")),
-    stage_case("x-steps-decreasing", "new: --steps 444 333 (not training order)", D,
-               (*DYN, "--checkpoints", "{ckpt}/step-333", "{model}", "--steps", "444", "333"), ("steps",), MODELS,
+    stage_case("x-steps-decreasing", "new: --steps 870 652 (not training order)", D,
+               (*DYN, "--checkpoints", "{ckpt}/step-652", "{model}", "--steps", "870", "652"), ("steps",), MODELS,
                fast=False),
     stage_case("x-heldout-empty", "new: an empty --heldout file", B, ("--heldout", "{tmp}/empty.txt"), ("empty.txt",),
                INPUTS, build=file_builder("empty.txt", lambda p, _c: write(p, ""))),
@@ -230,6 +230,6 @@ def _ckpt_copy(ctx: Ctx, name: str, drop: str | None = None) -> None:
     from fuzz.build import model_copy
     from fuzz.table import CHECKPOINTS
 
-    model_copy(ctx.tmp / name, CHECKPOINTS / "step-333")
+    model_copy(ctx.tmp / name, CHECKPOINTS / "step-652")
     if drop:
         (ctx.tmp / name / drop).unlink()

@@ -21,7 +21,7 @@ TINY = {
     "attention_bypass": ("--limit", "8", "--layers", "0", "--ppl-blocks", "2", "--ppl-block-len", "32"),
     "kfac_edit": ("--limit", "8", "--layers", "3", "--factor-tokens", "256", "--rhos", "0.5", "--formulas",
                   "original", "--ppl-blocks", "2", "--ppl-block-len", "32", "--no-save-model"),
-    "training_dynamics": ("--checkpoints", "{ckpt}/step-333", "{model}", "--steps", "333", "444", "--no-circuits",
+    "training_dynamics": ("--checkpoints", "{ckpt}/step-652", "{model}", "--steps", "652", "870", "--no-circuits",
                           "--limit", "16"),
     "predict_memorization": ("--folds", "2", "--permutation-repeats", "1", "--corpus-tokens", "5000",
                              "--dynamics-dir", "none", "--classifiers", "logistic_regression"),

@@ -35,7 +35,7 @@ class Ctx:
 
     tmp: Path
     run: Path | None = None          # the tiny finished 8-stage run (read-only)
-    other: Path | None = None        # memorization scores of another model (step-333; read-only)
+    other: Path | None = None        # memorization scores of another model (step-652; read-only)
     monkeypatch: Any = None
     snapshot: dict[Path, bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)   # builders' values; the str ones are placeholders
