@@ -12,6 +12,8 @@ from memcirc.cli import main
 from memcirc.data import Window
 from memcirc.evaluation import memorized_windows
 from memcirc.scoring import score_windows
+from memcirc.stages.attention_bypass import headline as bypass_headline
+from memcirc.stages.kfac_edit import headline as kfac_headline
 from memcirc.stress import (
     ORIGINAL,
     Perturbation,
@@ -215,8 +217,11 @@ def test_kfac_stress_block(scored, tmp_path):
     before = (stage / "manifest.json").read_bytes()
     assert main("kfac_edit", [*args, "--stress"]) == 0          # same config: a no-op
     assert (stage / "manifest.json").read_bytes() == before
-    assert main("kfac_edit", args) == 2                          # --stress off is another run: --force
-    assert main("kfac_edit", [*args, "--force"]) == 0
+    line = kfac_headline(summary, stage).splitlines()[-1]      # the run report's stress line
+    assert line.startswith(f"K-FAC edit ({stress['edit']['formula']} rho={stress['edit']['rho']}) stress (")
+    off = [*args, "--no-stress"]                                 # configs/testbed.yaml turns it on
+    assert main("kfac_edit", off) == 2                           # --stress off is another run: --force
+    assert main("kfac_edit", [*off, "--force"]) == 0
     assert "stress" not in json.loads((stage / "summary.json").read_text()) and not (stage / "stress.png").exists()
 
 
@@ -232,3 +237,5 @@ def test_bypass_stress_block(scored, tmp_path):
     chosen = min(summary["layers"], key=lambda e: (e["exact"], e["ppl"]))
     assert stress["edit"]["layers"] == [chosen["layer"]] and stress["edit"]["mode"] == "self"
     assert stress["perturbations"][ORIGINAL]["after"]["exact"] == pytest.approx(chosen["exact"])
+    line = bypass_headline(summary, stage).splitlines()[-1]     # the run report's stress line
+    assert line.startswith(f"attention bypass of block {chosen['layer']}: stress (")

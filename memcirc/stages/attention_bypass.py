@@ -223,6 +223,10 @@ def format_table(summary: dict[str, Any]) -> str:
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's line in the run report."""
     blocks = ", ".join(f"{e['layer']}: {e['exact']:.2f}/{e['ppl']:.1f}" for e in summary["layers"])
-    return (f"attention bypass: baseline exact {summary['baseline']['exact']:.2f}, ppl "
+    line = (f"attention bypass: baseline exact {summary['baseline']['exact']:.2f}, ppl "
             f"{summary['baseline']['ppl']:.1f}; per block exact/ppl {blocks} (block: exact-match rate / "
             "held-out perplexity with its attention bypassed)")
+    if summary.get("stress"):
+        chosen = _blocks(summary["stress"]["edit"]["layers"])
+        line += f"\nattention bypass of {chosen}: " + stress_line(summary["stress"])
+    return line

@@ -67,7 +67,7 @@ from memcirc.plots import figure_source
 from memcirc.sharding import resolve_shards
 from memcirc.stages.configs.kfac_edit import KfacConfig
 from memcirc.stress import StressPlan, StressRun, stage_stress
-from memcirc.stress_figures import stress_figure
+from memcirc.stress_figures import stress_figure, stress_line
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,9 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
         lines.append(f"K-FAC edit ({formula}): before exact {rows[0]['exact_before']:.2f}, ppl "
                      f"{rows[0]['ppl_before']:.1f}; rho exact/ppl {curve} (rho: kept importance; exact-match "
                      "rate / held-out perplexity after the edit)")
+    if summary.get("stress"):
+        edit = summary["stress"]["edit"]
+        lines.append(f"K-FAC edit ({edit['formula']} rho={edit['rho']}) " + stress_line(summary["stress"]))
     return "\n".join(lines)
 
 
