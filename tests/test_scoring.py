@@ -104,7 +104,9 @@ def _mixed_lengths(windows, n=60):
 
 
 def test_scores_do_not_depend_on_batch_size_or_padding_side(testbed, testbed_windows):
-    windows = _mixed_lengths(testbed_windows)
+    # random-word canaries k >= 16 and corpus chunks: a cut start keeps some canaries exact (template and
+    # shared-prefix canaries need their first tokens)
+    windows = _mixed_lengths(testbed_windows[80:112] + testbed_windows[336:366])   # k = 16, 32; corpus
     pad = testbed.tokenizer.pad_token_id
     runs = [score_windows(testbed.model, windows, pad_id=pad, batch_size=b, metrics=GEN_METRICS,
                           padding_side=side) for b, side in [(1, "right"), (7, "right"), (64, "left"),
