@@ -42,6 +42,7 @@ memorization:
   metrics: [exact, lcp, tf_accuracy, suffix_nll, suffix_entropy, token_match, bleu4, levenshtein]
   batch_size: 4
   chunk_size: 4
+  exposure_candidates: 100
 kfac:
   rhos: [1.0, 0.6]
   factor_tokens: 2000
@@ -60,7 +61,7 @@ slurm:
   kfac_edit: {num_shards: 2}
   memorization_score.merge: {cpus_per_task: 1, mem: 2G}
 """
-FLAGS = ["--device", "cpu", "--limit", "400"]
+FLAGS = ["--device", "cpu", "--limit", "150"]   # the 112 random-word canaries and 38 template ones
 # High-priority partition whose jobs pre-empt (requeue) the gpu partition's, as on a shared cluster.
 PARTITIONS = ("debug", "gpu PriorityTier=1", "high PriorityTier=10")
 PREEMPTION = "PreemptType=preempt/partition_prio\nPreemptMode=REQUEUE"
