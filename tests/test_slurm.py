@@ -61,10 +61,10 @@ slurm:
   kfac_edit: {num_shards: 2}
   memorization_score.merge: {cpus_per_task: 1, mem: 2G}
 """
+# The shard tests score 400 windows (25 chunks per shard of 4: a shard must still be running when they kill
+# it) against a local scoring of the same 400; the cluster-vs-local pipeline runs on 150 (112 random-word
+# and 38 template canaries: v2's 400 hold 188 memorized windows and the pipeline ran past its 600 s limit).
 FLAGS = ["--device", "cpu", "--limit", "400"]
-# the cluster-vs-local pipeline: 150 windows (112 random-word and 38 template canaries; v2's 400 hold 188
-# memorized windows and ran past the 600 s limit), the other tests keep 400 (a shard must still be running
-# when they kill it)
 PIPELINE_FLAGS = ["--device", "cpu", "--limit", "150"]
 # High-priority partition whose jobs pre-empt (requeue) the gpu partition's, as on a shared cluster.
 PARTITIONS = ("debug", "gpu PriorityTier=1", "high PriorityTier=10")
@@ -137,6 +137,15 @@ def runs(config_file, tmp_path_factory, env):
 @pytest.fixture(scope="module")
 def local_run(runs):
     return runs[0]
+
+
+@pytest.fixture(scope="module")
+def local_scores(config_file, tmp_path_factory):
+    """scores.jsonl of the shard tests' 400 windows, scored here in one job."""
+    out = tmp_path_factory.mktemp("local_scores") / "run"
+    r = _pipeline(config_file, out, "--to-stage", "memorization_score")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return (out / "memorization" / "scores.jsonl").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +257,7 @@ def test_pipeline_on_the_cluster_equals_a_local_run(local_run, cluster_run, clus
 
 # -- a killed shard: no merge, a report naming it, a re-submission that recomputes only it -------
 
-def test_killed_shard_blocks_the_merge_and_resubmission_finishes_the_run(config_file, local_run, env, cluster,
+def test_killed_shard_blocks_the_merge_and_resubmission_finishes_the_run(config_file, local_scores, env, cluster,
                                                                          tmp_path):
     out = tmp_path / "killed"
     args = ("--slurm", "--to-stage", "memorization_score")
@@ -287,14 +296,13 @@ def test_killed_shard_blocks_the_merge_and_resubmission_finishes_the_run(config_
     for i in (0, 1, 3):   # finished shards are not recomputed
         assert f"shard {i}/4 is done for this config" in logs[i] and "resuming" not in logs[i], logs[i]
     assert f"resuming: {kept} of 25 chunks already done" in logs[2], logs[2]
-    assert (out / "memorization" / "scores.jsonl").read_bytes() == \
-           (local_run / "memorization" / "scores.jsonl").read_bytes()
+    assert (out / "memorization" / "scores.jsonl").read_bytes() == local_scores
     assert len(json.loads((out / "slurm" / "jobs.json").read_text())["submissions"]) == 2
 
 
 # -- pre-emption: SIGTERM, requeue, resume from the chunks -----------------------------------
 
-def test_preempted_and_signalled_shards_are_requeued_and_resume(config_file, local_run, env, cluster, tmp_path):
+def test_preempted_and_signalled_shards_are_requeued_and_resume(config_file, local_scores, env, cluster, tmp_path):
     """Two shards of 200 windows (50 chunks each): shard 1 gets SIGTERM (as from a time-limit warning
     or an admin), shard 0 is pre-empted by a high-priority job; both are requeued and resume."""
     out = tmp_path / "preempted"
@@ -330,8 +338,7 @@ def test_preempted_and_signalled_shards_are_requeued_and_resume(config_file, loc
         assert "restart 0)" in log and "restart 1)" in log   # one log per task, appended across restarts
     assert "requeueing job" in logs[1]                        # the job script's own scontrol requeue
     assert "DUE TO PREEMPTION" in logs[0] and "requeueing job" not in logs[0]   # SLURM's requeue
-    assert (out / "memorization" / "scores.jsonl").read_bytes() == \
-           (local_run / "memorization" / "scores.jsonl").read_bytes()
+    assert (out / "memorization" / "scores.jsonl").read_bytes() == local_scores
 
 
 # -- the experiment grid on the cluster ------------------------------------------------------
@@ -341,7 +348,8 @@ def test_grid_runs_the_experiment_templates(config_file, cluster_run, env):
     r = subprocess.run([sys.executable, "-m", "memcirc.slurm", "grid", "--config", str(config_file),
                         "--output-dir", str(out), "--experiments", "branch_decision", "ablations", "--wait",
                         "--num-shards", "1",   # memorization is complete: one no-op job is enough
-                        *(f"--common-arg={a}" for a in FLAGS)], env=env, capture_output=True, text=True, timeout=600)
+                        *(f"--common-arg={a}" for a in PIPELINE_FLAGS)],   # the pipeline run's windows
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     jobs = _latest_jobs(out)
     assert list(jobs) == ["memorization_score", "branch_decision", "ablations"]

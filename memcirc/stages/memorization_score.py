@@ -108,13 +108,14 @@ def run(cfg: ScoreConfig) -> dict[str, Any] | None:
         stage.release()
         return None
     (shard_dir / DONE_MARKER).unlink(missing_ok=True)
-    # shard 0 scores every secret; its rows reach the merge in its done record's context
-    context["exposure"] = exposure_rows(loaded.model, secrets, cfg.exposure_candidates, cfg.seed) \
-        if shard_index == 0 else []
     start, stop = chunk_aligned_bounds(len(windows.windows), cfg.chunk_size, num_shards, shard_index)
     store = art.ChunkStore(shard_dir / art.CHUNKS_DIR, stage.fingerprint)
     data = run_chunked_by_batch(windows.windows[start:stop], work, store, cfg.chunk_size,
                                 f"scoring shard {shard_index}", "windows") if stop > start else b""
+    # shard 0 scores every secret, after its (resumable) chunks; the rows reach the merge in its done
+    # record's context
+    context["exposure"] = exposure_rows(loaded.model, secrets, cfg.exposure_candidates, cfg.seed) \
+        if shard_index == 0 else []
     art.atomic_write_bytes(shard_dir / art.SCORES_JSONL, data)
     art.write_json(shard_dir / DONE_MARKER, {"fingerprint": stage.fingerprint, "num_shards": num_shards,
                                              "shard_index": shard_index, "rows": data.count(b"\n"),
