@@ -344,6 +344,7 @@ GRAD_FUNCTIONS = ("logit", "prob", "logprob", "logit_exp")
 LOSSES = ("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong")
 FAITHFULNESS_METRICS = ("logit_diff", "answer_logit", "wrong_logit", "answer_logprob")
 WEIGHT_PROCESSING = ("none", "tl_default")
+SELECTION_CRITERIA = ("lower", "point")   # what of F must reach the target (memcirc.circuits.search)
 
 
 @dataclass
@@ -360,8 +361,20 @@ class MemorizedRule(OptionGroup):
 
 
 @dataclass
-class CircuitOptions(OptionGroup):
-    """How a circuit is found: attribution, ablation, faithfulness metric and target."""
+class BootstrapOptions(OptionGroup):
+    """Percentile bootstrap intervals over pairs (memcirc.bootstrap)."""
+
+    title: ClassVar[str] = "intervals"
+
+    bootstrap_resamples: int = option(1000, "bootstrap resamples of the pairs for the faithfulness "
+                                      "intervals (0 = no intervals)", minimum=0)
+    interval_level: float = option(0.95, "coverage of the bootstrap intervals", within="(0, 1)")
+
+
+@dataclass
+class CircuitOptions(BootstrapOptions):
+    """How a circuit is found: attribution, ablation, faithfulness metric and target, and what of F must
+    reach it (the point estimate, or the lower end of its bootstrap interval over the pairs)."""
 
     title: ClassVar[str] = "circuit discovery"
 
@@ -380,6 +393,16 @@ class CircuitOptions(OptionGroup):
     weight_processing: str = option("none", "TransformerLens weight processing: none (HF-identical "
                                     "logits) or tl_default", choices=WEIGHT_PROCESSING)
     curve_points: int = option(16, "log-spaced edge counts on the faithfulness curve", minimum=2)
+    select_by: str = option("lower", "what must reach --target: the lower end of F's bootstrap interval over "
+                            "the discovery pairs (lower), or F itself (point: a circuit whose F just crosses "
+                            "the target is as likely to miss it on fresh pairs as to reach it)",
+                            choices=SELECTION_CRITERIA)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.select_by == "lower" and self.bootstrap_resamples == 0:
+            raise InputError("select_by lower needs the bootstrap interval: set bootstrap_resamples > 0, or "
+                             "select_by point")
 
 
 @dataclass

@@ -153,7 +153,8 @@ def _circuits(s: dict[str, Any]) -> Numbers:
              s["faithfulness"])]
     if "faithfulness_ci" in s:   # summaries from before the intervals have none
         rows.append(("faithfulness_ci", f"faithfulness on discovery pairs: {_interval(s)}", s["faithfulness_ci"]))
-    return rows + [("target", "faithfulness target", s["target"]), ("n_pairs", "discovery pairs", s["n_pairs"]),
+    target = "faithfulness target" + (" (met by the interval's lower end)" if s.get("selected_by") == "lower" else "")
+    return rows + [("target", target, s["target"]), ("n_pairs", "discovery pairs", s["n_pairs"]),
                    ("monotone", "faithfulness monotone in edges", s["monotone"])], []
 
 

@@ -11,6 +11,7 @@ the summaries, the report and the figures, and turning them off changes no other
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -177,6 +178,24 @@ def test_find_circuits_writes_the_discovery_intervals(boot_run):
     assert rows[s["minimal_edges"]]["faithfulness_ci"] == s["faithfulness_ci"]
     assert all(len(r["faithfulness_ci"]) == 2 for r in rows.values())
     assert rows[0]["faithfulness_ci"] == [0.0, 0.0] and rows[110]["faithfulness_ci"] == [1.0, 1.0]
+    # select_by lower (the default): the circuit's lower end reaches the target, one edge fewer misses it
+    k = s["minimal_edges"]
+    assert s["selected_by"] == "lower" and s["faithfulness_ci"][0] >= s["target"]
+    assert rows[k - 1]["faithfulness_ci"][0] < s["target"]
+
+
+def test_point_selection_is_the_smaller_circuit_on_the_same_scores(boot_run, tmp_path):
+    out, model = boot_run
+    other = tmp_path / "point"
+    shutil.copytree(out / "contrastive", other / "contrastive")
+    opts = ["--bootstrap-resamples", "200", "--interval-level", str(LEVEL), "--select-by", "point"]
+    assert circuits(["--output-dir", str(other), "--model", model, *FAST, *opts]) == 0
+    lower, point = (json.loads((d / "circuits" / "summary.json").read_text()) for d in (out, other))
+    assert point["selected_by"] == "point" and point["faithfulness"] >= point["target"]
+    assert point["score_abs_sum"] == lower["score_abs_sum"]   # the same attribution, another criterion
+    assert point["minimal_edges"] <= lower["minimal_edges"]
+    rows = {r["edges"]: r for r in (*point["curve"], *point["bisection"])}
+    assert rows[point["minimal_edges"] - 1]["faithfulness"] < point["target"]
 
 
 def test_verify_writes_the_heldout_and_random_intervals(boot_run):

@@ -20,6 +20,7 @@ import torch
 from conftest import rerecord
 
 from memcirc import artifacts as art
+from memcirc.bootstrap import PairBootstrap
 from memcirc.circuits import (
     Ablation,
     FaithfulnessEvaluator,
@@ -259,6 +260,53 @@ def test_minimal_search_equals_brute_force_on_a_monotone_curve():
                 assert result.minimal_edges == _brute_force(curve, target), (n, target, points)
                 assert result.monotone and result.faithfulness == curve[result.minimal_edges]
                 assert len(calls) <= points + 2 + int(np.ceil(np.log2(n + 1)))
+
+
+def test_minimal_search_by_the_lower_end_equals_a_scan_of_the_lower_ends():
+    """select_by lower: the smallest k whose lower interval end reaches the target; F stays the point."""
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 100, 1000):
+        curve = np.concatenate([[0.0], np.sort(rng.random(n - 1)), [1.0]]) if n > 1 else np.array([0.0, 1.0])
+        lower = 1.1 * curve - 0.1   # below F, monotone, 1 at the full circuit
+        for target in (0.05, 0.5, 0.85, 1.0):
+            result = minimal_circuit(lambda ks, c=curve: c[ks], n, target, 5, lambda ks, lo=lower: lo[ks])
+            k = result.minimal_edges
+            assert k == _brute_force(lower, target) >= _brute_force(curve, target), (n, target)
+            assert result.selected_by == "lower" and result.faithfulness == curve[k]
+            assert dict(result.lower)[k] == lower[k] >= target
+            if k > 0:   # the bisection ends on the count below, which misses the target
+                assert dict(result.lower)[k - 1] < target
+    assert minimal_circuit(lambda ks: curve[ks], n, 0.85, 5).selected_by == "point"
+
+
+def test_lower_end_selection_equals_a_scan_on_a_tiny_model(neox):
+    """The lower ends find_circuits compares with the target, against intervals computed for every k."""
+    _, graph, pairs = neox
+    batches = make_batches(pairs, 12, "cpu")
+    evaluator = FaithfulnessEvaluator(graph, batches, "resample", "logit_diff")
+    ranking = edge_ranking(attribute_edges(graph, batches, evaluator.ablation, ig_steps=2))
+    n = graph.n_edges
+    boot = PairBootstrap.draw(len(pairs), 300, 0.9, seed=3)
+    evaluator.at_counts(ranking, list(range(n + 1)))
+    every = np.stack([evaluator.per_pair_at[k] for k in range(n + 1)])
+    lower = evaluator.intervals(every, boot)[:, 0]
+    found = discover_circuit(graph, batches, CircuitOptions(ig_steps=2, curve_points=8, target=0.8), evaluator, boot)
+    assert found.search is not None and found.search.selected_by == "lower"
+    ks = [k for k, _ in found.search.lower]
+    np.testing.assert_allclose([lo for _, lo in found.search.lower], lower[ks], rtol=1e-9, atol=1e-12)
+    k = found.search.minimal_edges
+    assert lower[k] >= 0.8 and (k == 0 or lower[k - 1] < 0.8)   # a real crossing of the lower ends
+    if np.all(np.diff(lower[:k + 1]) >= -1e-9):
+        assert k == _brute_force(lower, 0.8)
+    point = discover_circuit(graph, batches, CircuitOptions(ig_steps=2, curve_points=8, target=0.8,
+                                                            select_by="point"), evaluator, boot)
+    assert point.search is not None and point.search.minimal_edges <= found.search.minimal_edges
+
+
+def test_lower_end_selection_needs_intervals():
+    with pytest.raises(InputError, match="select_by lower needs the bootstrap interval"):
+        CircuitOptions(bootstrap_resamples=0)
+    assert CircuitOptions(bootstrap_resamples=0, select_by="point").select_by == "point"
 
 
 def test_minimal_search_reports_a_non_monotone_curve():

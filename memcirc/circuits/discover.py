@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from memcirc import artifacts as art
+from memcirc.bootstrap import PairBootstrap
 from memcirc.circuits.ablation import ABLATION_NAMES, Ablation
 from memcirc.circuits.attribution import LOSS_OBJECTIVES, SCORE_DEFINITION, attribute_edges, edge_ranking
 from memcirc.circuits.faithfulness import FaithfulnessEvaluator
@@ -47,10 +50,14 @@ class CircuitResult:
 
 
 def discover_circuit(graph: EdgeGraph, batches: Sequence[PromptPairBatch], opts: CircuitOptions,
-                     evaluator: FaithfulnessEvaluator | None = None) -> CircuitResult:
+                     evaluator: FaithfulnessEvaluator | None = None,
+                     boot: PairBootstrap | None = None) -> CircuitResult:
     """Attribute every edge, rank the edges, and find the smallest top-k circuit reaching opts.target.
 
     Args:
+        boot: the resamples of the pairs behind `opts.select_by` lower: a circuit reaches the target
+            when the lower end of its faithfulness interval over them does. None (fewer than 2 pairs)
+            or `select_by` point: when its faithfulness does.
         evaluator: the FaithfulnessEvaluator of `batches` under opts.ablation and
             opts.faithfulness_metric when the caller has built it already (find_circuits does, to
             refuse undefined faithfulness before its stage starts). Otherwise it is built here, and
@@ -69,10 +76,17 @@ def discover_circuit(graph: EdgeGraph, batches: Sequence[PromptPairBatch], opts:
     ranking = edge_ranking(scores)
     if evaluator is None:
         return CircuitResult(scores, ranking, None, None, note=note)
+    lower_at = partial(_lower_ends, evaluator, boot) if boot is not None and opts.select_by == "lower" else None
     search = minimal_circuit(lambda ks: evaluator.at_counts(ranking, ks), graph.n_edges, opts.target,
-                             opts.curve_points)
+                             opts.curve_points, lower_at)
     return CircuitResult(scores, ranking, evaluator, search, circuit_edges(graph, scores, ranking,
                                                                            search.minimal_edges))
+
+
+def _lower_ends(evaluator: FaithfulnessEvaluator, boot: PairBootstrap, counts: list[int]) -> np.ndarray:
+    """The lower ends of F's intervals of the top-k circuits `evaluator.at_counts` has just evaluated
+    (their per-pair metric is kept there)."""
+    return evaluator.intervals(np.stack([evaluator.per_pair_at[k] for k in counts]), boot)[:, 0]
 
 
 def attribution_method(opts: CircuitOptions) -> dict[str, Any]:

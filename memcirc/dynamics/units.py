@@ -34,6 +34,7 @@ import torch
 from safetensors.numpy import load_file
 
 from memcirc import artifacts as art
+from memcirc.bootstrap import pair_bootstrap
 from memcirc.circuits import (
     CIRCUIT_JSON,
     PRUNE_SCORES,
@@ -206,7 +207,7 @@ def _unit_row(row: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
 
 
 def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, loaded: LoadedModel,
-                  directory: Path, *, batch_size: int, limit: int | None) -> dict[str, Any]:
+                  directory: Path, *, batch_size: int, limit: int | None, seed: int) -> dict[str, Any]:
     """Attribution, minimal circuit (discovery pairs) and held-out faithfulness of one checkpoint.
 
     Writes prune_scores.safetensors and circuit.json; returns circuit.json without its edge list.
@@ -216,10 +217,13 @@ def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, l
     discovery = [p for p in pairs if p.split == "discovery"]
     heldout = [p for p in pairs if p.split == "heldout"]
     # undefined faithfulness on the discovery pairs comes back as `found.note`, not raised
-    found = discover_circuit(graph, make_batches(discovery, batch_size, loaded.device), opts)
+    # the resamples find_circuits draws for these pairs: the final checkpoint's circuit is its circuit
+    boot = pair_bootstrap(len(discovery), opts.bootstrap_resamples, opts.interval_level, seed)
+    found = discover_circuit(graph, make_batches(discovery, batch_size, loaded.device), opts, boot=boot)
     result: dict[str, Any] = {
         "edges_total": graph.n_edges, "n_discovery": len(discovery), "n_heldout": len(heldout),
         "metric": opts.faithfulness_metric, "ablation": opts.ablation, "target": opts.target,
+        "selected_by": found.search.selected_by if found.search is not None else opts.select_by,
         "minimal_edges": None, "faithfulness_discovery": None, "faithfulness_heldout": None,
         "metric_full": None, "metric_empty": None, "heldout_metric_full": None, "heldout_metric_empty": None,
         "monotone": None, "non_monotone_steps": [], "curve": [], "notes": []}
@@ -281,7 +285,7 @@ def run_unit(spec: UnitSpec, ckpt: Checkpoint, directory: Path, fingerprint: str
     if spec.circuit is not None:
         assert spec.pairs is not None and spec.pairs_sha is not None
         circuit = _unit_circuit(spec.circuit, spec.pairs, spec.pairs_sha, loaded, directory,
-                                batch_size=spec.batch_size, limit=spec.limit)
+                                batch_size=spec.batch_size, limit=spec.limit, seed=spec.seed)
         names += [PRUNE_SCORES, CIRCUIT_JSON]
     marker = {"fingerprint": fingerprint, "index": ckpt.index, "label": ckpt.label, "step": ckpt.step,
               "checkpoint": ckpt.as_dict(), "model": loaded.identity(), "signature": sig,

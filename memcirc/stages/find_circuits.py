@@ -92,7 +92,11 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
              "every edge, %.4g with none (%s ablation)", len(pairs), len(batches), graph.n_edges,
              opts.faithfulness_metric, evaluator.m_full, evaluator.m_empty, opts.ablation)
 
-    found = discover_circuit(graph, batches, opts, evaluator)
+    boot = pair_bootstrap(len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
+    if boot is None and opts.select_by == "lower":
+        log.warning("select_by lower: %d discovery pair(s) give no interval; the circuit is chosen by F itself",
+                    len(pairs))
+    found = discover_circuit(graph, batches, opts, evaluator, boot)
     search = found.search
     assert search is not None
     _log_search(search, graph.n_edges)
@@ -101,7 +105,6 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     art.write_json(cfg.stage_dir / CIRCUIT_JSON, {
         "edges_total": graph.n_edges, "edges": len(found.edges), "faithfulness": search.faithfulness,
         "ranking": RANKING, "score_definition": SCORE_DEFINITION, "circuit": found.edges})
-    boot = pair_bootstrap(len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
     summary = build_summary(found, opts, graph.n_edges, n_pairs=len(pairs), n_batches=len(batches), boot=boot)
     summary["bootstrap"] = bootstrap_info(boot, len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
@@ -122,7 +125,7 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
                          "faithfulness": FAITHFULNESS_DEFINITION})
     ci = f", {ci_text(summary['faithfulness_ci'], cfg.interval_level)}" if summary["faithfulness_ci"] else ""
     show(f"circuits ({cfg.stage_dir}): {search.minimal_edges} of {graph.n_edges} edges reach faithfulness "
-         f"{search.faithfulness:.3f} (target {opts.target}{ci}) on {len(pairs)} discovery pairs; "
+         f"{search.faithfulness:.3f} ({target_text(summary)}{ci}) on {len(pairs)} discovery pairs; "
          f"monotone: {search.monotone}")
     return summary
 
@@ -142,8 +145,16 @@ def _log_search(search: MinimalCircuit, n_edges: int) -> None:
                     len(search.non_monotone_steps), search.non_monotone_steps[0], search.bracket,
                     "" if search.monotone_in_bracket else ", which holds such a drop too: a smaller k "
                     "outside the probed points may also reach the target")
-    log.info("minimal circuit: %d of %d edges reach faithfulness %.4f (target %.2f)", search.minimal_edges,
-             n_edges, search.faithfulness, search.target)
+    log.info("minimal circuit: %d of %d edges reach faithfulness %.4f (target %.2f%s)", search.minimal_edges,
+             n_edges, search.faithfulness, search.target,
+             f", met by the interval's lower end {dict(search.lower)[search.minimal_edges]:.4f}"
+             if search.selected_by == "lower" else "")
+
+
+def target_text(summary: dict[str, Any]) -> str:
+    """'target 0.85', and what reached it when that was the lower end of F's interval."""
+    lower = " for the interval's lower end" if summary.get("selected_by") == "lower" else ""
+    return f"target {summary['target']}{lower}"
 
 
 # -- summary and headline --------------------------------------------------------------------
@@ -160,7 +171,8 @@ def build_summary(found: CircuitResult, opts: CircuitOptions, n_edges: int, *, n
     return {
         "edges_total": n_edges, "minimal_edges": search.minimal_edges,
         "edge_fraction": search.minimal_edges / n_edges, "faithfulness": search.faithfulness,
-        "faithfulness_ci": minimal_ci, "target": opts.target, "split": "discovery",
+        "faithfulness_ci": minimal_ci, "target": opts.target, "selected_by": search.selected_by,
+        "split": "discovery",
         "n_pairs": n_pairs, "n_batches": n_batches,
         "metric": opts.faithfulness_metric, "ablation": opts.ablation, "metric_full": evaluator.m_full,
         "metric_empty": evaluator.m_empty, "monotone": search.monotone,
@@ -183,7 +195,7 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     level = (summary.get("bootstrap") or {}).get("level", 0.95)
     return (f"circuit: {summary['minimal_edges']} of {summary['edges_total']} edges reach faithfulness "
             f"{summary['faithfulness']:.3f}" + (f" ({ci_text(ci, level)})" if ci else "")
-            + f" on discovery pairs (target {summary['target']})")
+            + f" on discovery pairs ({target_text(summary)})")
 
 
 def needs_transformer_lens(_cfg: CircuitsConfig) -> bool:

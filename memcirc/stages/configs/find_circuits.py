@@ -28,9 +28,6 @@ class CircuitsConfig(CircuitOptions, StageConfig):
 
     stage: ClassVar[str] = "find_circuits"
 
-    bootstrap_resamples: int = option(1000, "bootstrap resamples of the pairs for the faithfulness "
-                                      "intervals (0 = no intervals)", minimum=0)
-    interval_level: float = option(0.95, "coverage of the bootstrap intervals", within="(0, 1)")
     batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
 
     def needs_auto_circuit(self) -> bool:

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from memcirc.config import ABLATIONS, StageConfig, option
+from memcirc.config import ABLATIONS, BootstrapOptions, StageConfig, option
 
 
 @dataclass
-class VerifyConfig(StageConfig):
+class VerifyConfig(BootstrapOptions, StageConfig):
     """verify_circuit: the circuit on held-out pairs, per ablation, against random circuits."""
 
     stage: ClassVar[str] = "verify_circuit"
@@ -31,9 +31,6 @@ class VerifyConfig(StageConfig):
     ablations: list[str] = option(list(ABLATIONS), "ablation types to evaluate", choices=ABLATIONS)
     random_circuits: int = option(10, "random circuits of the same size", minimum=1)
     edge_counts: list[int] = option([], "extra edge counts to report (default: a log-spaced list)")
-    bootstrap_resamples: int = option(1000, "bootstrap resamples of the pairs for the faithfulness "
-                                      "intervals (0 = no intervals)", minimum=0)
-    interval_level: float = option(0.95, "coverage of the bootstrap intervals", within="(0, 1)")
     batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
 
     def needs_auto_circuit(self) -> bool:
