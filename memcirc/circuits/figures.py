@@ -56,7 +56,8 @@ def faithfulness_curve_figure(search: MinimalCircuit, n_edges: int, path: Path, 
     if search.probes:
         pk, pf = zip(*search.probes, strict=True)
         ax.plot(pk, pf, "x", color="#55a868", ms=7, label="bisection probes", zorder=4)
-    ax.axhline(search.target, color="grey", ls="--", lw=0.8, label=f"target F = {search.target}")
+    by_lower = " (for the interval's lower end)" if search.selected_by == "lower" else ""
+    ax.axhline(search.target, color="grey", ls="--", lw=0.8, label=f"target {search.target}{by_lower}")
     minimal_ci = intervals.get(search.minimal_edges)
     if minimal_ci is not None:
         _bars(ax, [search.minimal_edges], [minimal_ci[0]], [minimal_ci[1]], "#c44e52", zorder=5)
