@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from memcirc import hub
-from memcirc.config import LmEval
 from memcirc.errors import InputError
 from memcirc.lm_eval_tasks import SHIPPED_TASKS, TASKS_DIR
+from memcirc.option_groups import LmEval
 
 log = logging.getLogger(__name__)
 

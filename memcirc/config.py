@@ -13,7 +13,7 @@ them for that stage only. A key no stage knows is an error that names it.
 
 Each stage's config class lives in a light module (`memcirc.stages.configs.<stage>`, no torch: --help
 and the YAML checks need no heavy import), which the stage's module imports. Field groups that several
-stages share are declared once here (`CircuitOptions`, `MemorizedRule`, `HeldoutEval`, `LmEval`, `Sharding`):
+stages share are declared once, in memcirc.option_groups (`CircuitOptions`, `MemorizedRule`, ...):
 a stage config inherits a group, and hands the library a plain group object (`cfg.options(group)`),
 never itself. Every value is checked when the config is built, never later.
 """
@@ -331,124 +331,6 @@ def build_config(cls: type[C], argv: list[str] | None = None, description: str =
 
 def resolved_yaml(cfg: StageConfig) -> str:
     return yaml.safe_dump({cfg.folder(): cfg.to_dict()}, sort_keys=False)
-
-
-# -- field groups several stages share -------------------------------------------------------
-# A stage config inherits the group (its fields become flags and YAML keys of that stage) and hands
-# `cfg.options(Group)` to library code. List a group before StageConfig in the bases, so the common
-# flags come first in --help and in the manifest.
-
-MEMORIZED_BY = ("exact", "token_match", "tf_accuracy", "bleu4")
-ABLATIONS = ("resample", "zero", "mean")
-GRAD_FUNCTIONS = ("logit", "prob", "logprob", "logit_exp")
-LOSSES = ("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong")
-FAITHFULNESS_METRICS = ("logit_diff", "answer_logit", "wrong_logit", "answer_logprob")
-WEIGHT_PROCESSING = ("none", "tl_default")
-SELECTION_CRITERIA = ("lower", "point")   # what of F must reach the target (memcirc.circuits.search)
-
-
-@dataclass
-class MemorizedRule(OptionGroup):
-    """Which scored windows count as memorized: `memorized_by >= threshold`."""
-
-    title: ClassVar[str] = "memorized windows"
-
-    memorized_by: str = option("exact", "scores.jsonl column that defines a memorized window",
-                               choices=MEMORIZED_BY)
-    # > 0: at 0 an unmemorized window would count. No upper bound: predict's --label-column may hold
-    # a score of any scale; above the [0, 1] of these columns the stages say no window is memorized.
-    threshold: float = option(1.0, "a window is memorized when memorized_by >= threshold", within="(0, inf)")
-
-
-@dataclass
-class BootstrapOptions(OptionGroup):
-    """Percentile bootstrap intervals over pairs (memcirc.bootstrap)."""
-
-    title: ClassVar[str] = "intervals"
-
-    bootstrap_resamples: int = option(1000, "bootstrap resamples of the pairs for the faithfulness "
-                                      "intervals (0 = no intervals)", minimum=0)
-    interval_level: float = option(0.95, "coverage of the bootstrap intervals", within="(0, 1)")
-
-
-@dataclass
-class CircuitOptions(BootstrapOptions):
-    """How a circuit is found: attribution, ablation, faithfulness metric and target, and what of F must
-    reach it (the point estimate, or the lower end of its bootstrap interval over the pairs)."""
-
-    title: ClassVar[str] = "circuit discovery"
-
-    ig_steps: int = option(5, "integrated-gradient samples (0 = plain EAP)", aliases=("--ig",), minimum=0)
-    grad_function: str = option("logit", "what the gradient is taken of", aliases=("--grad_function",),
-                                choices=GRAD_FUNCTIONS)
-    loss: str = option("avg_diff", "attribution loss: avg_diff (answer - wrong), neg_avg_diff, avg_val "
-                       "(answer), avg_val_wrong (wrong)", aliases=("--loss_function",), choices=LOSSES)
-    ablation: str = option("resample", "what an ablated edge carries: the corrupt run (resample), zero, "
-                           "or the mean over the pairs", aliases=("--ablation_type",), choices=ABLATIONS)
-    faithfulness_metric: str = option("logit_diff", "metric M in (M(circuit) - M(empty)) / (M(full) - "
-                                      "M(empty))", aliases=("--optimize_metric",),
-                                      choices=FAITHFULNESS_METRICS)
-    target: float = option(0.85, "faithfulness the minimal circuit must reach",
-                           aliases=("--target_performance",), within="(0, 1]")
-    weight_processing: str = option("none", "TransformerLens weight processing: none (HF-identical "
-                                    "logits) or tl_default", choices=WEIGHT_PROCESSING)
-    curve_points: int = option(16, "log-spaced edge counts on the faithfulness curve", minimum=2)
-    select_by: str = option("lower", "what must reach --target: the lower end of F's bootstrap interval over "
-                            "the discovery pairs (lower), or F itself (point: a circuit whose F just crosses "
-                            "the target is as likely to miss it on fresh pairs as to reach it)",
-                            choices=SELECTION_CRITERIA)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.select_by == "lower" and self.bootstrap_resamples == 0:
-            raise InputError("select_by lower needs the bootstrap interval: set bootstrap_resamples > 0, or "
-                             "select_by point")
-
-
-@dataclass
-class HeldoutEval(OptionGroup):
-    """The before/after evaluation of an intervention: memorization and held-out perplexity."""
-
-    title: ClassVar[str] = "held-out evaluation"
-
-    heldout: str = option("testbed", "held-out text for perplexity: any data source (.txt = one document, "
-                          "JSONL/Parquet with a text or token column, a folder or Hub id; 'testbed': the "
-                          "held-out plays)")
-    ppl_blocks: int = option(64, "held-out token blocks (of --ppl-block-len tokens) for perplexity", minimum=1)
-    ppl_block_len: int | None = option(None, "tokens per perplexity block, BOS included (default: "
-                                       "min(model context, 1024))", minimum=2)
-    # Lev/S is in [0, 1] (generated and truth have S tokens each): outside [0, 1] all or none match
-    levenshtein_threshold: float = option(0.75, "loose match: 1 - Lev/S >= threshold", within="[0, 1]")
-
-
-@dataclass
-class LmEval(OptionGroup):
-    """lm-evaluation-harness benchmarks on the model in memory (memcirc.benchmarks; the lm-eval extra)."""
-
-    title: ClassVar[str] = "lm-eval benchmarks (the lm-eval extra)"
-
-    lm_eval_tasks: list[str] = option([], "lm-evaluation-harness tasks or groups (the lm-eval extra: pip install "
-                                      "memcirc[lm-eval]), e.g. heldout_lastword (shipped, offline)")
-    lm_eval_limit: int | None = option(None, "at most N documents per lm-eval task (smoke runs; not comparable "
-                                       "with published numbers)", minimum=1)
-    lm_eval_num_fewshot: int | None = option(None, "few-shot examples per lm-eval prompt (none: each task's "
-                                             "own, else 0)", minimum=0)
-    lm_eval_include_path: str | None = option(None, "folder of local lm-eval task YAML files, searched before "
-                                              "the built-in tasks")
-
-
-@dataclass
-class Sharding(OptionGroup):
-    """One job of several (SLURM array tasks), then one `--merge` job."""
-
-    title: ClassVar[str] = SHARDING
-
-    num_shards: int | None = option(None, "split the work into N shards, one per job (default: "
-                                    "SLURM_ARRAY_TASK_COUNT, else 1)", minimum=1, hashed=False)
-    shard_index: int | None = option(None, "which shard this job runs (default: SLURM_ARRAY_TASK_ID, "
-                                     "else 0)", minimum=0, hashed=False)
-    merge: bool = option(False, "merge the finished shards into the stage outputs", aliases=("--merge_only",),
-                         hashed=False)
 
 
 if __name__ == "__main__":  # `python -m memcirc.config pipeline FILE`: the stage list, one per line

@@ -32,8 +32,8 @@ from memcirc.sources import load_hub_dataset, npy_tokens, parquet_rows, read_tex
 from memcirc.token_ids import kind, token_array, token_list
 
 if TYPE_CHECKING:
-    from memcirc.config import MemorizedRule
     from memcirc.models.tokenizer import BosPolicy
+    from memcirc.option_groups import MemorizedRule
 
 log = logging.getLogger(__name__)
 

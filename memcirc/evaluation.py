@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import MemorizedRule
 from memcirc.data import Columns, ScoredWindow, Window, encode_prefix, load_documents, memorized, read_scores
 from memcirc.errors import InputError
 from memcirc.models.arch import dims
 from memcirc.models.tokenizer import BosPolicy, encode
+from memcirc.option_groups import MemorizedRule
 from memcirc.scoring import pad_batch, score_windows, summarize
 
 DEFAULT_PPL_BLOCK = 1024          # default perplexity block length (tokens, BOS included), capped at n_ctx

@@ -36,9 +36,9 @@ from memcirc.circuits import (
 )
 from memcirc.circuits.faithfulness import faithfulness
 from memcirc.cli import main
-from memcirc.config import CircuitOptions
 from memcirc.errors import InputError
 from memcirc.manifest import StageRun
+from memcirc.option_groups import CircuitOptions
 from memcirc.pairs import Pair, read_pairs
 from memcirc.testbed import GROUND_TRUTH
 

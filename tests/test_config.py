@@ -122,15 +122,15 @@ def test_a_shared_option_is_validated_alike_in_every_stage_that_has_it(group, ar
     training_dynamics alike (and so by a SLURM pre-flight, which builds every config)."""
     import dataclasses
 
-    from memcirc import config
+    from memcirc import option_groups
     from memcirc.stages.registry import STAGES
 
-    having = [s for s in STAGES.values() if issubclass(s.config, getattr(config, group))]
+    having = [s for s in STAGES.values() if issubclass(s.config, getattr(option_groups, group))]
     assert len(having) >= 2
     for stage in having:
         with pytest.raises(InputError, match=message):
             build_config(stage.config, argv)
-        fields = {f.name for f in dataclasses.fields(getattr(config, group))}
+        fields = {f.name for f in dataclasses.fields(getattr(option_groups, group))}
         assert fields <= {f.name for f in dataclasses.fields(stage.config)}
 
 

@@ -13,7 +13,6 @@ import torch
 from conftest import REPO, TINY_CONFIGS
 
 from memcirc.cli import main
-from memcirc.config import MemorizedRule
 from memcirc.data import memorized, read_scores
 from memcirc.errors import InputError
 from memcirc.evaluation import memorization
@@ -21,6 +20,7 @@ from memcirc.kfac.edit import apply_edit, eigenbasis, select_mask
 from memcirc.kfac.factors import FactorOptions, collect_factors
 from memcirc.kfac.targets import resolve_targets, weight_of
 from memcirc.models import ModelSpec, load
+from memcirc.option_groups import MemorizedRule
 from memcirc.stages.kfac_edit import KfacConfig
 
 

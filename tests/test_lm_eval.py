@@ -14,12 +14,12 @@ from conftest import REPO
 
 from memcirc import benchmarks, hub
 from memcirc.cli import main
-from memcirc.config import LmEval
 from memcirc.data import Window
 from memcirc.errors import InputError
 from memcirc.lm_eval_tasks import TASKS_DIR
 from memcirc.lm_eval_tasks.heldout_lastword import build as lastword_build
 from memcirc.lm_eval_tasks.heldout_lastword.data import DATA
+from memcirc.option_groups import LmEval
 from memcirc.scoring import teacher_forced
 from memcirc.testbed import GROUND_TRUTH
 

@@ -13,9 +13,10 @@ from conftest import REPO
 
 from memcirc import artifacts as art
 from memcirc.cli import main
-from memcirc.config import MemorizedRule, StageConfig, option
+from memcirc.config import StageConfig, option
 from memcirc.data import memorized, read_scores
 from memcirc.manifest import StageRun
+from memcirc.option_groups import MemorizedRule
 from memcirc.report import report
 from memcirc.stages import registry
 from memcirc.stages.registry import STAGES, Stage

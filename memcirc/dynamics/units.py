@@ -46,7 +46,6 @@ from memcirc.circuits import (
     prune_scores_metadata,
     save_prune_scores,
 )
-from memcirc.config import CircuitOptions
 from memcirc.data import ScoredWindow, Window
 from memcirc.dynamics.checkpoints import Checkpoint
 from memcirc.errors import InputError
@@ -54,6 +53,7 @@ from memcirc.models import LoadedModel, ModelSpec, load, resolve_device, resolve
 from memcirc.models.device import dtype_name
 from memcirc.models.identity import signature, weights_key
 from memcirc.models.loading import load_config_and_tokenizer, local_weights_sha256
+from memcirc.option_groups import CircuitOptions
 from memcirc.pairs import Pair
 from memcirc.scoring import GENERATION_METRICS, TEACHER_FORCED_METRICS, score_windows
 from memcirc.sharding import run_chunked

@@ -13,10 +13,10 @@ from typing import cast
 
 import numpy as np
 
-from memcirc.config import MemorizedRule
 from memcirc.data import ScoredWindow, memorized
 from memcirc.errors import InputError
 from memcirc.models import LoadedModel
+from memcirc.option_groups import MemorizedRule
 from memcirc.predict.labels import Example, file_rows, row_tokens
 from memcirc.scoring import score_windows
 

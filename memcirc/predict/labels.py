@@ -20,11 +20,11 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from memcirc import artifacts as art
-from memcirc.config import MemorizedRule
 from memcirc.data import TOKEN_COLUMNS, Window, load_hub_dataset, memorized, parquet_rows, read_scores
 from memcirc.errors import InputError
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import tokenizer_sha256
+from memcirc.option_groups import MemorizedRule
 from memcirc.testbed import MODEL_DIR, TESTBED_NAME
 from memcirc.token_ids import kind, token_array
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from memcirc.config import MemorizedRule
 from memcirc.models import ModelSpec
+from memcirc.option_groups import MemorizedRule
 from memcirc.predict.evaluate import DECISION_THRESHOLD, CVResult, all_metrics, fold_statistics, ranking
 from memcirc.predict.features import CONTROL, FeatureTable
 from memcirc.predict.labels import Example

@@ -28,7 +28,6 @@ from memcirc.bypass import (
     windows_from_file,
 )
 from memcirc.bypass_figures import tradeoff_figure
-from memcirc.config import LmEval
 from memcirc.data import Window
 from memcirc.errors import InputError
 from memcirc.evaluation import (
@@ -46,6 +45,7 @@ from memcirc.models.arch import embedding_rows, n_ctx, n_layers
 from memcirc.models.identity import check_same_model, results_key
 from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.tokenizer import bos_policy
+from memcirc.option_groups import LmEval
 from memcirc.plots import figure_source
 from memcirc.stages.configs.attention_bypass import BypassConfig
 from memcirc.stress import StressPlan, stage_stress

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from memcirc import artifacts as art
-from memcirc.config import MemorizedRule
 from memcirc.contrastive import (
     Divergence,
     dataset_pairs,
@@ -32,6 +31,7 @@ from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import load
 from memcirc.models.identity import check_same_model
+from memcirc.option_groups import MemorizedRule
 from memcirc.pairs import PAIRS_JSONL, Pair, write_pairs
 from memcirc.plots import figure_source
 from memcirc.stages.configs.contrastive_dataset import ContrastiveConfig

@@ -27,7 +27,6 @@ from memcirc import __version__
 from memcirc import artifacts as art
 from memcirc.benchmarks import Benchmarks, check_tasks
 from memcirc.benchmarks import evaluate as run_benchmarks
-from memcirc.config import LmEval, MemorizedRule
 from memcirc.data import ScoredWindow
 from memcirc.errors import InputError
 from memcirc.evaluation import (
@@ -63,6 +62,7 @@ from memcirc.models.arch import arch_for, dims
 from memcirc.models.identity import check_same_model, results_key
 from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.tokenizer import BosPolicy, bos_policy
+from memcirc.option_groups import LmEval, MemorizedRule
 from memcirc.plots import figure_source
 from memcirc.sharding import resolve_shards
 from memcirc.stages.configs.kfac_edit import KfacConfig

@@ -30,13 +30,13 @@ import torch
 from transformers import AutoTokenizer
 
 from memcirc import artifacts as art
-from memcirc.config import MemorizedRule
 from memcirc.errors import InputError
 from memcirc.logs import show
 from memcirc.manifest import StageRun, read_manifest
 from memcirc.models import LoadedModel, ModelSpec, load
 from memcirc.models.arch import embedding_rows
 from memcirc.models.identity import check_recorded_model, results_key, tokenizer_sha256
+from memcirc.option_groups import MemorizedRule
 from memcirc.plots import figure_source
 from memcirc.predict import report
 from memcirc.predict.baseline import column_predictions, memorized_table_tokens, model_predictions, table_predictions

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from memcirc import artifacts as art
-from memcirc.config import CircuitOptions, MemorizedRule
 from memcirc.data import ScoredWindow, memorized, read_scores
 from memcirc.dynamics.checkpoints import Checkpoint, CheckpointList, resolve_checkpoint_index, resolve_checkpoints
 from memcirc.dynamics.figures import circuit_size_figure, memorization_figure, overlap_figure
@@ -57,6 +56,7 @@ from memcirc.errors import InputError
 from memcirc.logs import progress, show
 from memcirc.manifest import StageRun, read_manifest, read_output
 from memcirc.models.preflight import check_model
+from memcirc.option_groups import CircuitOptions, MemorizedRule
 from memcirc.pairs import Pair, pairs_input, read_pairs
 from memcirc.plots import figure_source
 from memcirc.scoring import METRIC_DEFINITIONS

@@ -41,7 +41,6 @@ from memcirc.circuits import (
     top_k,
 )
 from memcirc.circuits.figures import faithfulness_vs_edges_figure
-from memcirc.config import CircuitOptions
 from memcirc.errors import InputError
 from memcirc.logs import show
 from memcirc.manifest import StageRun, output_sha256, read_manifest, read_output
@@ -49,6 +48,7 @@ from memcirc.models import LoadedModel, load
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.models.preflight import check_model
+from memcirc.option_groups import CircuitOptions
 from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
 from memcirc.plots import figure_source
 from memcirc.stages.configs.verify_circuit import VerifyConfig

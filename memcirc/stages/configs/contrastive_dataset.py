@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from memcirc.config import MemorizedRule, StageConfig, option
+from memcirc.config import StageConfig, option
+from memcirc.option_groups import MemorizedRule
 
 
 @dataclass

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from memcirc.config import CircuitOptions, StageConfig, option
+from memcirc.config import StageConfig, option
+from memcirc.option_groups import CircuitOptions
 
 
 @dataclass

@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from memcirc.config import HeldoutEval, LmEval, Sharding, StageConfig, option
+from memcirc.config import StageConfig, option
 from memcirc.kfac.choices import FORMULAS, LABELS
+from memcirc.option_groups import HeldoutEval, LmEval, Sharding
 
 
 @dataclass

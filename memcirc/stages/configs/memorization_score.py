@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from memcirc.config import Sharding, StageConfig, option
+from memcirc.config import StageConfig, option
 from memcirc.errors import InputError
+from memcirc.option_groups import Sharding
 
 
 @dataclass

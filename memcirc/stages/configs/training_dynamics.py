@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from memcirc.config import CircuitOptions, MemorizedRule, StageConfig, option
+from memcirc.config import StageConfig, option
+from memcirc.option_groups import CircuitOptions, MemorizedRule
 from memcirc.options import SHARDING
 
 
