@@ -6,6 +6,7 @@ description of its prune scores (`prune_scores_metadata`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,14 +20,16 @@ from memcirc.bootstrap import PairBootstrap
 from memcirc.circuits.ablation import ABLATION_NAMES, Ablation
 from memcirc.circuits.attribution import LOSS_OBJECTIVES, SCORE_DEFINITION, attribute_edges, edge_ranking
 from memcirc.circuits.faithfulness import FaithfulnessEvaluator
-from memcirc.circuits.graph import EdgeGraph
+from memcirc.circuits.graph import EdgeGraph, n_pairs
 from memcirc.circuits.search import MinimalCircuit, minimal_circuit
 from memcirc.circuits.store import PRUNE_SCORES_FORMAT, circuit_edges
-from memcirc.config import CircuitOptions
 from memcirc.errors import InputError
+from memcirc.option_groups import CircuitOptions
 
 if TYPE_CHECKING:
     from auto_circuit.data import PromptPairBatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,7 +79,13 @@ def discover_circuit(graph: EdgeGraph, batches: Sequence[PromptPairBatch], opts:
     ranking = edge_ranking(scores)
     if evaluator is None:
         return CircuitResult(scores, ranking, None, None, note=note)
-    lower_at = partial(_lower_ends, evaluator, boot) if boot is not None and opts.select_by == "lower" else None
+    lower_at = None
+    if opts.select_by == "lower":
+        if boot is None:
+            log.warning("select_by lower: %d pair(s) give no interval; the circuit is chosen by F itself",
+                        n_pairs(batches))
+        else:
+            lower_at = partial(_lower_ends, evaluator, boot)
     search = minimal_circuit(lambda ks: evaluator.at_counts(ranking, ks), graph.n_edges, opts.target,
                              opts.curve_points, lower_at)
     return CircuitResult(scores, ranking, evaluator, search, circuit_edges(graph, scores, ranking,

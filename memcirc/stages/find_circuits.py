@@ -36,7 +36,6 @@ from memcirc.circuits import (
     save_prune_scores,
 )
 from memcirc.circuits.figures import circuit_graph_figure, faithfulness_curve_figure
-from memcirc.config import CircuitOptions
 from memcirc.errors import InputError
 from memcirc.logs import show
 from memcirc.manifest import StageRun
@@ -44,6 +43,7 @@ from memcirc.models import load
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.models.preflight import check_model
+from memcirc.option_groups import CircuitOptions
 from memcirc.pairs import pairs_input, read_pairs
 from memcirc.plots import figure_source
 from memcirc.stages.configs.find_circuits import CircuitsConfig
@@ -93,9 +93,6 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
              opts.faithfulness_metric, evaluator.m_full, evaluator.m_empty, opts.ablation)
 
     boot = pair_bootstrap(len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
-    if boot is None and opts.select_by == "lower":
-        log.warning("select_by lower: %d discovery pair(s) give no interval; the circuit is chosen by F itself",
-                    len(pairs))
     found = discover_circuit(graph, batches, opts, evaluator, boot)
     search = found.search
     assert search is not None
