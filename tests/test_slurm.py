@@ -111,9 +111,15 @@ def env(cluster):
     return {**cluster.env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MEMCIRC_SLURM_POLL": "0.5"}
 
 
+LOCAL_ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+def _pipeline_cmd(config_file, out, flags, *extra):
+    return [str(REPO / "run_pipeline.sh"), "--config", str(config_file), "--output-dir", str(out), *flags, *extra]
+
+
 def _pipeline(config_file, out, *extra, env=None, timeout=600, flags=FLAGS):
-    cmd = [str(REPO / "run_pipeline.sh"), "--config", str(config_file), "--output-dir", str(out), *flags, *extra]
-    return subprocess.run(cmd, env=env or {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+    return subprocess.run(_pipeline_cmd(config_file, out, flags, *extra), env=env or LOCAL_ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -124,8 +130,7 @@ def runs(config_file, tmp_path_factory, env):
     idle between stages)."""
     # one folder name for both: figures print their run's folder name in the corner
     local, remote = tmp_path_factory.mktemp("local") / "run", tmp_path_factory.mktemp("cluster") / "run"
-    cmd = [str(REPO / "run_pipeline.sh"), "--config", str(config_file), "--output-dir", str(local), *PIPELINE_FLAGS]
-    with subprocess.Popen(cmd, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+    with subprocess.Popen(_pipeline_cmd(config_file, local, PIPELINE_FLAGS), env=LOCAL_ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as here:
         r = _pipeline(config_file, remote, "--slurm", "--wait", env=env, flags=PIPELINE_FLAGS)
         _, err = here.communicate(timeout=600)
