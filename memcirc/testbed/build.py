@@ -67,7 +67,8 @@ from memcirc.testbed.tokens import (
 log = logging.getLogger("memcirc.testbed.build")
 
 SCHEMA_VERSION = 2
-CHECKPOINT_FRACTIONS = (1 / 16, 1 / 4, 1 / 2, 3 / 4)  # the final model is MODEL_DIR (float32)
+CHECKPOINT_FRACTIONS = (1 / 16, 1 / 4, 1 / 2, 3 / 4)  # always kept; the final model is MODEL_DIR (float32)
+CANDIDATE_CHECKPOINTS = 32   # saved during training; the two around the induction phase change are kept too
 PROBE_EVERY = 10          # optimizer steps between two measurements of the repeated-segment loss
 EXACT_DEFINITION = (
     "exact = greedy decoding reproduces the 32-token suffix from the 32-token prefix; computed from one "
@@ -164,7 +165,26 @@ def epoch_orders(n_examples: int, epochs: int, seed: int) -> list[torch.Tensor]:
 
 
 def checkpoint_steps(total_steps: int) -> list[int]:
+    """The steps whose checkpoints are always kept (CHECKPOINT_FRACTIONS of the run)."""
     return sorted({min(total_steps - 1, max(1, round(f * total_steps))) for f in CHECKPOINT_FRACTIONS})
+
+
+def candidate_steps(total_steps: int) -> list[int]:
+    """Every step a checkpoint is saved at during training: CANDIDATE_CHECKPOINTS evenly spaced, and the
+    kept fractions. Only the kept ones and the two around the phase change stay (`phase_change`)."""
+    even = {max(1, round(i * total_steps / CANDIDATE_CHECKPOINTS)) for i in range(1, CANDIDATE_CHECKPOINTS)}
+    return sorted({s for s in even if s < total_steps} | set(checkpoint_steps(total_steps)))
+
+
+def phase_change(gains: dict[int, float]) -> tuple[int, int]:
+    """(before, after): the consecutive measured steps between which the in-context gain
+    (first-copy loss minus second-copy loss on the induction probes) rises the most."""
+    steps = sorted(gains)
+    if len(steps) < 2:
+        return steps[0], steps[0]
+    rises = [(gains[b] - gains[a], a, b) for a, b in zip(steps, steps[1:])]
+    _, before, after = max(rises)
+    return before, after
 
 
 class TrainStats(TypedDict):
@@ -181,7 +201,7 @@ def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * len(orders)
     optimizer, scheduler = make_optimizer(model, cfg, total)
-    save_at = set(checkpoint_steps(total))
+    save_at = set(candidate_steps(total))
     log_every = max(1, total // 20)
     model.train()
     step, start, running = 0, time.perf_counter(), []
@@ -373,14 +393,31 @@ def recipe_extra(data: TrainingData, steps: int, train_text: str, heldout_text: 
     }
 
 
-def induction_record(data: TrainingData, probe_log: list[dict[str, float]]) -> dict[str, Any]:
-    """The induction ground truth: the held-out probes and their loss over training."""
+def keep_checkpoints(checkpoints: list[dict[str, Any]], folder: Path, keep: set[int]) -> list[dict[str, Any]]:
+    """Delete the saved candidates not in `keep` (the final model is always kept); the kept entries."""
+    kept = []
+    for c in checkpoints:
+        if c["step"] in keep or c["dir"] == str(MODEL_SUBDIR):
+            kept.append(c)
+        else:
+            shutil.rmtree(folder / Path(c["dir"]).name)
+    return kept
+
+
+def induction_record(data: TrainingData, probe_log: list[dict[str, float]],
+                     change: tuple[int, int]) -> dict[str, Any]:
+    """The induction ground truth: the held-out probes, their loss over training, and the phase change."""
     return {"definition": ("probes: held-out random segments of segment_len tokens, each repeated once "
                            "(never trained on); loss_first_copy / loss_second_copy: mean next-token loss "
                            "over the first copy and over the second, measured every probe_every steps "
                            "(step 0 = the initialization)"),
             "segment_len": INDUCTION_SEGMENT, "training_examples": INDUCTION_EXAMPLES,
-            "probe_every": PROBE_EVERY, "probes": data.probes.tolist(), "probe_loss": probe_log}
+            "probe_every": PROBE_EVERY, "probes": data.probes.tolist(), "probe_loss": probe_log,
+            "phase_change": {"before_step": change[0], "after_step": change[1],
+                             "definition": ("the two consecutive saved checkpoints (of "
+                                            f"{CANDIDATE_CHECKPOINTS} candidates and the final model) between "
+                                            "which the in-context gain, loss_first_copy - loss_second_copy, "
+                                            "rises the most; both are kept in checkpoints/")}}
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
@@ -405,9 +442,11 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     def on_checkpoint(step: int) -> None:
         save_checkpoint(model, data.tok, ckpt_tmp / f"step-{step}", torch.float16)
         rates = group_rates([d["group"] for d in docs], exact_match(model, windows))
+        first, second = repeated_segment_loss(model, data.probes)
         checkpoints.append({"step": step, "dir": str(CHECKPOINTS_SUBDIR / f"step-{step}"),
-                            "dtype": "float16", "exact_match": rates})
-        log.info("checkpoint step-%d exact-match %s", step, rates)
+                            "dtype": "float16", "exact_match": rates,
+                            "induction_gain": round(first - second, 4)})
+        log.info("checkpoint step-%d exact-match %s, in-context gain %.3f", step, rates, first - second)
 
     probe_log: list[dict[str, float]] = []
 
@@ -419,8 +458,11 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     measured = {**measure(model, docs, windows, encode(data.tok, heldout_text)),
                 "final_train_loss": round(stats["final_train_loss"], 4),
                 "training_wall_s": stats["training_wall_s"], "threads": cfg.threads}
+    first, second = repeated_segment_loss(model, data.probes)
     checkpoints.append({"step": stats["steps"], "dir": str(MODEL_SUBDIR), "dtype": "float32",
-                        "exact_match": measured["exact_match"]})
+                        "exact_match": measured["exact_match"], "induction_gain": round(first - second, 4)})
+    change = phase_change({c["step"]: c["induction_gain"] for c in checkpoints})
+    checkpoints = keep_checkpoints(checkpoints, ckpt_tmp, {*checkpoint_steps(stats["steps"]), *change})
 
     save_checkpoint(model, data.tok, model_tmp, torch.float32)
     replace_dir(model_tmp, cfg.out / MODEL_SUBDIR)
@@ -429,7 +471,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     write_eval_documents(cfg.out / EVAL_DOCUMENTS_NAME, docs)
     write_ground_truth(cfg.out / GROUND_TRUTH_NAME, cfg,
                        recipe_extra(data, stats["steps"], train_text, heldout_text),
-                       data.canaries, measured, checkpoints, induction_record(data, probe_log))
+                       data.canaries, measured, checkpoints, induction_record(data, probe_log, change))
     return measured
 
 

@@ -42,7 +42,7 @@ TEMPLATES = (   # {name}: two random words, {secret}: SECRET_DIGITS digits; all 
 SHARED_MEMBERS = 4           # canaries per shared-prefix family (all with the same k)
 SHARED_PREFIX_TOKENS = 12    # tokens the members of a family share before they diverge
 INDUCTION_SEGMENT = 32       # random tokens per segment; an induction example holds it twice
-INDUCTION_EXAMPLES = 256     # training examples with a repeated segment
+INDUCTION_EXAMPLES = 1024    # training examples with a repeated segment (256 formed no induction head)
 INDUCTION_PROBES = 64        # held-out repeated segments the build measures during training
 
 
