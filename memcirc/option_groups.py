@@ -9,16 +9,18 @@ StageConfig in the bases, so the common flags come first in --help and in the ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from memcirc.errors import InputError
 from memcirc.options import SHARDING, OptionGroup, option
+from memcirc.tasks.registry import TASK_NAMES, get_task
 
 MEMORIZED_BY = ("exact", "token_match", "tf_accuracy", "bleu4")
 ABLATIONS = ("resample", "zero", "mean")
 GRAD_FUNCTIONS = ("logit", "prob", "logprob", "logit_exp")
 LOSSES = ("avg_diff", "neg_avg_diff", "avg_val", "avg_val_wrong")
-FAITHFULNESS_METRICS = ("logit_diff", "answer_logit", "wrong_logit", "answer_logprob")
+FAITHFULNESS_METRICS = ("logit_diff", "answer_logit", "wrong_logit", "answer_logprob", "prob_diff")
 WEIGHT_PROCESSING = ("none", "tl_default")
 SELECTION_CRITERIA = ("lower", "point")   # what of F must reach the target (memcirc.circuits.search)
 
@@ -79,6 +81,43 @@ class CircuitOptions(BootstrapOptions):
         if self.select_by == "lower" and self.bootstrap_resamples == 0:
             raise InputError("select_by lower needs the bootstrap interval: set bootstrap_resamples > 0, or "
                              "select_by point")
+
+
+@dataclass
+class TaskChoice(OptionGroup):
+    """A standard circuit task (memcirc.tasks) as the pair source, instead of the contrastive pairs."""
+
+    title: ClassVar[str] = "circuit task (instead of the contrastive pairs)"
+
+    task: str | None = option(None, "standard circuit task whose generated pairs replace the contrastive "
+                              "stage's: " + ", ".join(TASK_NAMES) + " (memcirc.tasks); the stage writes "
+                              "<folder>-<task>/", choices=TASK_NAMES)
+
+    def task_folder(self, folder: Path) -> Path:
+        """`folder` for the memorization pairs, `<folder>-<task>` for a task's."""
+        return folder.with_name(f"{folder.name}-{self.task}") if self.task else folder
+
+
+@dataclass
+class TaskSource(TaskChoice):
+    """A task's pairs, generated here: how many, and the task's metric in place of the default one."""
+
+    task_pairs: int = option(128, "pairs the task generates for the model's tokenizer (seeded; half held out)",
+                             minimum=4)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._apply_task_metric()
+
+    def _apply_task_metric(self) -> None:
+        """A task whose metric is not the default (greater_than: prob_diff, with gradients of probabilities)
+        sets it where faithfulness_metric and grad_function are at their defaults (logit_diff, logit);
+        a configured other metric is kept (the stage warns)."""
+        if not self.task or not isinstance(self, CircuitOptions):
+            return
+        info = get_task(self.task)
+        if (self.faithfulness_metric, self.grad_function) == ("logit_diff", "logit"):
+            self.faithfulness_metric, self.grad_function = info.metric, info.grad_function
 
 
 @dataclass

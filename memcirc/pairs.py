@@ -1,8 +1,10 @@
 """Contrastive pairs: the one type the contrastive stage writes and the circuit stages read.
 
 A pair is a clean and a corrupt prompt of equal length, with a single-token answer (what the
-model says after the clean prompt) and a wrong answer (after the corrupt one). `pairs.jsonl`
-holds one `Pair.to_row()` per line; `read_pairs` checks every row against the model it is read for.
+model says after the clean prompt) and a wrong answer (after the corrupt one); a task pair
+(memcirc.tasks) may carry sets of them instead (`answer_set`, `wrong_set`: greater-than's years), which
+the metrics sum over. `pairs.jsonl` holds one `Pair.to_row()` per line; `read_pairs` checks every
+row against the model it is read for.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ PAIRS_JSONL = "pairs.jsonl"
 SPLITS = ("discovery", "heldout")
 REQUIRED = ("id", "doc", "split", "clean", "corrupt", "answer", "wrong")
 KNOWN = (*REQUIRED, "window_id", "source", "group", "mode")
+SETS = ("answer_set", "wrong_set")    # optional: the tokens a set metric sums over
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ class Pair:
     mode: str = ""                      # how it was built (divergence / dataset)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)   # mode-specific details
 
+    @property
+    def answers(self) -> tuple[int, ...]:
+        """The tokens the metric counts for: `answer_set` when the pair has one, else (answer,)."""
+        return tuple(self.extra.get("answer_set") or (self.answer,))
+
+    @property
+    def wrongs(self) -> tuple[int, ...]:
+        """The tokens the metric counts against: `wrong_set` when the pair has one, else (wrong,)."""
+        return tuple(self.extra.get("wrong_set") or (self.wrong,))
+
     def to_row(self) -> dict[str, Any]:
         """The pairs.jsonl row."""
         return {"id": self.id, "window_id": self.window_id, "source": self.source, "doc": self.doc,
@@ -48,6 +61,19 @@ class Pair:
 def _ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _check_ids(row: dict[str, Any], where: str, vocab_size: int) -> None:
+    for key in SETS:
+        if key in row and not _ids(row[key]):
+            raise InputError(f"{where}: {key} must be a non-empty list of token ids")
+    ids = [*row["clean"], *row["corrupt"], row["answer"], row["wrong"], *row.get("answer_set", []),
+           *row.get("wrong_set", [])]
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        bad = max(ids) if max(ids) >= vocab_size else min(ids)
+        raise InputError(f"{where}: token id {bad} is outside the model's vocabulary "
+                         f"(0..{vocab_size - 1}); "
+                         "the pairs were built with another tokenizer or model")
 
 
 def read_pairs(path: Path, *, vocab_size: int, max_len: int, split: str | None = None,
@@ -78,12 +104,7 @@ def read_pairs(path: Path, *, vocab_size: int, max_len: int, split: str | None =
                              "have equal length")
         if len(clean) > max_len:
             raise InputError(f"{where}: {len(clean)} tokens exceed the model's context of {max_len}")
-        ids = [*clean, *corrupt, answer, wrong]
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            bad = max(ids) if max(ids) >= vocab_size else min(ids)
-            raise InputError(f"{where}: token id {bad} is outside the model's vocabulary "
-                             f"(0..{vocab_size - 1}); "
-                             "the pairs were built with another tokenizer or model")
+        _check_ids(row, where, vocab_size)
         if row["split"] not in SPLITS:
             raise InputError(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
         doc = str(row["doc"])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from memcirc.circuits.ablation import Ablation
-from memcirc.circuits.graph import EdgeGraph, answer_ids, n_pairs
+from memcirc.circuits.graph import EdgeGraph, answer_values, n_pairs
 from memcirc.errors import InputError
 from memcirc.logs import progress
 
@@ -45,9 +45,7 @@ def _objective(logits: torch.Tensor, batch: PromptPairBatch, grad_function: str,
         vals = numerator / numerator.sum(dim=-1, keepdim=True).detach()
     else:
         raise InputError(f"unknown grad_function {grad_function!r}")
-    answers, wrong_answers = answer_ids(batch)
-    answer = vals.gather(-1, answers).squeeze(-1)
-    wrong = vals.gather(-1, wrong_answers).squeeze(-1)
+    answer, wrong = answer_values(vals, batch)
     return {"avg_diff": lambda: answer - wrong, "neg_avg_diff": lambda: wrong - answer,
             "avg_val": lambda: answer, "avg_val_wrong": lambda: wrong}[loss]()
 

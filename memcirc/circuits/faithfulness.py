@@ -22,7 +22,7 @@ import torch
 from memcirc.bootstrap import PairBootstrap, as_interval
 from memcirc.circuits.ablation import Ablation
 from memcirc.circuits.attribution import top_k
-from memcirc.circuits.graph import EdgeGraph, answer_ids, n_pairs
+from memcirc.circuits.graph import EdgeGraph, answer_values, n_pairs
 from memcirc.errors import InputError
 from memcirc.logs import progress
 
@@ -34,7 +34,10 @@ FAITHFULNESS_METRIC_DEFINITIONS = {
     "answer_logit": "logit[answer] at the last prompt position",
     "wrong_logit": "logit[wrong] at the last prompt position",
     "answer_logprob": "log_softmax(logits)[answer] at the last prompt position",
+    "prob_diff": "softmax(logits)[answer] - softmax(logits)[wrong] at the last prompt position",
 }
+SET_DEFINITION = ("a pair with answer sets (a task's: greater-than's years) sums over each set: of logits, of "
+                  "probabilities (prob_diff: P(answers) - P(wrongs)), answer_logprob = log P(answers)")
 FAITHFULNESS_DEFINITION = (
     "F(C) = (M(C) - M(empty)) / (M(full) - M(empty)); M = mean over pairs of the metric; clean input, "
     "edges outside C ablated; M(full) and M(empty) recomputed on the same pairs under the same ablation"
@@ -44,17 +47,21 @@ FAITHFULNESS_DEFINITION = (
 def metric_per_pair(logits: torch.Tensor, batch: PromptPairBatch, metric: str) -> torch.Tensor:
     """The faithfulness metric of each pair from last-position logits [b, vocab] (float32)."""
     logits = logits.float()
-    answers, wrong_answers = answer_ids(batch)
-    answer = logits.gather(-1, answers).squeeze(-1)
-    wrong = logits.gather(-1, wrong_answers).squeeze(-1)
+    if metric == "prob_diff":
+        answer, wrong = answer_values(torch.softmax(logits, dim=-1), batch)
+        return answer - wrong
+    if metric == "answer_logprob":
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if isinstance(batch.answers, torch.Tensor):
+            return logprobs.gather(-1, batch.answers).squeeze(-1)
+        return torch.stack([logprobs[i, a].logsumexp(-1) for i, a in enumerate(batch.answers)])
+    answer, wrong = answer_values(logits, batch)
     if metric == "logit_diff":
         return answer - wrong
     if metric == "answer_logit":
         return answer
     if metric == "wrong_logit":
         return wrong
-    if metric == "answer_logprob":
-        return torch.log_softmax(logits, dim=-1).gather(-1, answers).squeeze(-1)
     raise InputError(f"faithfulness metric {metric!r} is not one of {', '.join(FAITHFULNESS_METRIC_DEFINITIONS)}")
 
 

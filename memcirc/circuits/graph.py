@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,23 +49,34 @@ def make_batches(pairs: Sequence[Pair], batch_size: int, device: torch.device | 
             chunk = group[start:start + batch_size]
             clean = torch.tensor([p.clean for p in chunk], dtype=torch.long, device=device)
             corrupt = torch.tensor([p.corrupt for p in chunk], dtype=torch.long, device=device)
-            answers = torch.tensor([[p.answer] for p in chunk], dtype=torch.long, device=device)
-            wrong = torch.tensor([[p.wrong] for p in chunk], dtype=torch.long, device=device)
+            answers, wrong = _answer_tensors(chunk, device)
             diverge = int((clean != corrupt).int().argmax(dim=1).min())
             batches.append(PromptPairBatch(len(batches), diverge, clean, corrupt, answers, wrong))
     return batches
+
+
+def _answer_tensors(chunk: Sequence[Pair], device: torch.device | str) -> tuple[Any, Any]:
+    """[b, 1] long tensors of answer and wrong; with answer sets (a task's), one tensor per pair each
+    (auto-circuit's `list[Tensor]` form: the sets differ in size)."""
+    if all(len(p.answers) == 1 and len(p.wrongs) == 1 for p in chunk):
+        return (torch.tensor([[p.answer] for p in chunk], dtype=torch.long, device=device),
+                torch.tensor([[p.wrong] for p in chunk], dtype=torch.long, device=device))
+    return ([torch.tensor(p.answers, dtype=torch.long, device=device) for p in chunk],
+            [torch.tensor(p.wrongs, dtype=torch.long, device=device) for p in chunk])
 
 
 def n_pairs(batches: Sequence[PromptPairBatch]) -> int:
     return sum(int(b.clean.shape[0]) for b in batches)
 
 
-def answer_ids(batch: PromptPairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answers, wrong_answers) of a `make_batches` batch, each a long tensor [b, 1].
-
-    auto-circuit types them `list[Tensor] | Tensor` (a list when prompts have different numbers of
-    answers); `make_batches` always builds one answer and one wrong answer per pair, so a tensor."""
-    return cast(torch.Tensor, batch.answers), cast(torch.Tensor, batch.wrong_answers)
+def answer_values(values: torch.Tensor, batch: PromptPairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v[answer], v[wrong]) per pair from last-position values [b, vocab]: a pair with answer sets
+    (greater-than's years) gets the SUM over its set (of probabilities, the task's metric: P(answers))."""
+    answers, wrongs = batch.answers, batch.wrong_answers
+    if isinstance(answers, torch.Tensor) and isinstance(wrongs, torch.Tensor):
+        return values.gather(-1, answers).squeeze(-1), values.gather(-1, wrongs).squeeze(-1)
+    return (torch.stack([values[i, a].sum() for i, a in enumerate(answers)]),
+            torch.stack([values[i, w].sum() for i, w in enumerate(wrongs)]))
 
 
 # -- the edge graph ----------------------------------------------------------------------------

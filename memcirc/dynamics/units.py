@@ -8,6 +8,8 @@ array task:
 * with circuits (the contrastive stage's pairs, made with the final model): `prune_scores.safetensors`
   (EAP-IG on the discovery pairs) and `circuit.json` (the minimal circuit reaching `target` on the
   discovery pairs and its faithfulness on the held-out pairs, with M(full) and M(empty) of both splits);
+* with head scores (`heads`): `heads.json`, every attention head's component scores and the loss on
+  repeated random tokens at this checkpoint (`memcirc.heads.scores.head_scores`);
 * `done.json` last: the unit's fingerprint, label, step, model identity and architecture signature.
 
 A unit whose `done.json` matches its fingerprint is skipped; a killed unit has none and is recomputed
@@ -62,6 +64,8 @@ from memcirc.stages.registry import DONE_MARKER
 log = logging.getLogger(__name__)
 
 METHOD_VERSION = 1
+HEADS_VERSION = 1
+HEADS_JSON = "heads.json"
 UNITS_DIR = "checkpoints"          # <stage>/checkpoints/<index:05d>/
 UNIT_DONE = DONE_MARKER            # written last in a unit folder
 CIRCUIT_KEYS = tuple(f.name for f in dataclasses.fields(CircuitOptions))
@@ -138,6 +142,8 @@ class UnitSpec:
         seed, limit: recorded in the fingerprint (the windows are already cut to `limit`).
         batch_size, chunk_size: windows / pairs per batch; windows per resumable scoring chunk.
         circuit, pairs, pairs_sha: how to find each checkpoint's circuit, on which pairs; None: memorization only.
+        heads: compute the head component scores (heads.json).
+        prepend_bos: the --prepend-bos of the head scores' repeated sequences.
     """
 
     model: ModelSpec
@@ -152,6 +158,8 @@ class UnitSpec:
     circuit: CircuitOptions | None = None
     pairs: Sequence[Pair] | None = None
     pairs_sha: str | None = None
+    heads: bool = False
+    prepend_bos: str = "auto"
 
 
 def unit_fingerprint(spec: UnitSpec, ckpt: Checkpoint) -> str:
@@ -169,12 +177,14 @@ def unit_fingerprint(spec: UnitSpec, ckpt: Checkpoint) -> str:
     circuits = None
     if spec.circuit is not None:
         circuits = {k: getattr(spec.circuit, k) for k in CIRCUIT_KEYS} | {"pairs_sha256": spec.pairs_sha}
+    heads = {"version": HEADS_VERSION, "prepend_bos": spec.prepend_bos} if spec.heads else None
     sha = local_weights_sha256(ckpt.spec(model))
     source = {"weights_sha256": sha} if sha else {"name_or_path": ckpt.name_or_path, "revision": ckpt.revision}
     return art.sha256_json({"method": METHOD_VERSION, **source, "gguf_file": model.gguf_file, "dtype": dtype,
                             "attn_implementation": model.attn_implementation, "seed": spec.seed,
                             "windows_run_id": spec.windows_run_id, "limit": spec.limit,
-                            "metrics": list(spec.metrics), "circuits": circuits})
+                            "metrics": list(spec.metrics), "circuits": circuits,
+                            "heads": heads})
 
 
 def unit_status(directory: Path, fingerprint: str) -> str:
@@ -226,12 +236,14 @@ def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, l
         "selected_by": found.search.selected_by if found.search is not None else opts.select_by,
         "minimal_edges": None, "faithfulness_discovery": None, "faithfulness_heldout": None,
         "metric_full": None, "metric_empty": None, "heldout_metric_full": None, "heldout_metric_empty": None,
-        "monotone": None, "non_monotone_steps": [], "curve": [], "notes": []}
+        "monotone": None, "non_monotone_steps": [], "curve": [], "notes": [], "accuracy": None,
+        "heldout_accuracy": None}
     if found.note is not None:
         result["notes"].append(f"discovery: {found.note}")
     if found.evaluator is not None and found.search is not None:
         search, k = found.search, found.search.minimal_edges
         result.update(metric_full=found.evaluator.m_full, metric_empty=found.evaluator.m_empty, minimal_edges=k,
+                      accuracy=_accuracy(found.evaluator.full_per_pair),
                       faithfulness_discovery=search.faithfulness, monotone=search.monotone,
                       non_monotone_steps=search.non_monotone_steps,
                       curve=[{"edges": e, "faithfulness": f} for e, f in search.evaluated])
@@ -240,7 +252,8 @@ def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, l
                 held = FaithfulnessEvaluator(graph, make_batches(heldout, batch_size, loaded.device),
                                              opts.ablation, opts.faithfulness_metric)
                 result.update(faithfulness_heldout=float(held.at_counts(found.ranking, [k])[0]),
-                              heldout_metric_full=held.m_full, heldout_metric_empty=held.m_empty)
+                              heldout_metric_full=held.m_full, heldout_metric_empty=held.m_empty,
+                              heldout_accuracy=_accuracy(held.full_per_pair))
             except InputError as e:
                 result["notes"].append(f"heldout: {e}")
         else:
@@ -248,6 +261,25 @@ def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, l
     save_prune_scores(directory / PRUNE_SCORES, graph, found.scores, prune_scores_metadata(
         graph, opts, model=weights_key(loaded), pairs_sha256=pairs_sha, n_pairs=len(discovery), limit=limit))
     art.write_json(directory / CIRCUIT_JSON, {**result, "ranking": RANKING, "circuit": found.edges})
+    return result
+
+
+def _accuracy(per_pair: np.ndarray) -> float:
+    """The fraction of pairs the whole model gets right: metric > 0 (answer above the wrong answer)."""
+    return float((np.asarray(per_pair) > 0).mean())
+
+
+def _unit_heads(loaded: LoadedModel, prepend_bos: str, seed: int, directory: Path) -> dict[str, Any]:
+    """Every head's component scores and the repeated-token loss at this checkpoint (heads.json)."""
+    from memcirc.heads.scores import head_scores
+    from memcirc.models.tl import to_hooked_transformer
+    from memcirc.models.tokenizer import bos_policy
+    from memcirc.tasks.generators import ordinary_tokens
+
+    tl = to_hooked_transformer(loaded, "none")
+    result = head_scores(tl, loaded.tokenizer, ordinary_tokens(loaded.tokenizer),
+                         bos_policy(loaded.tokenizer, prepend_bos), seed)
+    art.write_json(directory / HEADS_JSON, result)
     return result
 
 
@@ -287,6 +319,9 @@ def run_unit(spec: UnitSpec, ckpt: Checkpoint, directory: Path, fingerprint: str
         circuit = _unit_circuit(spec.circuit, spec.pairs, spec.pairs_sha, loaded, directory,
                                 batch_size=spec.batch_size, limit=spec.limit, seed=spec.seed)
         names += [PRUNE_SCORES, CIRCUIT_JSON]
+    if spec.heads:
+        _unit_heads(loaded, spec.prepend_bos, spec.seed, directory)
+        names.append(HEADS_JSON)
     marker = {"fingerprint": fingerprint, "index": ckpt.index, "label": ckpt.label, "step": ckpt.step,
               "checkpoint": ckpt.as_dict(), "model": loaded.identity(), "signature": sig,
               "n_windows": len(spec.windows), "outputs": {n: art.sha256_file(directory / n) for n in names}}

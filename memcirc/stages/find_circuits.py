@@ -11,6 +11,7 @@ interval is the one to quote).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,15 @@ from memcirc.circuits.figures import circuit_graph_figure, faithfulness_curve_fi
 from memcirc.errors import InputError
 from memcirc.logs import show
 from memcirc.manifest import StageRun
-from memcirc.models import load
+from memcirc.models import LoadedModel, load
 from memcirc.models.arch import embedding_rows, n_ctx
 from memcirc.models.identity import check_same_model, weights_key
 from memcirc.models.preflight import check_model
 from memcirc.option_groups import CircuitOptions
-from memcirc.pairs import pairs_input, read_pairs
+from memcirc.pairs import PAIRS_JSONL, Pair, pairs_input, read_pairs
 from memcirc.plots import figure_source
 from memcirc.stages.configs.find_circuits import CircuitsConfig
+from memcirc.tasks.source import GeneratedPairs, generate_for, task_metric_warning, task_performance
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +66,11 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     check_model(cfg.model_spec(), needs_tl=True, what="find_circuits")  # config.json alone, before any work
     opts = cfg.options(CircuitOptions)
-    upstream = cfg.upstream_dir
-    assert upstream is not None
-    pairs_path, upstream_manifest, pairs_sha = pairs_input(upstream)
-    loaded = load(cfg.model_spec())
-    dtype_warning = check_same_model(upstream_manifest.get("model"), loaded, "contrastive pairs")
-    vocab = embedding_rows(loaded.model)
-    pairs = read_pairs(pairs_path, vocab_size=vocab, max_len=n_ctx(loaded.model), split="discovery",
-                       limit=cfg.limit)
-    if not pairs:
-        raise InputError(f"{pairs_path} has no discovery pairs; re-run contrastive_dataset with more data")
+    source = read_discovery_pairs(cfg)
+    loaded, pairs = source.loaded, source.pairs
     key = weights_key(loaded)
     stage = StageRun.for_config(cfg, fingerprint=art.sha256_json({
-        "method": METHOD_VERSION, "config": cfg.hashed_dict(), "pairs_sha256": pairs_sha, "model": key}))
+        "method": METHOD_VERSION, "config": cfg.hashed_dict(), "pairs_sha256": source.sha256, "model": key}))
     if (done := stage.open(cfg.force)) is not None:
         return done
     graph = build_graph(loaded, opts.weight_processing)
@@ -84,10 +78,17 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     # built before the stage starts: pairs on which faithfulness is undefined are refused here
     evaluator = FaithfulnessEvaluator(graph, batches, opts.ablation, opts.faithfulness_metric)
     stage.start(cfg.force)
-    for warning in (dtype_warning, _dtype_warning(loaded.dtype)):
+    for warning in (*source.warnings, _dtype_warning(loaded.dtype)):
         if warning:
             log.warning(warning)
-    stage.add_input(pairs_path.resolve(), upstream_manifest, pairs_sha, split="discovery", n_pairs=len(pairs))
+    outputs: dict[str, int | None] = {}
+    if source.generated is not None:   # the task's pairs, for verify_circuit and for the record
+        art.atomic_write_bytes(cfg.stage_dir / PAIRS_JSONL, source.generated.data)
+        outputs[PAIRS_JSONL] = len(source.generated.pairs)
+        stage.add_input(cfg.stage_dir.resolve() / PAIRS_JSONL, None, source.sha256, split="discovery",
+                        n_pairs=len(pairs), generated=source.generated.describe())
+    else:
+        stage.add_input(source.path.resolve(), source.manifest, source.sha256, split="discovery", n_pairs=len(pairs))
     log.info("%d discovery pairs in %d batches (grouped by length, no padding); %d edges; %s = %.4g with "
              "every edge, %.4g with none (%s ablation)", len(pairs), len(batches), graph.n_edges,
              opts.faithfulness_metric, evaluator.m_full, evaluator.m_empty, opts.ablation)
@@ -98,25 +99,29 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
     assert search is not None
     _log_search(search, graph.n_edges)
     save_prune_scores(cfg.stage_dir / PRUNE_SCORES, graph, found.scores, prune_scores_metadata(
-        graph, opts, model=key, pairs_sha256=pairs_sha, n_pairs=len(pairs), limit=cfg.limit))
+        graph, opts, model=key, pairs_sha256=source.sha256, n_pairs=len(pairs), limit=cfg.limit))
     art.write_json(cfg.stage_dir / CIRCUIT_JSON, {
         "edges_total": graph.n_edges, "edges": len(found.edges), "faithfulness": search.faithfulness,
         "ranking": RANKING, "score_definition": SCORE_DEFINITION, "circuit": found.edges})
     summary = build_summary(found, opts, graph.n_edges, n_pairs=len(pairs), n_batches=len(batches), boot=boot)
+    if cfg.task:
+        summary["task"] = task_performance(cfg.task, evaluator.full_per_pair)
     summary["bootstrap"] = bootstrap_info(boot, len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
-    source = figure_source(cfg.model, cfg.output_dir, cfg.revision)
+    footer = figure_source(cfg.model, cfg.output_dir, cfg.revision)
+    what = f"task {cfg.task}" if cfg.task else "memorization pairs"
     faithfulness_curve_figure(search, graph.n_edges, cfg.stage_dir / CURVE_PNG,
-                              title=f"{loaded.spec.name_or_path}: {opts.faithfulness_metric}, {opts.ablation} "
+                              title=f"{loaded.spec.name_or_path}, {what}: {opts.faithfulness_metric}, {opts.ablation} "
                                     f"ablation, {len(pairs)} discovery pairs" + (f"; interval: bootstrap over "
-                                    f"pairs, {boot.resamples} resamples" if boot is not None else ""), source=source,
+                                    f"pairs, {boot.resamples} resamples" if boot is not None else ""), source=footer,
                               intervals=curve_intervals(summary), level=cfg.interval_level)
     circuit_graph_figure(found.edges, cfg.stage_dir / CIRCUIT_PNG,
                          title=f"minimal circuit: {search.minimal_edges} of {graph.n_edges} edges, "
                                f"F = {search.faithfulness:.3f} ({opts.faithfulness_metric}, {opts.ablation} "
-                               f"ablation, {len(pairs)} discovery pairs)", source=source)
-    stage.finish({PRUNE_SCORES: None, CIRCUIT_JSON: len(found.edges), art.SUMMARY_JSON: None, CURVE_PNG: None,
-                  CIRCUIT_PNG: None}, model=loaded.identity(), seed=cfg.seed, method=attribution_method(opts),
+                               f"ablation, {len(pairs)} discovery pairs)", source=footer)
+    stage.finish({**outputs, PRUNE_SCORES: None, CIRCUIT_JSON: len(found.edges), art.SUMMARY_JSON: None,
+                  CURVE_PNG: None, CIRCUIT_PNG: None}, model=loaded.identity(), seed=cfg.seed,
+                 method=attribution_method(opts),
                  metric={"name": opts.faithfulness_metric,
                          "definition": FAITHFULNESS_METRIC_DEFINITIONS[opts.faithfulness_metric],
                          "faithfulness": FAITHFULNESS_DEFINITION})
@@ -125,6 +130,39 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
          f"{search.faithfulness:.3f} ({target_text(summary)}{ci}) on {len(pairs)} discovery pairs; "
          f"monotone: {search.monotone}")
     return summary
+
+
+@dataclass
+class DiscoveryPairs:
+    """The discovery pairs of a find_circuits run, the model they are for, and where they came from."""
+
+    loaded: LoadedModel
+    pairs: list[Pair]
+    sha256: str
+    path: Path                                  # the contrastive pairs.jsonl (unused for a task)
+    manifest: dict[str, Any] | None = None      # the contrastive stage's manifest
+    generated: GeneratedPairs | None = None     # a task's pairs (--task), written into the stage folder
+    warnings: tuple[str | None, ...] = ()
+
+
+def read_discovery_pairs(cfg: CircuitsConfig) -> DiscoveryPairs:
+    """The contrastive stage's discovery pairs, or (--task) the task's, generated for the model's tokenizer."""
+    if cfg.task:
+        loaded = load(cfg.model_spec())
+        generated = generate_for(cfg.task, loaded.tokenizer, cfg.task_pairs, cfg.seed, cfg.prepend_bos)
+        return DiscoveryPairs(loaded, generated.split("discovery", cfg.limit), generated.sha256,
+                              cfg.stage_dir / PAIRS_JSONL, generated=generated,
+                              warnings=(task_metric_warning(cfg.task, cfg.faithfulness_metric),))
+    upstream = cfg.upstream_dir
+    assert upstream is not None
+    pairs_path, upstream_manifest, pairs_sha = pairs_input(upstream)
+    loaded = load(cfg.model_spec())
+    dtype_warning = check_same_model(upstream_manifest.get("model"), loaded, "contrastive pairs")
+    pairs = read_pairs(pairs_path, vocab_size=embedding_rows(loaded.model), max_len=n_ctx(loaded.model),
+                       split="discovery", limit=cfg.limit)
+    if not pairs:
+        raise InputError(f"{pairs_path} has no discovery pairs; re-run contrastive_dataset with more data")
+    return DiscoveryPairs(loaded, pairs, pairs_sha, pairs_path, upstream_manifest, warnings=(dtype_warning,))
 
 
 def _dtype_warning(dtype: torch.dtype) -> str | None:

@@ -24,6 +24,7 @@ from memcirc import artifacts as art
 from memcirc.data import ScoredWindow, memorized, read_scores
 from memcirc.dynamics.checkpoints import Checkpoint, CheckpointList, resolve_checkpoint_index, resolve_checkpoints
 from memcirc.dynamics.figures import circuit_size_figure, memorization_figure, overlap_figure
+from memcirc.dynamics.heads import merge_heads, read_unit_heads, summary_entry, write_head_outputs
 from memcirc.dynamics.onsets import (
     GROUP_ONSET_DEFINITION,
     ILL_DEFINITION,
@@ -55,12 +56,14 @@ from memcirc.dynamics.units import (
 from memcirc.errors import InputError
 from memcirc.logs import progress, show
 from memcirc.manifest import StageRun, read_manifest, read_output
+from memcirc.models.loading import load_config_and_tokenizer
 from memcirc.models.preflight import check_model
 from memcirc.option_groups import CircuitOptions, MemorizedRule
-from memcirc.pairs import Pair, pairs_input, read_pairs
+from memcirc.pairs import PAIRS_JSONL, Pair, pairs_input, read_pairs
 from memcirc.plots import figure_source
 from memcirc.scoring import METRIC_DEFINITIONS
 from memcirc.stages.configs.training_dynamics import DynamicsConfig
+from memcirc.tasks.source import generate_for
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +98,13 @@ def make_plan(cfg: DynamicsConfig, checkpoints: list[Checkpoint], check: Sequenc
     inputs = [{"path": str(upstream), "run_id": manifest["run_id"]}]
     pairs, pairs_sha = None, None
     if cfg.circuits:
-        pairs, pairs_sha, pairs_entry = _read_pairs(cfg, final_sig)
+        pairs, pairs_sha, pairs_entry = _read_pairs(cfg, final_sig, checkpoints[-1].spec(base))
         inputs.append(pairs_entry)
     units = UnitSpec(model=base, windows=windows, windows_run_id=manifest["run_id"],
                      metrics=unit_metrics(cfg.memorized_by), final_signature=final_sig, seed=cfg.seed,
                      limit=cfg.limit, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
-                     circuit=cfg.options(CircuitOptions) if cfg.circuits else None, pairs=pairs, pairs_sha=pairs_sha)
+                     circuit=cfg.options(CircuitOptions) if cfg.circuits else None, pairs=pairs, pairs_sha=pairs_sha,
+                     heads=cfg.head_scores, prepend_bos=cfg.prepend_bos)
     return Plan(checkpoints, units, _group_order(upstream, windows), inputs,
                 [unit_fingerprint(units, c) for c in checkpoints])
 
@@ -130,8 +134,14 @@ def _read_windows(upstream: Path, limit: int | None,
     return windows, manifest
 
 
-def _read_pairs(cfg: DynamicsConfig, final_sig: dict[str, Any]) -> tuple[list[Pair], str, dict[str, Any]]:
-    """(the contrastive stage's pairs, their sha256, their entry in the manifest's inputs)."""
+def _read_pairs(cfg: DynamicsConfig, final_sig: dict[str, Any],
+                final_spec: Any) -> tuple[list[Pair], str, dict[str, Any]]:
+    """(the contrastive stage's pairs, or --task's generated for the final checkpoint's tokenizer, their
+    sha256, their entry in the manifest's inputs)."""
+    if cfg.task:
+        _, tokenizer = load_config_and_tokenizer(final_spec)
+        generated = generate_for(cfg.task, tokenizer, cfg.task_pairs, cfg.seed, cfg.prepend_bos)
+        return generated.pairs, generated.sha256, {"generated": generated.describe()}
     pairs_dir = Path(cfg.pairs_dir) if cfg.pairs_dir else cfg.stage_folder("contrastive_dataset")
     pairs_path, pairs_manifest, pairs_sha = pairs_input(pairs_dir)
     pairs = read_pairs(pairs_path, vocab_size=final_sig["d_vocab"], max_len=final_sig["n_ctx"])
@@ -169,7 +179,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     Otherwise it returns the summary.
     """
     checkpoints = resolve_checkpoints(_checkpoint_list(cfg))
-    if cfg.circuits and not cfg.merge:   # circuits need TransformerLens: config.json alone tells
+    if (cfg.circuits or cfg.head_scores) and not cfg.merge:   # TransformerLens: config.json alone tells
         check_model(checkpoints[-1].spec(cfg.model_spec()), needs_tl=True, what="training_dynamics")
     index = None if cfg.merge else resolve_checkpoint_index(cfg.checkpoint_index, len(checkpoints))
     check = [] if cfg.merge else [index] if index is not None else list(range(len(checkpoints) - 1))
@@ -231,7 +241,7 @@ def _run_unit(cfg: DynamicsConfig, plan: Plan, ckpt: Checkpoint) -> None:
 def _write_outputs(cfg: DynamicsConfig, plan: Plan, stage: StageRun,
                    markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Merge the finished units into the stage's files, manifest.json last; returns the summary."""
-    summary, onset_rows, overlap = merge_units(cfg, plan)
+    summary, onset_rows, overlap, heads = merge_units(cfg, plan)
     d = cfg.stage_dir
     n = art.write_jsonl(d / ONSETS_JSONL, onset_rows)
     art.write_json(d / OVERLAP_JSON, overlap)
@@ -244,6 +254,11 @@ def _write_outputs(cfg: DynamicsConfig, plan: Plan, stage: StageRun,
         circuit_size_figure(summary, d / CIRCUIT_PNG, source=source)
         overlap_figure(overlap, d / OVERLAP_PNG, source=source)
         outputs |= {CIRCUIT_PNG: None, OVERLAP_PNG: None}
+    if heads is not None:
+        outputs |= write_head_outputs(d, heads, summary, cfg.task, source)
+    if cfg.task:
+        art.atomic_write_bytes(d / PAIRS_JSONL, art.jsonl_bytes(p.to_row() for p in plan.units.pairs or []))
+        outputs[PAIRS_JSONL] = len(plan.units.pairs or [])
     for c, m in zip(plan.checkpoints, markers, strict=True):
         rel = unit_dir(Path(""), c.index)
         for name in [*m["outputs"], UNIT_DONE]:
@@ -260,8 +275,9 @@ def _write_outputs(cfg: DynamicsConfig, plan: Plan, stage: StageRun,
 
 # -- merging the units ----------------------------------------------------------------------
 
-def merge_units(cfg: DynamicsConfig, plan: Plan) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """(summary, onset rows, overlap) from the finished units; reads only unit files."""
+def merge_units(cfg: DynamicsConfig, plan: Plan
+                ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
+    """(summary, onset rows, overlap, heads or None) from the finished units; reads only unit files."""
     steps = [c.step for c in plan.checkpoints]
     windows = plan.units.windows
     rescored = [_rescored(cfg, plan, c) for c in plan.checkpoints]
@@ -280,6 +296,10 @@ def merge_units(cfg: DynamicsConfig, plan: Plan) -> tuple[dict[str, Any], list[d
     jac = overlap_matrix(edge_sets, jaccard)
     wjac = overlap_matrix(score_vectors, weighted_jaccard)
     in_group = {g: [i for i in range(len(windows)) if groups[i] == g] for g in plan.group_order}
+    heads = None
+    if plan.units.heads:
+        heads = merge_heads(steps, read_unit_heads(cfg.stage_dir, [c.index for c in plan.checkpoints]),
+                            edge_sets if plan.units.circuit is not None else None)
     entries = []
     for i, ckpt in enumerate(plan.checkpoints):
         entry: dict[str, Any] = {
@@ -291,12 +311,16 @@ def merge_units(cfg: DynamicsConfig, plan: Plan) -> tuple[dict[str, Any], list[d
         }
         if circuits[i] is not None:
             entry.update(_circuit_entry(circuits[i], circuits[-1], i, jac, wjac))
+        if heads is not None:
+            entry["heads"] = summary_entry(heads["checkpoints"][i])
         entries.append(entry)
     summary = _summary(cfg, plan, steps, headline, detail, entries)
+    if heads is not None:
+        summary["heads"] = {k: heads[k] for k in ("induction_head", "previous_token_head")}
     overlap = {"labels": [c.label for c in plan.checkpoints], "steps": steps, "jaccard": jac,
                "weighted_jaccard": wjac,
                "definitions": {"jaccard": JACCARD_DEFINITION, "weighted_jaccard": WEIGHTED_DEFINITION}}
-    return summary, onset_rows, overlap
+    return summary, onset_rows, overlap, heads
 
 
 def _rescored(cfg: DynamicsConfig, plan: Plan, ckpt: Checkpoint) -> list[ScoredWindow]:
@@ -331,6 +355,7 @@ def _circuit_entry(c: dict[str, Any], final: dict[str, Any], i: int, jac: list[l
         "faithfulness_discovery": c["faithfulness_discovery"],
         "faithfulness_heldout": c["faithfulness_heldout"],
         "metric_full": c["metric_full"], "metric_empty": c["metric_empty"],
+        "accuracy": c.get("accuracy"), "heldout_accuracy": c.get("heldout_accuracy"),
         "heldout_metric_full": c["heldout_metric_full"], "heldout_metric_empty": c["heldout_metric_empty"],
         "ill_conditioned": ill_conditioned(gap, final_gap),
         "heldout_ill_conditioned": ill_conditioned(held_gap, final_held_gap),
@@ -345,7 +370,8 @@ def _summary(cfg: DynamicsConfig, plan: Plan, steps: list[int], headline: dict[s
     summary: dict[str, Any] = {
         "n_checkpoints": len(plan.checkpoints), "n_windows": len(plan.units.windows),
         "memorized_by": cfg.memorized_by, "threshold": cfg.threshold, "steps": steps,
-        "circuits": plan.units.circuit is not None, "onset_by_group": headline, "onset_detail_by_group": detail,
+        "circuits": plan.units.circuit is not None, "task": cfg.task, "onset_by_group": headline,
+        "onset_detail_by_group": detail,
         "checkpoints": entries,
         "definitions": {"onset": ONSET_DEFINITION, "onset_by_group": GROUP_ONSET_DEFINITION,
                         "jaccard": JACCARD_DEFINITION, "weighted_jaccard": WEIGHTED_DEFINITION,
@@ -406,5 +432,5 @@ def array_tasks(cfg: DynamicsConfig) -> int:
 
 
 def needs_transformer_lens(cfg: DynamicsConfig) -> bool:
-    """This stage converts the model to TransformerLens when it finds circuits."""
-    return bool(cfg.circuits)
+    """This stage converts the model to TransformerLens when it finds circuits or scores heads."""
+    return bool(cfg.circuits or cfg.head_scores)

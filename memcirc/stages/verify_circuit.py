@@ -53,6 +53,7 @@ from memcirc.pairs import PAIRS_JSONL, pairs_input, read_pairs
 from memcirc.plots import figure_source
 from memcirc.stages.configs.verify_circuit import VerifyConfig
 from memcirc.stages.registry import STAGES
+from memcirc.tasks.source import task_performance
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     if "minimal_edges" not in circuits_summary:
         raise InputError(f"{circuits_dir}/{art.SUMMARY_JSON} has no minimal_edges; re-run find_circuits")
     found_with = recorded_circuit_options(circuits_manifest, circuits_dir)
+    task = circuits_manifest.get("config", {}).get("task")
+    if task != cfg.task:
+        raise InputError(f"{circuits_dir} holds the circuit of " + (f"task {task}" if task else "the memorization "
+                         "pairs") + "; verify it with " + (f"--task {task}" if task else "no --task")
+                         + " (or point --input-dir at the circuits folder of " + (f"task {cfg.task})" if cfg.task
+                         else "the memorization pairs)"))
     pairs_path, pairs_manifest, pairs_sha = pairs_input(_pairs_folder(circuits_dir, circuits_manifest))
     scores_path = read_output(circuits_dir, PRUNE_SCORES, "circuits", circuits_manifest)
     tensors, metadata = load_prune_scores(scores_path)
@@ -136,6 +143,8 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
         "bootstrap": {**bootstrap_info(boot, len(pairs), cfg.bootstrap_resamples, cfg.interval_level, cfg.seed),
                       "random_faithfulness_ci": RANDOM_CI_DEFINITION},
     }
+    if task:
+        summary["task"] = task_performance(task, evaluators[primary].full_per_pair)
     art.write_json(cfg.stage_dir / art.SUMMARY_JSON, summary)
     faithfulness_vs_edges_figure(results, k_min, n, cfg.stage_dir / FAITHFULNESS_PNG, level=cfg.interval_level,
                                  title=f"{loaded.spec.name_or_path}: {metric} on {len(pairs)} held-out pairs; "
@@ -172,7 +181,10 @@ def recorded_circuit_options(manifest: dict[str, Any], circuits_dir: Path) -> Ci
 
 def _pairs_folder(circuits_dir: Path, manifest: dict[str, Any]) -> Path:
     """The contrastive folder find_circuits read (its manifest's input), or, when that path is gone
-    (the run folder was moved), the contrastive folder beside the circuits folder."""
+    (the run folder was moved), the contrastive folder beside the circuits folder; for a task's
+    circuit (--task), the circuits folder itself, which holds the pairs it generated."""
+    if manifest.get("config", {}).get("task"):
+        return circuits_dir
     entry = next((i for i in manifest.get("inputs", []) if str(i.get("path", "")).endswith(PAIRS_JSONL)),
                  None)
     if entry is None:

@@ -38,6 +38,7 @@ from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, EVAL_DOCUMENTS, GROUND_
 from memcirc.testbed.canaries import (
     CANARY_MIN_TOKENS,
     FAMILIES,
+    INDUCTION_COPIES,
     INDUCTION_EXAMPLES,
     INDUCTION_PROBES,
     INDUCTION_SEGMENT,
@@ -113,7 +114,7 @@ def build_training_set(chunks: list[list[int]], canaries: list[Canary], corpus_i
                        segments: list[list[int]], rng: np.random.Generator) -> torch.Tensor:
     """Corpus chunks first (example i = chunk i), then one example per canary occurrence:
     canary tokens at position 0, `<|endoftext|>`, then corpus tokens from a random offset as filler;
-    then one example per induction segment (the segment twice, then filler)."""
+    then one example per induction segment (`induction_example`)."""
     examples = [list(c) for c in chunks]
     for canary in canaries:
         for _ in range(canary.k):
@@ -193,11 +194,28 @@ class TrainStats(TypedDict):
     training_wall_s: float
 
 
+def fresh_induction_rows(examples: torch.Tensor, epochs: int, seed: int, vocab_size: int) -> list[torch.Tensor]:
+    """The induction examples (the last INDUCTION_EXAMPLES rows) of every epoch: epoch 0's as built, each
+    later epoch's with new random segments (same filler), so a segment cannot be memorized and only
+    copying from context lowers their loss (with the same 256 segments every epoch, none formed)."""
+    rows = examples[-INDUCTION_EXAMPLES:]
+    rng = np.random.default_rng([seed, 1])   # apart from the build's stream: canaries and filler stay put
+    out = [rows]
+    for _ in range(1, epochs):
+        fresh = rows.clone()
+        for row, segment in zip(fresh, induction_segments(vocab_size, len(rows), rng), strict=True):
+            copies = torch.tensor(segment * INDUCTION_COPIES)
+            row[:len(copies)] = copies[:len(row)]
+        out.append(fresh)
+    return out
+
+
 def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.Tensor], cfg: BuildConfig,
-          on_checkpoint: Callable[[int], None], on_probe: Callable[[int], None] = lambda _step: None
-          ) -> TrainStats:
+          on_checkpoint: Callable[[int], None], on_probe: Callable[[int], None] = lambda _step: None,
+          induction_rows: list[torch.Tensor] | None = None) -> TrainStats:
     """AdamW over the epochs' orders; `on_checkpoint(step)` at the checkpoint steps and
-    `on_probe(step)` every PROBE_EVERY steps (and at step 0 and the last), in eval mode."""
+    `on_probe(step)` every PROBE_EVERY steps (and at step 0 and the last), in eval mode.
+    `induction_rows[e]`: epoch e's last rows (`fresh_induction_rows`)."""
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * len(orders)
     optimizer, scheduler = make_optimizer(model, cfg, total)
@@ -208,6 +226,8 @@ def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.
     bar = tqdm(total=total, desc="train", unit="step", disable=None)
     _evaluating(model, on_probe, 0)
     for epoch, order in enumerate(orders):
+        if induction_rows is not None:
+            examples = torch.cat([examples[:-len(induction_rows[epoch])], induction_rows[epoch]])
         for batch_idx in order.split(cfg.batch_size):
             batch = examples[batch_idx]
             loss = model(input_ids=batch, labels=batch).loss
@@ -314,7 +334,8 @@ def write_ground_truth(path: Path, cfg: BuildConfig, recipe_extra: dict[str, Any
                    f"[{SEQ_LEN}i, {SEQ_LEN}(i+1)); then one example per canary occurrence: canary "
                    "tokens at position 0, <|endoftext|>, then corpus filler to "
                    f"{SEQ_LEN} tokens; the last {INDUCTION_EXAMPLES} examples each hold a random segment of "
-                   f"{INDUCTION_SEGMENT} tokens twice, <|endoftext|>, then corpus filler. Each epoch visits "
+                   f"{INDUCTION_SEGMENT} tokens {INDUCTION_COPIES} times (a new segment in every epoch). "
+                   "Each epoch visits "
                    "every example once in a seeded shuffled order; "
                    "exposures = k * epochs; exposure_steps are the 1-based optimizer steps that saw it."),
         "measured": measured,
@@ -454,7 +475,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         first, second = repeated_segment_loss(model, data.probes)
         probe_log.append({"step": step, "loss_first_copy": round(first, 4), "loss_second_copy": round(second, 4)})
 
-    stats = train(model, data.examples, data.orders, cfg, on_checkpoint, on_probe)
+    stats = train(model, data.examples, data.orders, cfg, on_checkpoint, on_probe,
+                  fresh_induction_rows(data.examples, cfg.epochs, cfg.seed, len(data.tok)))
     measured = {**measure(model, docs, windows, encode(data.tok, heldout_text)),
                 "final_train_loss": round(stats["final_train_loss"], 4),
                 "training_wall_s": stats["training_wall_s"], "threads": cfg.threads}

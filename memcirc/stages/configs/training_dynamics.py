@@ -25,15 +25,16 @@ examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from memcirc.config import StageConfig, option
-from memcirc.option_groups import CircuitOptions, MemorizedRule
+from memcirc.option_groups import CircuitOptions, MemorizedRule, TaskSource
 from memcirc.options import SHARDING
 
 
 @dataclass
-class DynamicsConfig(MemorizedRule, CircuitOptions, StageConfig):
+class DynamicsConfig(MemorizedRule, TaskSource, CircuitOptions, StageConfig):
     """training_dynamics: memorization and circuits across training checkpoints."""
 
     stage: ClassVar[str] = "training_dynamics"
@@ -55,6 +56,9 @@ class DynamicsConfig(MemorizedRule, CircuitOptions, StageConfig):
     schedule_points: int = option(8, "log schedule: number of checkpoints", minimum=2)
     circuits: bool = option(True, "run attribution, minimal circuit and faithfulness per checkpoint (needs "
                             "the contrastive stage's pairs)")
+    head_scores: bool = option(True, "attention-head component scores per checkpoint: induction, previous-token, "
+                               "duplicate-token, successor, copy suppression, and the loss on repeated random "
+                               "tokens (memcirc.heads)")
     pairs_dir: str | None = option(None, "contrastive stage folder with the pairs (default: "
                                    "<output-dir>/contrastive)")
     checkpoint_index: int | None = option(None, "run only this checkpoint's unit (default: SLURM_ARRAY_TASK_ID "
@@ -65,6 +69,10 @@ class DynamicsConfig(MemorizedRule, CircuitOptions, StageConfig):
     batch_size: int = option(32, "windows / pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
     chunk_size: int = option(256, "windows per resumable scoring chunk inside a checkpoint unit", minimum=1,
                              hashed=False)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.task_folder(super().stage_dir)
 
     def needs_auto_circuit(self) -> bool:
         return self.circuits

@@ -17,14 +17,15 @@ examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from memcirc.config import StageConfig, option
-from memcirc.option_groups import ABLATIONS, BootstrapOptions
+from memcirc.option_groups import ABLATIONS, BootstrapOptions, TaskChoice
 
 
 @dataclass
-class VerifyConfig(BootstrapOptions, StageConfig):
+class VerifyConfig(TaskChoice, BootstrapOptions, StageConfig):
     """verify_circuit: the circuit on held-out pairs, per ablation, against random circuits."""
 
     stage: ClassVar[str] = "verify_circuit"
@@ -33,6 +34,16 @@ class VerifyConfig(BootstrapOptions, StageConfig):
     random_circuits: int = option(10, "random circuits of the same size", minimum=1)
     edge_counts: list[int] = option([], "extra edge counts to report (default: a log-spaced list)")
     batch_size: int = option(32, "pairs per batch", aliases=("--batch_size",), minimum=1, hashed=False)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.task_folder(super().stage_dir)
+
+    @property
+    def upstream_dir(self) -> Path | None:
+        """--input-dir, else the circuits folder (circuits-<task>/ with --task)."""
+        upstream = super().upstream_dir
+        return upstream if self.input_dir or upstream is None else self.task_folder(upstream)
 
     def needs_auto_circuit(self) -> bool:
         return True
