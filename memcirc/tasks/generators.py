@@ -50,9 +50,10 @@ def lexicon() -> dict[str, Any]:
 
 
 def single_token(tokenizer: Any, word: str) -> int | None:
-    """The id of `word` when the tokenizer encodes it as one token, else None."""
+    """The id of `word` when the tokenizer encodes it as one token that is not special (an unknown word
+    is one token too: the unknown token), else None."""
     ids = encode(tokenizer, word)
-    return ids[0] if len(ids) == 1 else None
+    return ids[0] if len(ids) == 1 and ids[0] not in tokenizer.all_special_ids else None
 
 
 def usable_words(tokenizer: Any, words: Sequence[str], what: str, need: int = MIN_WORDS) -> dict[str, int]:
@@ -145,17 +146,18 @@ def greater_than(tokenizer: Any, n: int, rng: random.Random, bos: BosPolicy) -> 
 
 
 def year_form(tokenizer: Any) -> tuple[str, list[int]]:
-    """("two_digit", ids of "00".."99") when "1732" encodes as "17" + "32"; ("digit", ids of "0".."9")
-    when it encodes digit by digit; otherwise the task cannot be posed (InputError)."""
+    """("two_digit", ids of "00".."99") when " year 1732" encodes as " year 17" then one token "32";
+    ("digit", ids of "0".."9") when it encodes as " year 17" then "3", "2"; otherwise the task cannot be
+    posed (InputError). The answer is the token after the century, so that is what must be one token."""
+    year, prefix = encode(tokenizer, " year 1732"), encode(tokenizer, " year 17")
     two = [single_token(tokenizer, f"{y:02d}") for y in range(100)]
-    year = encode(tokenizer, " year 1732")
-    if all(t is not None for t in two) and year[-2:] == [two[17], two[32]]:
+    if all(t is not None for t in two) and year == prefix + [two[32]]:
         return "two_digit", [t for t in two if t is not None]
     one = [single_token(tokenizer, str(d)) for d in range(10)]
-    if all(t is not None for t in one) and year[-4:] == [one[1], one[7], one[3], one[2]]:
+    if all(t is not None for t in one) and year == prefix + [one[3], one[2]]:
         return "digit", [t for t in one if t is not None]
-    raise InputError(f"greater_than: this tokenizer encodes ' year 1732' as {year}, neither as two-digit "
-                     "tokens ('17', '32') nor digit by digit; the task cannot be posed")
+    raise InputError(f"greater_than: this tokenizer encodes ' year 1732' as {year} after ' year 17' = {prefix}: "
+                     "neither one two-digit token nor two digit tokens follow the century; the task cannot be posed")
 
 
 def sva(tokenizer: Any, n: int, rng: random.Random, bos: BosPolicy) -> list[TaskPrompt]:

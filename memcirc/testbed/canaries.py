@@ -43,7 +43,7 @@ SHARED_MEMBERS = 4           # canaries per shared-prefix family (all with the s
 SHARED_PREFIX_TOKENS = 12    # tokens the members of a family share before they diverge
 INDUCTION_SEGMENT = 32       # random tokens per segment
 INDUCTION_COPIES = 4         # copies of the segment in one induction example (fills SEQ_LEN = 128)
-INDUCTION_EXAMPLES = 2048    # training examples with a repeated segment (see induction_example)
+INDUCTION_EXAMPLES = 4096    # training examples with a repeated segment (see induction_example)
 INDUCTION_PROBES = 64        # held-out repeated segments the build measures during training
 
 
