@@ -59,6 +59,8 @@ NOVEL_VOCAB = ("apple river stone window quiet green table music paper orange si
 PPL = ["--heldout", str(HELDOUT), "--ppl-block-len", "128", "--ppl-blocks", "4"]
 LM_EVAL = ["--lm-eval-tasks", "heldout_lastword", "--lm-eval-limit", "20"]
 CPU = ["--device", "cpu", "--dtype", "float32"]
+TASKS = ("ioi", "greater_than")
+TASK_PAIRS = 16               # 8 discovery pairs each: plain EAP, 4 curve points (~2.5 min per task)
 
 
 def smollm2_folder() -> Path | None:
@@ -166,6 +168,9 @@ def real(smol: Path, tmp_path_factory: pytest.TempPathFactory):
         # --edge-counts 0: only the circuit itself (and the empty and full circuits) are evaluated
         run.run("verify_circuit", "--limit", "2", "--ablations", "resample", "--random-circuits", "3",
                 "--edge-counts", "0")
+        for task in TASKS:   # the standard circuit tasks: pairs generated for SmolLM2's tokenizer
+            run.run("find_circuits", "--task", task, "--task-pairs", str(TASK_PAIRS), "--ig-steps", "0",
+                    "--curve-points", "4", "--bootstrap-resamples", "200")
         # short suffixes, BOS before every window: the exact-match windows bypass and K-FAC edit out
         short = run.short
         run.run("memorization_score", "--dataset", str(licences), "--prefix-len", str(PREFIX),
@@ -321,6 +326,30 @@ def test_circuit_beats_random_circuits_on_heldout_pairs(real: Run):
     assert verify["circuit_edges"] == circuits["minimal_edges"] and verify["split"] == "heldout"
     assert math.isfinite(verify["faithfulness_heldout"])
     assert verify["faithfulness_heldout"] > verify["random_faithfulness_mean"] + 0.2
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_performance_equals_hf_logits_and_a_circuit_is_found(real: Run, loaded, task: str):
+    """SmolLM2 does IOI and greater-than (measured: IOI logit difference 3.0, 7 of 8 right; greater-than
+    P(later tens digit) - P(earlier) 0.64 clean, -0.92 corrupt), the summary's task metric is the one an
+    HF forward pass over the written pairs gives, and the minimal circuit reaches the target."""
+    from memcirc.pairs import read_pairs
+
+    folder = real.root / f"circuits-{task}"
+    summary = read_json(folder / "summary.json")
+    perf = summary["task"]
+    pairs = read_pairs(folder / "pairs.jsonl", vocab_size=VOCAB, max_len=2048, split="discovery")
+    assert perf["n_pairs"] == len(pairs) == TASK_PAIRS // 2
+    with torch.no_grad():
+        values = []
+        for p in pairs:
+            logits = loaded.model(input_ids=torch.tensor([p.clean])).logits[0, -1].float()
+            v = logits.softmax(-1) if task == "greater_than" else logits
+            values.append(float(v[list(p.answers)].sum() - v[list(p.wrongs)].sum()))
+    assert perf["metric_clean"] == pytest.approx(float(np.mean(values)), abs=1e-3)
+    assert perf["metric"] == ("prob_diff" if task == "greater_than" else "logit_diff") == summary["metric"]
+    assert perf["accuracy"] >= 0.75 and perf["metric_clean"] > summary["metric_empty"]
+    assert summary["faithfulness"] >= summary["target"] and 0 < summary["minimal_edges"] < summary["edges_total"]
 
 
 # -- interventions ---------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def test_ioi_corrupt_replaces_exactly_the_three_names(tokenizer: PreTrainedToken
     for p in GENERATORS["ioi"](tokenizer, 30, random.Random(1), NO_BOS):
         io, s = p.answers[0], p.wrongs[0]
         assert p.clean.count(io) == 1 and p.clean.count(s) == 2   # IO once, the subject twice
-        assert differing(p.clean, p.corrupt) == sorted([p.clean.index(io), *(i for i, t in enumerate(p.clean) if t == s)])
+        subject = [i for i, t in enumerate(p.clean) if t == s]
+        assert differing(p.clean, p.corrupt) == sorted([p.clean.index(io), *subject])
         names = {tokenizer.convert_ids_to_tokens(t) for t in p.corrupt} & {f" {n}" for n in p.detail["corrupt_names"]}
         assert len(names) == 3 and io not in p.corrupt and s not in p.corrupt   # ABC: three new names
 
@@ -175,8 +176,8 @@ def test_a_task_the_testbed_cannot_pose_fails_before_any_work(tmp_path) -> None:
 def test_greater_than_takes_its_probability_metric() -> None:
     from memcirc.stages.configs.find_circuits import CircuitsConfig
 
-    assert (CircuitsConfig(task="greater_than").faithfulness_metric, CircuitsConfig(task="greater_than").grad_function) \
-        == ("prob_diff", "prob")
+    greater = CircuitsConfig(task="greater_than")
+    assert (greater.faithfulness_metric, greater.grad_function) == ("prob_diff", "prob")
     kept = CircuitsConfig(task="greater_than", faithfulness_metric="answer_logprob")
     assert kept.faithfulness_metric == "answer_logprob"          # configured explicitly: kept (the stage warns)
     assert CircuitsConfig(task="ioi").faithfulness_metric == "logit_diff"
