@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from memcirc.errors import InputError
 from memcirc.options import SHARDING, OptionGroup, option
@@ -96,6 +96,14 @@ class TaskChoice(OptionGroup):
     def task_folder(self, folder: Path) -> Path:
         """`folder` for the memorization pairs, `<folder>-<task>` for a task's."""
         return folder.with_name(f"{folder.name}-{self.task}") if self.task else folder
+
+    def hashed_dict(self) -> dict[str, Any]:
+        """Without a task the task fields are left out, so runs from before they existed keep their hash."""
+        hashed = super().hashed_dict()  # pyright: ignore[reportAttributeAccessIssue]  (StageConfig's, via the MRO)
+        if not self.task:
+            for name in ("task", "task_pairs"):
+                hashed.pop(name, None)
+        return hashed
 
 
 @dataclass
