@@ -410,7 +410,8 @@ def format_table(summary: dict[str, Any]) -> str:
 def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
     """The stage's lines in the run report: onsets, and the circuit at each checkpoint."""
     onset = ", ".join(f"{g}: {v if v is not None else 'never'}" for g, v in summary["onset_by_group"].items())
-    lines = [f"training dynamics ({summary['n_checkpoints']} checkpoints): memorization onset (median step) "
+    task = f", task {summary['task']}" if summary.get("task") else ""
+    lines = [f"training dynamics ({summary['n_checkpoints']} checkpoints{task}): memorization onset (median step) "
              f"{onset}"]
     if summary["circuits"]:
         per = ", ".join(f"{c['step']}: {_or_dash(c['circuit_edges'], 'd')}/{_or_dash(c['faithfulness_heldout'])}"
@@ -419,6 +420,11 @@ def headline(summary: dict[str, Any], _stage_dir: Path) -> str:
         lines.append(f"circuit over training, per checkpoint step: edges in the minimal circuit / held-out "
                      f"faithfulness / Jaccard overlap with the final circuit (* ill-conditioned: faithfulness is "
                      f"noise there) {per}")
+    if summary.get("heads"):
+        per = ", ".join(f"{c['step']}: {h['induction_head_score']:.2f}/{h['repeated_loss']['gain']:.2f}"
+                        for c in summary["checkpoints"] for h in [c["heads"]])
+        lines.append(f"induction head {summary['heads']['induction_head']} over training, per checkpoint step: its "
+                     f"induction score / loss saved on repeated tokens (nats) {per}")
     return "\n".join(lines)
 
 

@@ -72,6 +72,7 @@ SCHEMA_VERSION = 2
 # in float16 keeps the testbed under 20 MB); the final model is MODEL_DIR (float32).
 CHECKPOINT_FRACTIONS = (1 / 2, 3 / 4)
 CANDIDATE_CHECKPOINTS = 32   # saved during training (a multiple of 4: the fractions are among them)
+PHASE_LOW, PHASE_HIGH = 0.1, 0.9   # fractions of the final in-context gain that bracket the phase change
 PROBE_EVERY = 10          # optimizer steps between two measurements of the repeated-segment loss
 EXACT_DEFINITION = (
     "exact = greedy decoding reproduces the 32-token suffix from the 32-token prefix; computed from one "
@@ -180,13 +181,13 @@ def candidate_steps(total_steps: int) -> list[int]:
 
 
 def phase_change(gains: dict[int, float]) -> tuple[int, int]:
-    """(before, after): the consecutive measured steps between which the in-context gain
-    (first-copy loss minus second-copy loss on the induction probes) rises the most."""
+    """(before, after): the first measured step whose in-context gain (first-copy loss minus second-copy
+    loss on the induction probes) reaches PHASE_HIGH of the final gain, and the last step before it still
+    at most PHASE_LOW of it. The two bracket the phase change (it took ~200 steps, 4 candidate intervals)."""
     steps = sorted(gains)
-    if len(steps) < 2:
-        return steps[0], steps[0]
-    rises = [(gains[b] - gains[a], a, b) for a, b in zip(steps, steps[1:])]
-    _, before, after = max(rises)
+    final = gains[steps[-1]]
+    after = next(s for s in steps if gains[s] >= PHASE_HIGH * final)
+    before = max((s for s in steps if s < after and gains[s] <= PHASE_LOW * final), default=after)
     return before, after
 
 
@@ -437,10 +438,11 @@ def induction_record(data: TrainingData, probe_log: list[dict[str, float]],
             "segment_len": INDUCTION_SEGMENT, "training_examples": INDUCTION_EXAMPLES,
             "probe_every": PROBE_EVERY, "probes": data.probes.tolist(), "probe_loss": probe_log,
             "phase_change": {"before_step": change[0], "after_step": change[1],
-                             "definition": ("the two consecutive saved checkpoints (of "
-                                            f"{CANDIDATE_CHECKPOINTS} candidates and the final model) between "
-                                            "which the in-context gain, loss_first_copy - loss_second_copy, "
-                                            "rises the most; both are kept in checkpoints/")}}
+                             "definition": (f"of the {CANDIDATE_CHECKPOINTS} candidate checkpoints and the final "
+                                            "model, after_step is the first whose in-context gain "
+                                            f"(loss_first_copy - loss_second_copy) reaches {PHASE_HIGH} of the "
+                                            f"final model's, before_step the last before it at most {PHASE_LOW} "
+                                            "of it; both are kept in checkpoints/")}}
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
