@@ -136,8 +136,8 @@ def ov_logits(model: HookedTransformer, tokens: Sequence[int]) -> torch.Tensor:
         x = model.blocks[layer].ln1(cache[names[layer]])[:, 0]                     # [n, d_model]
         w_v, w_o = model.blocks[layer].attn.W_V, model.blocks[layer].attn.W_O     # [H, d, dh], [H, dh, d]
         heads = torch.einsum("nd,hde,hef->hnf", x, w_v, w_o)                        # [H, n, d_model]
-        logits = model.unembed(model.ln_final(heads))                              # [H, n, vocab]
-        out.append(logits[..., list(tokens)])
+        # only the n columns of the unembedding: [H, n, vocab] would be GBs at a real vocabulary
+        out.append(model.ln_final(heads) @ model.W_U[:, ids[:, 0]] + model.b_U[ids[:, 0]])
     return torch.stack(out).float()
 
 

@@ -38,7 +38,6 @@ from memcirc.testbed import CHECKPOINTS_DIR, CORPUS_DIR, EVAL_DOCUMENTS, GROUND_
 from memcirc.testbed.canaries import (
     CANARY_MIN_TOKENS,
     FAMILIES,
-    INDUCTION_COPIES,
     INDUCTION_EXAMPLES,
     INDUCTION_PROBES,
     INDUCTION_SEGMENT,
@@ -68,11 +67,7 @@ from memcirc.testbed.tokens import (
 log = logging.getLogger("memcirc.testbed.build")
 
 SCHEMA_VERSION = 2
-# Checkpoints kept: these fractions of the run and the two around the induction phase change (4 x 2.8 MB
-# in float16 keeps the testbed under 20 MB); the final model is MODEL_DIR (float32).
-CHECKPOINT_FRACTIONS = (1 / 2, 3 / 4)
-CANDIDATE_CHECKPOINTS = 32   # saved during training (a multiple of 4: the fractions are among them)
-PHASE_LOW, PHASE_HIGH = 0.1, 0.9   # fractions of the final in-context gain that bracket the phase change
+CHECKPOINT_FRACTIONS = (1 / 16, 1 / 4, 1 / 2, 3 / 4)  # the final model is MODEL_DIR (float32)
 PROBE_EVERY = 10          # optimizer steps between two measurements of the repeated-segment loss
 EXACT_DEFINITION = (
     "exact = greedy decoding reproduces the 32-token suffix from the 32-token prefix; computed from one "
@@ -117,7 +112,7 @@ def build_training_set(chunks: list[list[int]], canaries: list[Canary], corpus_i
                        segments: list[list[int]], rng: np.random.Generator) -> torch.Tensor:
     """Corpus chunks first (example i = chunk i), then one example per canary occurrence:
     canary tokens at position 0, `<|endoftext|>`, then corpus tokens from a random offset as filler;
-    then one example per induction segment (`induction_example`)."""
+    then one example per induction segment (the segment twice, then filler)."""
     examples = [list(c) for c in chunks]
     for canary in canaries:
         for _ in range(canary.k):
@@ -169,26 +164,7 @@ def epoch_orders(n_examples: int, epochs: int, seed: int) -> list[torch.Tensor]:
 
 
 def checkpoint_steps(total_steps: int) -> list[int]:
-    """The steps whose checkpoints are always kept (CHECKPOINT_FRACTIONS of the run)."""
     return sorted({min(total_steps - 1, max(1, round(f * total_steps))) for f in CHECKPOINT_FRACTIONS})
-
-
-def candidate_steps(total_steps: int) -> list[int]:
-    """Every step a checkpoint is saved at during training: CANDIDATE_CHECKPOINTS evenly spaced, and the
-    kept fractions. Only the kept ones and the two around the phase change stay (`phase_change`)."""
-    even = {max(1, round(i * total_steps / CANDIDATE_CHECKPOINTS)) for i in range(1, CANDIDATE_CHECKPOINTS)}
-    return sorted({s for s in even if s < total_steps} | set(checkpoint_steps(total_steps)))
-
-
-def phase_change(gains: dict[int, float]) -> tuple[int, int]:
-    """(before, after): the first measured step whose in-context gain (first-copy loss minus second-copy
-    loss on the induction probes) reaches PHASE_HIGH of the final gain, and the last step before it still
-    at most PHASE_LOW of it. The two bracket the phase change (it took ~200 steps, 4 candidate intervals)."""
-    steps = sorted(gains)
-    final = gains[steps[-1]]
-    after = next(s for s in steps if gains[s] >= PHASE_HIGH * final)
-    before = max((s for s in steps if s < after and gains[s] <= PHASE_LOW * final), default=after)
-    return before, after
 
 
 class TrainStats(TypedDict):
@@ -197,40 +173,21 @@ class TrainStats(TypedDict):
     training_wall_s: float
 
 
-def fresh_induction_rows(examples: torch.Tensor, epochs: int, seed: int, vocab_size: int) -> list[torch.Tensor]:
-    """The induction examples (the last INDUCTION_EXAMPLES rows) of every epoch: epoch 0's as built, each
-    later epoch's with new random segments (same filler), so a segment cannot be memorized and only
-    copying from context lowers their loss (with the same 256 segments every epoch, none formed)."""
-    rows = examples[-INDUCTION_EXAMPLES:]
-    rng = np.random.default_rng([seed, 1])   # apart from the build's stream: canaries and filler stay put
-    out = [rows]
-    for _ in range(1, epochs):
-        fresh = rows.clone()
-        for row, segment in zip(fresh, induction_segments(vocab_size, len(rows), rng), strict=True):
-            copies = torch.tensor(segment * INDUCTION_COPIES)
-            row[:len(copies)] = copies[:len(row)]
-        out.append(fresh)
-    return out
-
-
 def train(model: GPTNeoXForCausalLM, examples: torch.Tensor, orders: list[torch.Tensor], cfg: BuildConfig,
-          on_checkpoint: Callable[[int], None], on_probe: Callable[[int], None] = lambda _step: None,
-          induction_rows: list[torch.Tensor] | None = None) -> TrainStats:
+          on_checkpoint: Callable[[int], None], on_probe: Callable[[int], None] = lambda _step: None
+          ) -> TrainStats:
     """AdamW over the epochs' orders; `on_checkpoint(step)` at the checkpoint steps and
-    `on_probe(step)` every PROBE_EVERY steps (and at step 0 and the last), in eval mode.
-    `induction_rows[e]`: epoch e's last rows (`fresh_induction_rows`)."""
+    `on_probe(step)` every PROBE_EVERY steps (and at step 0 and the last), in eval mode."""
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * len(orders)
     optimizer, scheduler = make_optimizer(model, cfg, total)
-    save_at = set(candidate_steps(total))
+    save_at = set(checkpoint_steps(total))
     log_every = max(1, total // 20)
     model.train()
     step, start, running = 0, time.perf_counter(), []
     bar = tqdm(total=total, desc="train", unit="step", disable=None)
     _evaluating(model, on_probe, 0)
     for epoch, order in enumerate(orders):
-        if induction_rows is not None:
-            examples = torch.cat([examples[:-len(induction_rows[epoch])], induction_rows[epoch]])
         for batch_idx in order.split(cfg.batch_size):
             batch = examples[batch_idx]
             loss = model(input_ids=batch, labels=batch).loss
@@ -337,8 +294,7 @@ def write_ground_truth(path: Path, cfg: BuildConfig, recipe_extra: dict[str, Any
                    f"[{SEQ_LEN}i, {SEQ_LEN}(i+1)); then one example per canary occurrence: canary "
                    "tokens at position 0, <|endoftext|>, then corpus filler to "
                    f"{SEQ_LEN} tokens; the last {INDUCTION_EXAMPLES} examples each hold a random segment of "
-                   f"{INDUCTION_SEGMENT} tokens {INDUCTION_COPIES} times (a new segment in every epoch). "
-                   "Each epoch visits "
+                   f"{INDUCTION_SEGMENT} tokens twice, <|endoftext|>, then corpus filler. Each epoch visits "
                    "every example once in a seeded shuffled order; "
                    "exposures = k * epochs; exposure_steps are the 1-based optimizer steps that saw it."),
         "measured": measured,
@@ -417,32 +373,14 @@ def recipe_extra(data: TrainingData, steps: int, train_text: str, heldout_text: 
     }
 
 
-def keep_checkpoints(checkpoints: list[dict[str, Any]], folder: Path, keep: set[int]) -> list[dict[str, Any]]:
-    """Delete the saved candidates not in `keep` (the final model is always kept); the kept entries."""
-    kept = []
-    for c in checkpoints:
-        if c["step"] in keep or c["dir"] == str(MODEL_SUBDIR):
-            kept.append(c)
-        else:
-            shutil.rmtree(folder / Path(c["dir"]).name)
-    return kept
-
-
-def induction_record(data: TrainingData, probe_log: list[dict[str, float]],
-                     change: tuple[int, int]) -> dict[str, Any]:
-    """The induction ground truth: the held-out probes, their loss over training, and the phase change."""
+def induction_record(data: TrainingData, probe_log: list[dict[str, float]]) -> dict[str, Any]:
+    """The induction ground truth: the held-out probes and their loss over training."""
     return {"definition": ("probes: held-out random segments of segment_len tokens, each repeated once "
                            "(never trained on); loss_first_copy / loss_second_copy: mean next-token loss "
                            "over the first copy and over the second, measured every probe_every steps "
                            "(step 0 = the initialization)"),
             "segment_len": INDUCTION_SEGMENT, "training_examples": INDUCTION_EXAMPLES,
-            "probe_every": PROBE_EVERY, "probes": data.probes.tolist(), "probe_loss": probe_log,
-            "phase_change": {"before_step": change[0], "after_step": change[1],
-                             "definition": (f"of the {CANDIDATE_CHECKPOINTS} candidate checkpoints and the final "
-                                            "model, after_step is the first whose in-context gain "
-                                            f"(loss_first_copy - loss_second_copy) reaches {PHASE_HIGH} of the "
-                                            f"final model's, before_step the last before it at most {PHASE_LOW} "
-                                            "of it; both are kept in checkpoints/")}}
+            "probe_every": PROBE_EVERY, "probes": data.probes.tolist(), "probe_loss": probe_log}
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
@@ -467,11 +405,9 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     def on_checkpoint(step: int) -> None:
         save_checkpoint(model, data.tok, ckpt_tmp / f"step-{step}", torch.float16)
         rates = group_rates([d["group"] for d in docs], exact_match(model, windows))
-        first, second = repeated_segment_loss(model, data.probes)
         checkpoints.append({"step": step, "dir": str(CHECKPOINTS_SUBDIR / f"step-{step}"),
-                            "dtype": "float16", "exact_match": rates,
-                            "induction_gain": round(first - second, 4)})
-        log.info("checkpoint step-%d exact-match %s, in-context gain %.3f", step, rates, first - second)
+                            "dtype": "float16", "exact_match": rates})
+        log.info("checkpoint step-%d exact-match %s", step, rates)
 
     probe_log: list[dict[str, float]] = []
 
@@ -479,16 +415,12 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         first, second = repeated_segment_loss(model, data.probes)
         probe_log.append({"step": step, "loss_first_copy": round(first, 4), "loss_second_copy": round(second, 4)})
 
-    stats = train(model, data.examples, data.orders, cfg, on_checkpoint, on_probe,
-                  fresh_induction_rows(data.examples, cfg.epochs, cfg.seed, len(data.tok)))
+    stats = train(model, data.examples, data.orders, cfg, on_checkpoint, on_probe)
     measured = {**measure(model, docs, windows, encode(data.tok, heldout_text)),
                 "final_train_loss": round(stats["final_train_loss"], 4),
                 "training_wall_s": stats["training_wall_s"], "threads": cfg.threads}
-    first, second = repeated_segment_loss(model, data.probes)
     checkpoints.append({"step": stats["steps"], "dir": str(MODEL_SUBDIR), "dtype": "float32",
-                        "exact_match": measured["exact_match"], "induction_gain": round(first - second, 4)})
-    change = phase_change({c["step"]: c["induction_gain"] for c in checkpoints})
-    checkpoints = keep_checkpoints(checkpoints, ckpt_tmp, {*checkpoint_steps(stats["steps"]), *change})
+                        "exact_match": measured["exact_match"]})
 
     save_checkpoint(model, data.tok, model_tmp, torch.float32)
     replace_dir(model_tmp, cfg.out / MODEL_SUBDIR)
@@ -497,7 +429,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     write_eval_documents(cfg.out / EVAL_DOCUMENTS_NAME, docs)
     write_ground_truth(cfg.out / GROUND_TRUTH_NAME, cfg,
                        recipe_extra(data, stats["steps"], train_text, heldout_text),
-                       data.canaries, measured, checkpoints, induction_record(data, probe_log, change))
+                       data.canaries, measured, checkpoints, induction_record(data, probe_log))
     return measured
 
 

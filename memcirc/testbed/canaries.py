@@ -41,9 +41,8 @@ TEMPLATES = (   # {name}: two random words, {secret}: SECRET_DIGITS digits; all 
 )
 SHARED_MEMBERS = 4           # canaries per shared-prefix family (all with the same k)
 SHARED_PREFIX_TOKENS = 12    # tokens the members of a family share before they diverge
-INDUCTION_SEGMENT = 32       # random tokens per segment
-INDUCTION_COPIES = 4         # copies of the segment in one induction example (fills SEQ_LEN = 128)
-INDUCTION_EXAMPLES = 4096    # training examples with a repeated segment (see induction_example)
+INDUCTION_SEGMENT = 32       # random tokens per segment; an induction example holds it twice
+INDUCTION_EXAMPLES = 256     # training examples with a repeated segment
 INDUCTION_PROBES = 64        # held-out repeated segments the build measures during training
 
 
@@ -166,9 +165,6 @@ def induction_segments(vocab_size: int, n: int, rng: np.random.Generator) -> lis
 
 
 def induction_example(segment: list[int], filler: list[int]) -> list[int]:
-    """The segment INDUCTION_COPIES times, then `<|endoftext|>` and corpus filler up to SEQ_LEN tokens (none
-    when the copies fill it). Two copies in 256 examples (v2), or in 1024 with a new segment every epoch,
-    formed no induction head in the ~1,000 steps of the build: copying was < 5 % of the loss."""
-    body = segment * INDUCTION_COPIES
-    body = body + [0] if len(body) < SEQ_LEN else body
-    return (body + filler)[:SEQ_LEN]
+    """A segment, the same segment again, `<|endoftext|>`, then corpus filler to SEQ_LEN tokens."""
+    body = segment + segment + [0]
+    return body + filler[:SEQ_LEN - len(body)]
