@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -133,8 +133,9 @@ def ov_logits(model: HookedTransformer, tokens: Sequence[int]) -> torch.Tensor:
     _, cache = model.run_with_cache(ids, names_filter=lambda n: n in names)
     out = []
     for layer in range(model.cfg.n_layers):
-        x = model.blocks[layer].ln1(cache[names[layer]])[:, 0]                     # [n, d_model]
-        w_v, w_o = model.blocks[layer].attn.W_V, model.blocks[layer].attn.W_O     # [H, d, dh], [H, dh, d]
+        block: Any = model.blocks[layer]                                           # TL's stubs say Tensor
+        x = block.ln1(cache[names[layer]])[:, 0]                                   # [n, d_model]
+        w_v, w_o = block.attn.W_V, block.attn.W_O                                  # [H, d, dh], [H, dh, d]
         heads = torch.einsum("nd,hde,hef->hnf", x, w_v, w_o)                        # [H, n, d_model]
         # only the n columns of the unembedding: [H, n, vocab] would be GBs at a real vocabulary
         out.append(model.ln_final(heads) @ model.W_U[:, ids[:, 0]] + model.b_U[ids[:, 0]])
@@ -162,7 +163,7 @@ def head_scores(model: HookedTransformer, tokenizer: Any, pool: Sequence[int], b
     scores["copy_suppression"] = copy_suppression_score(ov_logits(model, sample).flatten(0, 1)).reshape(
         model.cfg.n_layers, model.cfg.n_heads)
     return {"scores": {k: v.cpu().tolist() for k, v in scores.items()},
-            "repeated_loss": repeated_loss(logits, tokens, bos.n_prepended, REPEAT_LEN),
+            "repeated_loss": repeated_loss(cast(torch.Tensor, logits), tokens, bos.n_prepended, REPEAT_LEN),
             "n_ordinal_sequences": len(ordinals), "copy_sample": len(sample),
             "definitions": {k: v for k, v in DEFINITIONS.items() if k in scores or k == "repeated_loss"},
             "ov_input": OV_INPUT_DEFINITION}
