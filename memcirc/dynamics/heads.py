@@ -109,6 +109,8 @@ def write_head_outputs(stage_dir: Path, heads: dict[str, Any], summary: dict[str
     phase_change_figure(steps, [r["induction_head_score"] for r in rows],
                         [r["repeated_loss"]["gain"] for r in rows], faithfulness, accuracy, stage_dir / PHASE_PNG,
                         head=heads["induction_head"], circuit_label=f"task {task}" if task else "memorization pairs",
-                        title="induction over training: the final top induction head, the loss on repeated tokens, "
-                              "and the circuit", source=source)
+                        edges=[c.get("circuit_edges") for c in summary["checkpoints"]],
+                        edges_total=next((c.get("edges_total") for c in summary["checkpoints"]), None),
+                        title="induction over training: top induction head, repeated-token loss, circuit",
+                        source=source)
     return {HEADS_JSON: None, HEADS_PNG: None, HEADS_FINAL_PNG: None, PHASE_PNG: None}

@@ -79,7 +79,8 @@ def _head_labels(table: list[list[float]]) -> list[str]:
 
 def phase_change_figure(steps: Sequence[int], induction: Sequence[float], gain: Sequence[float | None],
                         faithfulness: Sequence[float | None], accuracy: Sequence[float | None], path: Path, *,
-                        head: str, circuit_label: str, title: str, source: str | None = None) -> None:
+                        head: str, circuit_label: str, title: str, edges: Sequence[int | None] = (),
+                        edges_total: int | None = None, source: str | None = None) -> None:
     """Top: `head`'s induction score and the in-context gain (loss on the first copy minus the second,
     nats) on twin axes. Bottom: the circuit's held-out faithfulness and the whole model's accuracy on the
     held-out pairs (None: undefined there, or no circuits)."""
@@ -97,7 +98,12 @@ def phase_change_figure(steps: Sequence[int], induction: Sequence[float], gain: 
                 label="faithfulness of the minimal circuit")
     bottom.plot(steps, [np.nan if a is None else a for a in accuracy], marker="^", color="tab:purple",
                 label="accuracy of the whole model (answer > wrong)")
+    for step, f, k in zip(steps, faithfulness, edges, strict=False):   # a circuit of every edge explains nothing
+        if f is not None and k is not None:
+            bottom.annotate(f"{k}" + (f"/{edges_total}" if edges_total else "") + " edges", (step, f),
+                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="tab:green")
     bottom.axhline(0, color="0.7", lw=0.8)
+    bottom.set_ylim(-0.1, 1.25)
     bottom.set_ylabel(f"held-out pairs\n({circuit_label})")
     bottom.legend(loc="lower right", fontsize=8)
     step_axis(bottom, list(steps))
