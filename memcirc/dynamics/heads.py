@@ -10,13 +10,19 @@ input (the K-composition of Olsson et al.) and any edge out of I.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from memcirc import artifacts as art
 from memcirc.dynamics.units import HEADS_JSON, unit_dir
+from memcirc.errors import InputError
 from memcirc.heads.scores import SCORES, top_heads
+from memcirc.models import ModelSpec
+from memcirc.models.preflight import check_model
+
+log = logging.getLogger(__name__)
 
 TOP_K = 3
 ROLE_DEFINITION = (f"role heads: a score's top {TOP_K} heads at a checkpoint; role_overlap_final: their Jaccard "
@@ -25,6 +31,19 @@ INDUCTION_CIRCUIT_DEFINITION = (
     "induction_head: the final checkpoint's top induction head I; previous_token_head: the top previous-token head "
     "P in a layer below I; per checkpoint: k_composition = the circuit holds the edge P -> I.K, "
     "induction_head_out = it holds an edge out of I")
+
+
+def head_scores_possible(enabled: bool, final: ModelSpec) -> bool:
+    """Head scores run on TransformerLens: for a family it cannot convert they are skipped with a warning,
+    so memorization alone still runs there (config.json alone tells; no weights are read)."""
+    if not enabled:
+        return False
+    try:
+        check_model(final, needs_tl=True, what="head scores")
+    except InputError as e:
+        log.warning("%s: skipped (--no-head-scores silences this)", e)
+        return False
+    return True
 
 
 def read_unit_heads(stage_dir: Path, indices: Sequence[int]) -> list[dict[str, Any]]:

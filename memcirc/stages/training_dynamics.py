@@ -24,7 +24,13 @@ from memcirc import artifacts as art
 from memcirc.data import ScoredWindow, memorized, read_scores
 from memcirc.dynamics.checkpoints import Checkpoint, CheckpointList, resolve_checkpoint_index, resolve_checkpoints
 from memcirc.dynamics.figures import circuit_size_figure, memorization_figure, overlap_figure
-from memcirc.dynamics.heads import merge_heads, read_unit_heads, summary_entry, write_head_outputs
+from memcirc.dynamics.heads import (
+    head_scores_possible,
+    merge_heads,
+    read_unit_heads,
+    summary_entry,
+    write_head_outputs,
+)
 from memcirc.dynamics.onsets import (
     GROUP_ONSET_DEFINITION,
     ILL_DEFINITION,
@@ -104,7 +110,8 @@ def make_plan(cfg: DynamicsConfig, checkpoints: list[Checkpoint], check: Sequenc
                      metrics=unit_metrics(cfg.memorized_by), final_signature=final_sig, seed=cfg.seed,
                      limit=cfg.limit, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
                      circuit=cfg.options(CircuitOptions) if cfg.circuits else None, pairs=pairs, pairs_sha=pairs_sha,
-                     heads=cfg.head_scores, prepend_bos=cfg.prepend_bos)
+                     heads=head_scores_possible(cfg.head_scores, checkpoints[-1].spec(base)),
+                     prepend_bos=cfg.prepend_bos)
     return Plan(checkpoints, units, _group_order(upstream, windows), inputs,
                 [unit_fingerprint(units, c) for c in checkpoints])
 
@@ -179,7 +186,7 @@ def run(cfg: DynamicsConfig) -> dict[str, Any] | None:
     Otherwise it returns the summary.
     """
     checkpoints = resolve_checkpoints(_checkpoint_list(cfg))
-    if (cfg.circuits or cfg.head_scores) and not cfg.merge:   # TransformerLens: config.json alone tells
+    if cfg.circuits and not cfg.merge:   # circuits need TransformerLens: config.json alone tells
         check_model(checkpoints[-1].spec(cfg.model_spec()), needs_tl=True, what="training_dynamics")
     index = None if cfg.merge else resolve_checkpoint_index(cfg.checkpoint_index, len(checkpoints))
     check = [] if cfg.merge else [index] if index is not None else list(range(len(checkpoints) - 1))
@@ -438,5 +445,5 @@ def array_tasks(cfg: DynamicsConfig) -> int:
 
 
 def needs_transformer_lens(cfg: DynamicsConfig) -> bool:
-    """This stage converts the model to TransformerLens when it finds circuits or scores heads."""
-    return bool(cfg.circuits or cfg.head_scores)
+    """This stage needs TransformerLens when it finds circuits (head scores are skipped without it)."""
+    return bool(cfg.circuits)
