@@ -93,6 +93,9 @@ def test_the_wheel_installs_offline_and_runs_outside_the_checkout(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     check_installed(python.parent, work)
+    lexicon = _run([python, "-c", "from memcirc.tasks.generators import lexicon; print(len(lexicon()['names']))"],
+                   cwd=work)
+    assert lexicon.returncode == 0 and lexicon.stdout.strip() == "2", lexicon.stderr   # the tasks' data ships
     # auto-circuit is not a dependency: the stages that need it say how to install it (exit 2, one line)
     for command in ("circuits", "verify"):
         stopped = _run([python.parent / "memcirc", command, "--output-dir", work / "run"], cwd=work)
