@@ -196,6 +196,13 @@ def _restarted(cluster, job_id, run_dir, task):
     return _alive(cluster, job_id, run_dir) and restarts >= 1
 
 
+def _unfinished(run_dir, shard):
+    """True until the shard has written its done marker (AssertionError after: it can no longer be killed)."""
+    done = run_dir / "memorization" / "shards" / f"{shard:05d}" / "done.json"
+    assert not done.exists(), f"shard {shard} finished before it could be killed mid-run"
+    return True
+
+
 def _chunks(run_dir, shard):
     return len(list((run_dir / "memorization" / "shards" / f"{shard:05d}" / "chunks").glob("*.jsonl")))
 
@@ -272,7 +279,10 @@ def test_killed_shard_blocks_the_merge_and_resubmission_finishes_the_run(config_
     again = _pipeline(config_file, out, *args, env=env)   # while those jobs run: refused, nothing submitted
     assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
     assert len(json.loads((out / "slurm" / "jobs.json").read_text())["submissions"]) == 1
-    _wait_for(lambda: _alive(cluster, array, out) and _chunks(out, 2) >= 2, "shard 2 to write two chunks")
+    # a busy machine can hold shard 2 pending for minutes behind the others: a long deadline, and a clear
+    # failure if it finished before two chunks were seen (then there is nothing left to kill)
+    _wait_for(lambda: _alive(cluster, array, out) and _unfinished(out, 2) and _chunks(out, 2) >= 2,
+              "shard 2 to write two chunks", timeout=900)
     task_job = _tasks(cluster, array)[2][0]
     pids = cluster.sh("scontrol", "listpids", task_job).stdout.split()
     stage_pids = [int(p) for p in pids if p.isdigit() and Path(f"/proc/{p}/cmdline").exists()
