@@ -203,6 +203,47 @@ def _unfinished(run_dir, shard):
     return True
 
 
+def _shard_process(array, task):
+    """The pid of the python stage process of array task `task` of job `array` once it runs (from /proc:
+    the cluster runs on this machine), else None."""
+    want = {f"SLURM_ARRAY_JOB_ID={array}".encode(), f"SLURM_ARRAY_TASK_ID={task}".encode()}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"python" not in Path(argv[0].decode(errors="replace")).name.encode() or not any(
+                    a.endswith(b"memorization_score.py") for a in argv):
+                continue
+            if want <= set((proc / "environ").read_bytes().split(b"\0")):
+                return int(proc.name)
+        except (OSError, IndexError):
+            continue
+    return None
+
+
+def _stop_after_chunks(run_dir, array, shard, chunks, timeout=900):
+    """SIGSTOP the shard's stage process once it has written `chunks` scoring chunks; returns its pid.
+    It runs in 5 ms slices once found: on an idle machine a testbed chunk takes ~10 ms, so polling alone
+    saw the shard finish first (and a busy one holds it pending for minutes: the long deadline)."""
+    t0 = time.time()
+
+    def waited():
+        _unfinished(run_dir, shard)
+        if time.time() - t0 > timeout:  # a deadline for a stuck cluster, not a speed check
+            raise TimeoutError(f"timed out waiting for shard {shard} to write {chunks} chunks")
+    while (pid := _shard_process(array, shard)) is None:
+        waited()
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGSTOP)
+    while _chunks(run_dir, shard) < chunks:
+        waited()
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.005)
+        os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
 def _chunks(run_dir, shard):
     return len(list((run_dir / "memorization" / "shards" / f"{shard:05d}" / "chunks").glob("*.jsonl")))
 
@@ -279,16 +320,10 @@ def test_killed_shard_blocks_the_merge_and_resubmission_finishes_the_run(config_
     again = _pipeline(config_file, out, *args, env=env)   # while those jobs run: refused, nothing submitted
     assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
     assert len(json.loads((out / "slurm" / "jobs.json").read_text())["submissions"]) == 1
-    # a busy machine can hold shard 2 pending for minutes behind the others: a long deadline, and a clear
-    # failure if it finished before two chunks were seen (then there is nothing left to kill)
-    _wait_for(lambda: _alive(cluster, array, out) and _unfinished(out, 2) and _chunks(out, 2) >= 2,
-              "shard 2 to write two chunks", timeout=900)
+    pid = _stop_after_chunks(out, array, shard=2, chunks=2)
+    assert _alive(cluster, array, out)
     task_job = _tasks(cluster, array)[2][0]
-    pids = cluster.sh("scontrol", "listpids", task_job).stdout.split()
-    stage_pids = [int(p) for p in pids if p.isdigit() and Path(f"/proc/{p}/cmdline").exists()
-                  and b"memorization_score.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert stage_pids, pids
-    os.kill(stage_pids[0], signal.SIGKILL)       # as the OOM killer does
+    os.kill(pid, signal.SIGKILL)                  # as the OOM killer does (a stopped process dies too)
     waited = subprocess.run([sys.executable, "-m", "memcirc.slurm", "wait", str(out)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert waited.returncode == 1, waited.stdout + waited.stderr
