@@ -203,45 +203,55 @@ def _unfinished(run_dir, shard):
     return True
 
 
-def _shard_process(array, task):
-    """The pid of the python stage process of array task `task` of job `array` once it runs (from /proc:
-    the cluster runs on this machine), else None."""
-    want = {f"SLURM_ARRAY_JOB_ID={array}".encode(), f"SLURM_ARRAY_TASK_ID={task}".encode()}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+def _shard_processes(cluster, array, task):
+    """The pids of array task `task`'s processes that run memorization_score.py, once it runs (else [])."""
+    tasks = _tasks(cluster, array)
+    if task not in tasks or tasks[task][1] != "RUNNING":
+        return []
+    pids = cluster.sh("scontrol", "listpids", tasks[task][0]).stdout.split()
+    out = []
+    for p in pids:
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"python" not in Path(argv[0].decode(errors="replace")).name.encode() or not any(
-                    a.endswith(b"memorization_score.py") for a in argv):
-                continue
-            if want <= set((proc / "environ").read_bytes().split(b"\0")):
-                return int(proc.name)
-        except (OSError, IndexError):
+            if p.isdigit() and b"memorization_score.py" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(int(p))
+        except OSError:   # gone meanwhile
             continue
-    return None
+    return out
 
 
-def _stop_after_chunks(run_dir, array, shard, chunks, timeout=900):
-    """SIGSTOP the shard's stage process once it has written `chunks` scoring chunks; returns its pid.
-    It runs in 5 ms slices once found: on an idle machine a testbed chunk takes ~10 ms, so polling alone
-    saw the shard finish first (and a busy one holds it pending for minutes: the long deadline)."""
+def _signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _deadline(run_dir, shard, what, t0, timeout=900):
+    _unfinished(run_dir, shard)
+    if time.time() - t0 > timeout:  # a deadline for a stuck cluster (a busy one holds a shard pending), not speed
+        raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _stop_when_running(cluster, run_dir, array, shard):
+    """SIGSTOP the shard's stage processes as soon as they run (while the model loads: seconds); their pids.
+    On an idle machine a testbed chunk takes ~10 ms: the whole shard can finish between two polls."""
     t0 = time.time()
-
-    def waited():
-        _unfinished(run_dir, shard)
-        if time.time() - t0 > timeout:  # a deadline for a stuck cluster, not a speed check
-            raise TimeoutError(f"timed out waiting for shard {shard} to write {chunks} chunks")
-    while (pid := _shard_process(array, shard)) is None:
-        waited()
+    while not (pids := _shard_processes(cluster, array, shard)):
+        _deadline(run_dir, shard, f"shard {shard} to start", t0)
         time.sleep(0.02)
-    os.kill(pid, signal.SIGSTOP)
+    _signal_all(pids, signal.SIGSTOP)
+    return pids
+
+
+def _step_until_chunks(run_dir, shard, pids, chunks):
+    """Let the stopped processes run in 5 ms slices until the shard has written `chunks` chunks."""
+    t0 = time.time()
     while _chunks(run_dir, shard) < chunks:
-        waited()
-        os.kill(pid, signal.SIGCONT)
+        _deadline(run_dir, shard, f"shard {shard} to write {chunks} chunks", t0)
+        _signal_all(pids, signal.SIGCONT)
         time.sleep(0.005)
-        os.kill(pid, signal.SIGSTOP)
-    return pid
+        _signal_all(pids, signal.SIGSTOP)
 
 
 def _chunks(run_dir, shard):
@@ -317,13 +327,14 @@ def test_killed_shard_blocks_the_merge_and_resubmission_finishes_the_run(config_
     first = _pipeline(config_file, out, *args, env=env)
     assert first.returncode == 0, first.stderr
     array = _latest_jobs(out)["memorization_score"]["job_id"]
+    pids = _stop_when_running(cluster, out, array, shard=2)   # held while the refusal below is checked
     again = _pipeline(config_file, out, *args, env=env)   # while those jobs run: refused, nothing submitted
     assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
     assert len(json.loads((out / "slurm" / "jobs.json").read_text())["submissions"]) == 1
-    pid = _stop_after_chunks(out, array, shard=2, chunks=2)
+    _step_until_chunks(out, 2, pids, chunks=2)
     assert _alive(cluster, array, out)
     task_job = _tasks(cluster, array)[2][0]
-    os.kill(pid, signal.SIGKILL)                  # as the OOM killer does (a stopped process dies too)
+    _signal_all(pids, signal.SIGKILL)             # as the OOM killer does (stopped processes die too)
     waited = subprocess.run([sys.executable, "-m", "memcirc.slurm", "wait", str(out)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert waited.returncode == 1, waited.stdout + waited.stderr
