@@ -2,7 +2,7 @@
 
 Pattern scores read the attention patterns on repeated random tokens (BOS?, A, A with A of
 `REPEAT_LEN` tokens; Olsson et al. 2022):
-  previous-token  mean attention from position q to q - 1 (every q >= 1 of the sequence after BOS)
+  previous-token  mean attention from position q to q - 1 (every q after A's first token)
   duplicate-token mean attention from q in the second copy to q - S (the same token's first occurrence)
   induction       mean attention from q in the second copy to q - S + 1 (the token after that occurrence)
 OV scores read one head's OV circuit as logits: the residual a token leaves at the head's input (the
@@ -45,7 +45,7 @@ OV_INPUT_DEFINITION = ("the residual stream at the head's layer input (blocks.L.
 DEFINITIONS = {
     "induction": f"mean attention from q to q - S + 1 over the second copy of BOS?, A, A (S = {REPEAT_LEN} "
                  f"random tokens, {REPEAT_BATCH} sequences)",
-    "previous_token": "mean attention from q to q - 1 over every position after BOS of the same sequences",
+    "previous_token": "mean attention from q to q - 1 over every position after A's first token",
     "duplicate_token": "mean attention from q to q - S over the second copy",
     "successor": "fraction of ordinal-sequence members whose top OV logit among the sequence is the successor",
     "copy_suppression": "mean fraction of other sampled tokens with a higher OV logit than the token itself",
