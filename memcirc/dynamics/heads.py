@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memcirc import artifacts as art
+from memcirc.dynamics.onsets import jaccard
 from memcirc.dynamics.units import HEADS_JSON, unit_dir
 from memcirc.errors import InputError
 from memcirc.heads.scores import SCORES, top_heads
@@ -48,10 +49,6 @@ def head_scores_possible(enabled: bool, final: ModelSpec) -> bool:
 
 def read_unit_heads(stage_dir: Path, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [art.read_json(unit_dir(stage_dir, i) / HEADS_JSON) for i in indices]
-
-
-def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 def role_heads(tables: dict[str, list[list[float]]]) -> dict[str, list[dict[str, Any]]]:
@@ -87,7 +84,7 @@ def merge_heads(steps: Sequence[int], units: Sequence[dict[str, Any]],
     for i, (step, unit) in enumerate(zip(steps, units, strict=True)):
         roles = role_heads(unit["scores"])
         row = {"step": step, "scores": unit["scores"], "repeated_loss": unit["repeated_loss"], "roles": roles,
-               "role_overlap_final": {s: _jaccard({h["head"] for h in hs}, final_roles[s]) for s, hs in roles.items()},
+               "role_overlap_final": {s: jaccard({h["head"] for h in hs}, final_roles[s]) for s, hs in roles.items()},
                "induction_head_score": unit["scores"]["induction"][ind[0]][ind[1]]}
         if edge_sets is not None:
             row |= _induction_edges(edge_sets[i], ind, prev)

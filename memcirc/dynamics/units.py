@@ -60,6 +60,7 @@ from memcirc.pairs import Pair
 from memcirc.scoring import GENERATION_METRICS, TEACHER_FORCED_METRICS, score_windows
 from memcirc.sharding import run_chunked
 from memcirc.stages.registry import DONE_MARKER
+from memcirc.tasks.source import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, l
     if found.evaluator is not None and found.search is not None:
         search, k = found.search, found.search.minimal_edges
         result.update(metric_full=found.evaluator.m_full, metric_empty=found.evaluator.m_empty, minimal_edges=k,
-                      accuracy=_accuracy(found.evaluator.full_per_pair),
+                      accuracy=accuracy(found.evaluator.full_per_pair),
                       faithfulness_discovery=search.faithfulness, monotone=search.monotone,
                       non_monotone_steps=search.non_monotone_steps,
                       curve=[{"edges": e, "faithfulness": f} for e, f in search.evaluated])
@@ -253,7 +254,7 @@ def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, l
                                              opts.ablation, opts.faithfulness_metric)
                 result.update(faithfulness_heldout=float(held.at_counts(found.ranking, [k])[0]),
                               heldout_metric_full=held.m_full, heldout_metric_empty=held.m_empty,
-                              heldout_accuracy=_accuracy(held.full_per_pair))
+                              heldout_accuracy=accuracy(held.full_per_pair))
             except InputError as e:
                 result["notes"].append(f"heldout: {e}")
         else:
@@ -262,11 +263,6 @@ def _unit_circuit(opts: CircuitOptions, pairs: Sequence[Pair], pairs_sha: str, l
         graph, opts, model=weights_key(loaded), pairs_sha256=pairs_sha, n_pairs=len(discovery), limit=limit))
     art.write_json(directory / CIRCUIT_JSON, {**result, "ranking": RANKING, "circuit": found.edges})
     return result
-
-
-def _accuracy(per_pair: np.ndarray) -> float:
-    """The fraction of pairs the whole model gets right: metric > 0 (answer above the wrong answer)."""
-    return float((np.asarray(per_pair) > 0).mean())
 
 
 def _unit_heads(loaded: LoadedModel, prepend_bos: str, seed: int, directory: Path) -> dict[str, Any]:

@@ -80,10 +80,11 @@ def run(cfg: VerifyConfig) -> dict[str, Any]:
     found_with = recorded_circuit_options(circuits_manifest, circuits_dir)
     task = circuits_manifest.get("config", {}).get("task")
     if task != cfg.task:
-        raise InputError(f"{circuits_dir} holds the circuit of " + (f"task {task}" if task else "the memorization "
-                         "pairs") + "; verify it with " + (f"--task {task}" if task else "no --task")
-                         + " (or point --input-dir at the circuits folder of " + (f"task {cfg.task})" if cfg.task
-                         else "the memorization pairs)"))
+        def of(t: str | None) -> str:
+            return f"task {t}" if t else "the memorization pairs"
+        raise InputError(f"{circuits_dir} holds the circuit of {of(task)}; verify it with "
+                         f"{f'--task {task}' if task else 'no --task'} (or point --input-dir at the circuits "
+                         f"folder of {of(cfg.task)})")
     pairs_path, pairs_manifest, pairs_sha = pairs_input(_pairs_folder(circuits_dir, circuits_manifest))
     scores_path = read_output(circuits_dir, PRUNE_SCORES, "circuits", circuits_manifest)
     tensors, metadata = load_prune_scores(scores_path)

@@ -77,9 +77,14 @@ PERFORMANCE_DEFINITION = ("metric_clean: mean of the task's metric over the pair
                           "wrong answer: logit or, for prob_diff, total probability)")
 
 
+def accuracy(full_per_pair: Sequence[float] | np.ndarray) -> float:
+    """The fraction of pairs the whole model gets right: metric > 0 (the answer above the wrong answer)."""
+    return float((np.asarray(full_per_pair, dtype=float) > 0).mean())
+
+
 def task_performance(task: str, full_per_pair: Sequence[float]) -> dict[str, Any]:
     """How well the model does the task (the circuit search's M(full) per pair)."""
     values = np.asarray(full_per_pair, dtype=float)
     return {"task": task, "metric": get_task(task).metric, "n_pairs": int(values.size),
             "metric_clean": float(values.mean()) if values.size else None,
-            "accuracy": float((values > 0).mean()) if values.size else None, "definition": PERFORMANCE_DEFINITION}
+            "accuracy": accuracy(values) if values.size else None, "definition": PERFORMANCE_DEFINITION}
