@@ -33,7 +33,7 @@ ABLATION_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#8172b3")
 
 def faithfulness_curve_figure(search: MinimalCircuit, n_edges: int, path: Path, title: str,
                               source: str | None = None, intervals: Mapping[int, Sequence[float]] | None = None,
-                              level: float = 0.95) -> None:
+                              level: float = 0.95, verify_folder: str = "verify") -> None:
     """F against k: the log-spaced curve, the bisection probes, the target, the minimal circuit, and the
     steps where F drops as edges are added (drawn thick, their k range shaded). `intervals`: k -> the
     bootstrap interval of F (a band along the curve, an error bar on the minimal circuit). `source`: the footer."""
@@ -66,7 +66,8 @@ def faithfulness_curve_figure(search: MinimalCircuit, n_edges: int, path: Path, 
             label=f"minimal: {search.minimal_edges} edges, F = {search.faithfulness:.3f}{ci}")
     edge_count_axis(ax, n_edges)
     ax.set_ylabel("faithfulness F (discovery pairs)")
-    ax.set_title(f"{title}\nrandom circuits of the same size: verify/faithfulness_vs_edges.png", fontsize=9)
+    ax.set_title(f"{title}\nrandom circuits of the same size: {verify_folder}/faithfulness_vs_edges.png",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     save_figure(fig, path, source)
 

@@ -48,6 +48,7 @@ from memcirc.option_groups import CircuitOptions
 from memcirc.pairs import PAIRS_JSONL, Pair, pairs_input, read_pairs
 from memcirc.plots import figure_source
 from memcirc.stages.configs.find_circuits import CircuitsConfig
+from memcirc.stages.registry import STAGES
 from memcirc.tasks.source import GeneratedPairs, generate_for, task_metric_warning, task_performance
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def run(cfg: CircuitsConfig) -> dict[str, Any]:
                               title=f"{loaded.spec.name_or_path}, {what}: {opts.faithfulness_metric}, {opts.ablation} "
                                     f"ablation, {len(pairs)} discovery pairs" + (f"; interval: bootstrap over "
                                     f"pairs, {boot.resamples} resamples" if boot is not None else ""), source=footer,
-                              intervals=curve_intervals(summary), level=cfg.interval_level)
+                              intervals=curve_intervals(summary), level=cfg.interval_level,
+                              verify_folder=cfg.task_folder(Path(STAGES["verify_circuit"].folder)).name)
     circuit_graph_figure(found.edges, cfg.stage_dir / CIRCUIT_PNG,
                          title=f"minimal circuit: {search.minimal_edges} of {graph.n_edges} edges, "
                                f"F = {search.faithfulness:.3f} ({opts.faithfulness_metric}, {opts.ablation} "
