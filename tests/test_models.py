@@ -581,16 +581,25 @@ def test_pipeline_preflight_checks_each_stage(tiny_model_dirs: dict) -> None:
     pipeline_preflight.check_stages(["find_circuits"], ["--model", str(tiny_model_dirs["qwen2"])])
 
 
-def test_head_scores_are_skipped_where_transformer_lens_cannot_convert(tiny_model_dirs: dict,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_head_scores_are_skipped_where_transformer_lens_cannot_convert(tiny_model_dirs: dict) -> None:
+    import logging
+
     from memcirc.dynamics.heads import head_scores_possible
     from memcirc.models import ModelSpec
 
     assert head_scores_possible(True, ModelSpec(str(tiny_model_dirs["qwen2"])))
     assert not head_scores_possible(False, ModelSpec(str(tiny_model_dirs["qwen2"])))
-    with caplog.at_level("WARNING"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append   # type: ignore[method-assign]  (the stage's log setup may stop propagation)
+    logger = logging.getLogger("memcirc.dynamics.heads")
+    logger.addHandler(handler)
+    try:
         assert not head_scores_possible(True, ModelSpec(str(tiny_model_dirs["gemma3"])))
-    assert "head scores needs TransformerLens" in caplog.text and "skipped" in caplog.text
+    finally:
+        logger.removeHandler(handler)
+    text = " ".join(r.getMessage() for r in records)
+    assert "head scores needs TransformerLens" in text and "skipped" in text
 
 
 def test_circuit_stage_refuses_gemma3_before_reading_anything(tiny_model_dirs: dict, tmp_path: Path,
